@@ -1,0 +1,20 @@
+"""deltatune: adapt pretrained PyTorch models through small, declared deltas."""
+
+__version__ = "0.1.0"
+
+from .engine import (  # noqa: E402
+    BASE,
+    DeltaConfig,
+    DeltaModel,
+    get_method,
+    inject,
+    list_methods,
+    load,
+    load_peft,
+    make_config,
+    register,
+)
+from .methods import DoRAConfig, FullConfig, LoRAConfig  # noqa: E402
+
+__all__ = ["BASE", "DeltaConfig", "DeltaModel", "DoRAConfig", "FullConfig", "LoRAConfig", "__version__",
+           "get_method", "inject", "list_methods", "load", "load_peft", "make_config", "register"]

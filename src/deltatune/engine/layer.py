@@ -1,0 +1,202 @@
+"""DeltaLayer wraps one existing module and routes its forward through the active deltas.
+
+Written once for every method: enable/disable, several named adapters, exact merge/unmerge and
+mixed-adapter batches. A method only supplies a `Delta` (its parameters and math).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .kinds import LayerKind, apply_weight, mix_channels, per_channel
+
+BASE = "__base__"  # the adapter name that means "no adapter" in a mixed batch
+
+
+class Delta(nn.Module):
+    """One adapter's change to one layer.
+
+    Weight deltas implement `delta_weight` (ΔW as a d_out x d_in matrix); the defaults then give
+    an additive forward and merge. Methods override `forward` for an activation-space form that
+    never materialises ΔW, and `merge`/`unmerge` for non-additive combinations (DoRA).
+    """
+
+    method: str = ""
+    mergeable = True
+    uses_base_output = True  # False: forward ignores `out` (replacement deltas), so the base is not run
+
+    def __init__(self, config: Any, layer: DeltaLayer, initialize: bool = True):
+        super().__init__()
+        self.config = config
+
+    def delta_weight(self, layer: DeltaLayer) -> Tensor:
+        raise TypeError(f"{type(self).__name__} has no weight delta")
+
+    def bias_delta(self) -> Tensor | None:
+        """A change to the layer's bias, merged with the weight delta (None: no change)."""
+        return None
+
+    def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
+        y = layer.apply_matrix(x, self.delta_weight(layer))
+        if (b := self.bias_delta()) is not None:
+            y = y + layer.per_channel(b, y)
+        return out + y.to(out.dtype)
+
+    def merge(self, layer: DeltaLayer) -> Any:
+        """Fold this delta into the base weight; return what `unmerge` needs to undo it exactly."""
+        self._add_to_base(layer, sign=1.0)
+
+    def unmerge(self, layer: DeltaLayer, undo: Any) -> None:
+        self._add_to_base(layer, sign=-1.0)
+
+    def _add_to_base(self, layer: DeltaLayer, sign: float) -> None:
+        w = layer.weight
+        w += sign * layer.kind.to_weight(self.delta_weight(layer).to(w.dtype), w)
+        if (b := self.bias_delta()) is not None:
+            layer.base_layer.bias += sign * b.to(layer.base_layer.bias.dtype)
+
+    def attach(self, layer: DeltaLayer) -> None:
+        """Called once the parameters are final (after init or load): e.g. PiSSA moves W0's principal part out."""
+
+    def detach(self, layer: DeltaLayer) -> None:
+        """Undo `attach` when the adapter is deleted."""
+
+
+class Routing:
+    """Which adapter each row of a mixed batch uses, grouped once per forward."""
+
+    def __init__(self, names: Sequence[str]):
+        self.names = tuple(names)
+        self.groups: dict[str, Tensor] = {}
+        for i, name in enumerate(self.names):
+            self.groups.setdefault(name, []).append(i)
+        self.groups = {k: torch.tensor(v) for k, v in self.groups.items()}
+        self._on: dict[tuple[str, torch.device], Tensor] = {}
+
+    def rows(self, name: str, device: torch.device) -> Tensor:
+        key = (name, device)
+        if key not in self._on:
+            self._on[key] = self.groups[name].to(device)
+        return self._on[key]
+
+
+_ROUTING: ContextVar[Routing | None] = ContextVar("deltatune_routing", default=None)
+
+
+@contextlib.contextmanager
+def routing(adapter_names: Sequence[str] | None) -> Iterator[None]:
+    """Within the block, row i of every batch goes through adapter `adapter_names[i]`."""
+    token = _ROUTING.set(None if adapter_names is None else Routing(adapter_names))
+    try:
+        yield
+    finally:
+        _ROUTING.reset(token)
+
+
+class DeltaLayer(nn.Module):
+    """An existing module (kept as `base_layer`, never rebuilt) plus named deltas."""
+
+    def __init__(self, base_layer: nn.Module, kind: LayerKind | None):
+        super().__init__()
+        self.base_layer = base_layer
+        self.kind = kind
+        self.deltas = nn.ModuleDict()
+        self.active: tuple[str, ...] = ()
+        self.enabled = True
+        self._merged: dict[str, Any] = {}  # adapter name -> undo state, in merge order
+
+    # --- views the methods use -------------------------------------------------------------
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    def matrix(self) -> Tensor:
+        """The base weight as a d_out x d_in matrix (a view)."""
+        return self.kind.to_matrix(self.base_layer.weight)
+
+    def apply_matrix(self, x: Tensor, m: Tensor) -> Tensor:
+        """(k x d_in matrix) applied to x through the layer's own op, giving k output channels."""
+        return apply_weight(self.base_layer, self.kind, x, self.kind.to_weight(m, self.base_layer.weight))
+
+    def mix(self, h: Tensor, B: Tensor) -> Tensor:
+        return mix_channels(self.kind, h, B)
+
+    def per_channel(self, v: Tensor, out: Tensor) -> Tensor:
+        """A (d_out,) vector shaped to broadcast over the output channels of `out`."""
+        return per_channel(self.kind, v, out)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)  # in_features, bias, padding... as the wrapped layer has them
+
+    # --- forward ---------------------------------------------------------------------------
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        route = _ROUTING.get()
+        if not self.enabled:
+            self._require_unmerged("run with adapters disabled")
+            return self.base_layer(x, *args, **kwargs)
+        if route is not None:
+            return self._forward_mixed(x, route, *args, **kwargs)
+        pending = [self.deltas[n] for n in self.active if n not in self._merged]
+        if not pending:
+            return self.base_layer(x, *args, **kwargs)
+        out = self.base_layer(x, *args, **kwargs) if pending[0].uses_base_output else None
+        for delta in pending:
+            out = delta(self, x, out)
+        return out
+
+    def _forward_mixed(self, x: Tensor, route: Routing, *args: Any, **kwargs: Any) -> Tensor:
+        self._require_unmerged("route a mixed-adapter batch")
+        if x.shape[0] != len(route.names):
+            raise ValueError(f"adapter_names has {len(route.names)} entries but the batch has {x.shape[0]} rows")
+        out = self.base_layer(x, *args, **kwargs)
+        for name in route.groups:
+            if name == BASE or name not in self.deltas:
+                continue  # rows of an adapter that does not touch this layer see the base layer
+            rows = route.rows(name, x.device)
+            out = out.index_copy(0, rows, self.deltas[name](self, x[rows], out[rows]).to(out.dtype))
+        return out
+
+    # --- merge -----------------------------------------------------------------------------
+    def _require_unmerged(self, what: str) -> None:
+        if self._merged:
+            raise RuntimeError(f"cannot {what} while adapters {list(self._merged)} are merged into "
+                               f"'{type(self.base_layer).__name__}'; call unmerge() first")
+
+    @torch.no_grad()
+    def merge(self, name: str) -> None:
+        if name in self._merged:
+            return
+        delta = self.deltas[name]
+        if not delta.mergeable:
+            raise ValueError(f"adapter '{name}' ({delta.method}) changes activations and cannot be merged")
+        self._merged[name] = delta.merge(self)
+
+    @torch.no_grad()
+    def unmerge(self, name: str | None = None) -> None:
+        """Undo merges newest first, so that non-commuting merges (DoRA) come back exactly."""
+        order = list(self._merged)
+        if name is not None and name not in order:
+            return
+        redo = [] if name is None else order[order.index(name) + 1:]
+        for n in reversed(order if name is None else order[order.index(name):]):
+            self.deltas[n].unmerge(self, self._merged.pop(n))
+        for n in redo:
+            self.merge(n)
+
+    @property
+    def merged(self) -> tuple[str, ...]:
+        return tuple(self._merged)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind.name if self.kind else 'module'}, active={list(self.active)}, merged={self.merged}"

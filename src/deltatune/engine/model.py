@@ -1,0 +1,328 @@
+"""DeltaModel: named adapters on any nn.Module, with everything method-independent written once."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .kinds import kind_of
+from .layer import BASE, DeltaLayer, routing
+from .registry import DeltaConfig, did_you_mean, get_method, method_of
+from .targeting import get_parent, resolve
+
+
+@dataclass
+class Adapter:
+    """What the model knows about one named adapter."""
+
+    name: str
+    config: DeltaConfig
+    paths: list[str]  # layers holding the method's delta
+    train_modules: list[str] = field(default_factory=list)  # layers holding a trainable copy
+    fingerprints: dict[str, str] = field(default_factory=dict)  # path -> base weight fingerprint
+
+    @property
+    def method(self) -> str:
+        return method_of(self.config).name
+
+    @property
+    def all_paths(self) -> list[str]:
+        return self.paths + self.train_modules
+
+
+def fingerprint(weight: Tensor) -> str:
+    """Shape plus 64 evenly spaced values at bf16 precision: tells models apart, ignores fp32/bf16 copies."""
+    flat = weight.detach().reshape(-1)
+    idx = torch.linspace(0, flat.numel() - 1, steps=min(64, flat.numel())).long()
+    sample = flat[idx].to(torch.bfloat16).float().cpu().numpy().tobytes()
+    return hashlib.sha1(str(tuple(weight.shape)).encode() + sample).hexdigest()[:16]
+
+
+class DeltaModel(nn.Module):
+    """A model with deltas injected in place. Calls go to the wrapped model's forward."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        if any(isinstance(m, DeltaLayer) for m in model.modules()):
+            raise ValueError("this model already carries deltas; use the DeltaModel that inject() returned")
+        self.model = model
+        self.adapters: dict[str, Adapter] = {}
+        self.active: tuple[str, ...] = ()
+        model.requires_grad_(False)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)  # config, generate helpers, device...
+
+    # --- forward ---------------------------------------------------------------------------
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        self._check_names([n for n in set(adapter_names) if n != BASE])
+        with routing(adapter_names):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        with routing(adapter_names):
+            return self.model.generate(*args, **kwargs)
+
+    # --- adapters --------------------------------------------------------------------------
+    def layers(self) -> Iterator[tuple[str, DeltaLayer]]:
+        for path, module in self.model.named_modules():
+            if isinstance(module, DeltaLayer):
+                yield path, module
+
+    def add_adapter(self, name: str, config: DeltaConfig, train_modules: Any = None) -> Adapter:
+        """Add adapter `name` (trainable, not yet active unless it is the first)."""
+        adapter = self._create(name, config, train_modules, initialize=True)
+        self._attach(adapter)
+        if not self.active:
+            self.set_active(name)
+        else:
+            self._set_trainable()
+        return adapter
+
+    def _create(self, name: str, config: DeltaConfig, train_modules: Any, initialize: bool) -> Adapter:
+        if not name or "." in name or name == BASE:
+            raise ValueError(f"invalid adapter name {name!r}: use a non-empty name without dots")
+        if name in self.adapters:
+            raise ValueError(f"adapter '{name}' exists already; delete_adapter('{name}') first or pick another name")
+        spec = method_of(config)
+        paths = resolve(self.model, config.targets, config.exclude)
+        head_paths = resolve(self.model, train_modules, need_kind=False) if train_modules else []
+        if overlap := set(paths) & set(head_paths):
+            raise ValueError(f"modules both adapted and fully trained: {sorted(overlap)}; remove them from one list")
+        adapter = Adapter(name, config, paths, head_paths)
+        full = get_method("full")
+        for path in paths + head_paths:
+            layer = self._wrap(path)
+            if path in paths:
+                adapter.fingerprints[path] = fingerprint(layer.weight)
+                delta = spec.delta(config, layer, initialize)
+            else:
+                delta = full.delta(full.config(), layer, initialize)
+            layer.deltas[name] = delta
+        self.adapters[name] = adapter
+        return adapter
+
+    def _attach(self, adapter: Adapter) -> None:
+        for path in adapter.all_paths:
+            layer = self.model.get_submodule(path)
+            layer.deltas[adapter.name].attach(layer)
+
+    def _wrap(self, path: str) -> DeltaLayer:
+        parent, child = get_parent(self.model, path)
+        module = getattr(parent, child)
+        if not isinstance(module, DeltaLayer):
+            module = DeltaLayer(module, kind_of(module))
+            setattr(parent, child, module)
+        return module
+
+    def _check_names(self, names: Sequence[str]) -> None:
+        for n in names:
+            if n not in self.adapters:
+                raise ValueError(f"unknown adapter '{n}'{did_you_mean(n, self.adapters)} "
+                                 f"(adapters: {', '.join(self.adapters) or 'none'})")
+
+    def set_active(self, names: str | Sequence[str]) -> None:
+        """Activate one adapter, or several applied one after another; only active adapters train."""
+        names = (names,) if isinstance(names, str) else tuple(names)
+        self._check_names(names)
+        self.active = names
+        for _, layer in self.layers():
+            layer.active = tuple(n for n in names if n in layer.deltas)
+        self._set_trainable()
+
+    def _set_trainable(self) -> None:
+        for _, layer in self.layers():
+            for name, delta in layer.deltas.items():
+                delta.requires_grad_(name in self.active)
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the base model alone inside the block."""
+        layers = [layer for _, layer in self.layers()]
+        for layer in layers:
+            layer.enabled = False
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.enabled = True
+
+    def delete_adapter(self, name: str) -> None:
+        self._check_names([name])
+        adapter = self.adapters.pop(name)
+        for path in adapter.all_paths:
+            layer = self.model.get_submodule(path)
+            layer.unmerge(name)
+            layer.deltas[name].detach(layer)
+            del layer.deltas[name]
+            if not len(layer.deltas):
+                self._unwrap(path)
+        self.set_active([n for n in self.active if n != name])
+
+    def _unwrap(self, path: str) -> None:
+        parent, child = get_parent(self.model, path)
+        setattr(parent, child, getattr(parent, child).base_layer)
+
+    # --- merge -----------------------------------------------------------------------------
+    def merge(self, names: str | Sequence[str] | None = None) -> None:
+        """Fold adapters (default: the active ones) into the base weights; forward then skips them."""
+        for name in self._names(names):
+            for path in self.adapters[name].all_paths:
+                self.model.get_submodule(path).merge(name)
+
+    def unmerge(self, names: str | Sequence[str] | None = None) -> None:
+        """Restore the base weights (default: undo every merge)."""
+        for name in reversed(self._names(names) if names is not None else list(self.adapters)):
+            for path in self.adapters[name].all_paths:
+                self.model.get_submodule(path).unmerge(name)
+
+    def merge_and_unload(self, names: str | Sequence[str] | None = None) -> nn.Module:
+        """The plain model with `names` (default: active) merged in; the other adapters are dropped."""
+        keep = self._names(names)
+        for name in [n for n in self.adapters if n not in keep]:
+            self.delete_adapter(name)
+        self.merge(keep)
+        for path, _ in list(self.layers()):
+            self._unwrap(path)
+        self.adapters.clear()
+        self.active = ()
+        return self.model
+
+    def _names(self, names: str | Sequence[str] | None) -> list[str]:
+        names = list(self.active) if names is None else [names] if isinstance(names, str) else list(names)
+        self._check_names(names)
+        return names
+
+    # --- state and accounting --------------------------------------------------------------
+    def adapter_state_dict(self, name: str | None = None) -> dict[str, Tensor]:
+        """Every tensor of one adapter (parameters and buffers), keyed '<layer path>.<tensor name>'."""
+        name = name or self._only()
+        self._check_names([name])
+        state = {}
+        for path in self.adapters[name].all_paths:
+            delta = self.model.get_submodule(path).deltas[name]
+            for key, t in delta.state_dict().items():
+                state[f"{path}.{key}"] = t
+        return state
+
+    def load_adapter_state_dict(self, state: dict[str, Tensor], name: str | None = None) -> None:
+        name = name or self._only()
+        own = self.adapter_state_dict(name)
+        missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+        if missing or unexpected:
+            raise ValueError(f"adapter '{name}' state does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for key, t in own.items():
+            if t.shape != state[key].shape:
+                raise ValueError(f"shape mismatch for '{key}': model has {tuple(t.shape)}, "
+                                 f"state has {tuple(state[key].shape)}")
+            with torch.no_grad():
+                t.copy_(state[key])
+
+    def _only(self) -> str:
+        if len(self.active) == 1:
+            return self.active[0]
+        if len(self.adapters) == 1:
+            return next(iter(self.adapters))
+        raise ValueError(f"several adapters ({', '.join(self.adapters)}): name the one you mean")
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def total_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def parameter_table(self) -> list[dict[str, Any]]:
+        """One row per (layer, adapter): method, base shape, its parameters and how many train."""
+        rows = []
+        for path, layer in self.layers():
+            base_shape = tuple(getattr(layer.base_layer, "weight", torch.empty(0)).shape)
+            for name, delta in layer.deltas.items():
+                params = list(delta.parameters())
+                rows.append({"layer": path, "adapter": name, "method": delta.method, "base_shape": base_shape,
+                             "parameters": sum(p.numel() for p in params),
+                             "trainable": sum(p.numel() for p in params if p.requires_grad)})
+        return rows
+
+    def print_parameters(self, per_layer: bool = False) -> None:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title="deltatune parameters")
+        for col in ("layer", "adapter", "method", "base shape", "parameters", "trainable"):
+            table.add_column(col, justify="right" if col in ("parameters", "trainable") else "left")
+        rows = self.parameter_table()
+        if not per_layer:  # one line per adapter and method
+            merged: dict[tuple[str, str], dict[str, Any]] = {}
+            for r in rows:
+                m = merged.setdefault((r["adapter"], r["method"]), {**r, "layer": 0, "parameters": 0, "trainable": 0})
+                m["layer"] += 1
+                m["parameters"] += r["parameters"]
+                m["trainable"] += r["trainable"]
+            rows = [{**m, "layer": f"{m['layer']} layers", "base_shape": ""} for m in merged.values()]
+        for r in rows:
+            table.add_row(str(r["layer"]), r["adapter"], r["method"], str(r["base_shape"] or ""),
+                          f"{r['parameters']:,}", f"{r['trainable']:,}")
+        console = Console()
+        console.print(table)
+        console.print(self.summary())
+
+    def summary(self) -> str:
+        t, n = self.trainable_parameters(), self.total_parameters()
+        return f"trainable params: {t:,} || all params: {n:,} || trainable%: {100 * t / max(n, 1):.4f}"
+
+    # --- files -----------------------------------------------------------------------------
+    def save(self, path: Any, name: str | None = None) -> None:
+        """Write adapter `name` as safetensors + deltatune_config.json (atomic)."""
+        from .io import save_adapter
+
+        save_adapter(self, path, name or self._only())
+
+    def load_adapter(self, path: Any, name: str | None = None, check_base: bool = True) -> Adapter:
+        from .io import load_adapter
+
+        return load_adapter(self, path, name, check_base)
+
+    def export_peft(self, path: Any, name: str | None = None) -> None:
+        """Write adapter `name` in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
+        from .peft_format import export_peft
+
+        export_peft(self, path, name or self._only())
+
+    def load_peft(self, path: Any, name: str = "default") -> Adapter:
+        from .peft_format import load_peft
+
+        return load_peft(self, path, name)
+
+
+def inject(model: nn.Module, config: DeltaConfig, name: str = "default", train_modules: Any = None) -> DeltaModel:
+    """Inject adapter `name` into `model` (in place) and return the DeltaModel that manages it."""
+    dm = model if isinstance(model, DeltaModel) else DeltaModel(model)
+    dm.add_adapter(name, config, train_modules)
+    return dm
+
+
+def load(model: nn.Module, path: Any, name: str | None = None, check_base: bool = True) -> DeltaModel:
+    """Load a saved deltatune adapter onto `model`; checks shapes and the base model's identity."""
+    dm = model if isinstance(model, DeltaModel) else DeltaModel(model)
+    dm.load_adapter(path, name, check_base)
+    return dm
+
+
+def load_peft(model: nn.Module, path: Any, name: str = "default") -> DeltaModel:
+    """Load a PEFT LoRA/DoRA adapter directory onto `model`."""
+    dm = model if isinstance(model, DeltaModel) else DeltaModel(model)
+    dm.load_peft(path, name)
+    return dm

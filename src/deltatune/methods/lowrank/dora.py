@@ -1,0 +1,75 @@
+"""DoRA: Weight-Decomposed Low-Rank Adaptation (Liu et al., arXiv:2402.09353), Eq. (5):
+
+    W' = m · V / ||V||,   V = W0 + s · B A,
+
+with ||·|| the L2 norm of each output channel (a row of the d_out x d_in matrix; PEFT's and NVlabs'
+orientation) and m (d_out) starting at ||W0||, so W' = W0 at step 0. As in the paper (Sec. 4.3) the
+norm is a constant in backward. It is computed from W0, A and B without forming V:
+    ||V_i||^2 = ||W0_i||^2 + 2s <B_i, (W0 A^T)_i> + s^2 <B_i, (B A A^T)_i>.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ...engine.kinds import EMBEDDING
+from ...engine.layer import DeltaLayer
+from ...engine.registry import register
+from .lora import LoRA, LoRAConfig
+
+
+class DoRAConfig(LoRAConfig):
+    pass
+
+
+@register("dora", config=DoRAConfig, family="low-rank", formula="r(d_in + d_out) + d_out",
+          paper="arXiv:2402.09353", summary="DoRA: magnitude m times the direction of W0 + (alpha/r) B A")
+class DoRA(LoRA):
+    def __init__(self, config: DoRAConfig, layer: DeltaLayer, initialize: bool = True):
+        if layer.kind is EMBEDDING:
+            raise ValueError("DoRA does not adapt nn.Embedding layers; exclude them or use LoRA there")
+        super().__init__(config, layer, initialize)
+        # At init the effective weight is W0 (B = 0, or PiSSA's W_res + s B0 A0 = W0 before attach).
+        norm = torch.linalg.vector_norm(layer.matrix().detach().to(self.lora_A.dtype), dim=1)
+        self.lora_magnitude = nn.Parameter(norm if initialize else torch.zeros_like(norm))
+
+    @torch.no_grad()
+    def weight_norm(self, layer: DeltaLayer) -> Tensor:
+        """Row norms of V = W + s B A, (d_out,), never forming V."""
+        A, B, s = self.lora_A, self.lora_B, self.scale
+        W = layer.matrix().to(A.dtype)
+        sq = (torch.linalg.vector_norm(W, dim=1).square()
+              + 2 * s * (B * (W @ A.t())).sum(1)
+              + s * s * ((B @ (A @ A.t())) * B).sum(1))
+        return sq.clamp_min(0).sqrt()
+
+    def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
+        g = layer.per_channel(self.lora_magnitude / self.weight_norm(layer), out)  # m / ||V||
+        dx = self.drop(x)
+        if self.training and not isinstance(self.dropout, nn.Identity):
+            # The base term must see the same dropped input as the low-rank term (as PEFT does).
+            base = layer.apply_matrix(dx, layer.matrix().to(dx.dtype))
+        else:
+            bias = getattr(layer.base_layer, "bias", None)
+            base = out if bias is None else out - layer.per_channel(bias, out)  # W0 x, reused
+        y = (g - 1) * base + g * self.lora_out(layer, dx)
+        if self.lora_bias is not None:
+            y = y + layer.per_channel(self.lora_bias, y)
+        return out + y.to(out.dtype)
+
+    @torch.no_grad()
+    def merge(self, layer: DeltaLayer) -> Tensor:
+        norm = self.weight_norm(layer)
+        V = layer.matrix() + self.delta_weight(layer).to(layer.weight.dtype)
+        layer.weight.copy_(layer.kind.to_weight((self.lora_magnitude / norm)[:, None] * V, layer.weight))
+        if self.lora_bias is not None:
+            layer.base_layer.bias += self.lora_bias
+        return norm
+
+    @torch.no_grad()
+    def unmerge(self, layer: DeltaLayer, norm: Tensor) -> None:
+        W = (norm / self.lora_magnitude)[:, None] * layer.matrix() - self.delta_weight(layer)
+        layer.weight.copy_(layer.kind.to_weight(W.to(layer.weight.dtype), layer.weight))
+        if self.lora_bias is not None:
+            layer.base_layer.bias -= self.lora_bias

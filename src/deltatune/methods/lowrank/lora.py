@@ -1,0 +1,146 @@
+"""LoRA, rsLoRA and PiSSA initialisation.
+
+LoRA: Low-Rank Adaptation of Large Language Models (Hu et al., arXiv:2106.09685), Eq. (3):
+    y = W0 x + s · B A x,   s = alpha / r   (rsLoRA, arXiv:2312.03732: s = alpha / sqrt(r))
+A (r x d_in) starts Kaiming-uniform (as PEFT and nn.Linear) or Gaussian N(0, 1/r^2); B (d_out x r)
+starts at zero, so the adapted model equals the base model at step 0.
+
+PiSSA (Meng et al., arXiv:2404.02948): A and B start from the principal singular triplets of W0,
+    B0 = U_r sqrt(S_r / s),  A0 = sqrt(S_r / s) V_r^T,  W_res = W0 - s B0 A0,
+and the base keeps W_res, so the output at step 0 is the base model's up to float error. B0 and A0 are
+kept as buffers so that the adapter reloads onto a fresh base and exports as a plain LoRA of rank 2r
+(ΔW relative to W0 is s(BA - B0 A0)).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import Tensor, nn
+
+from ...engine.kinds import kaiming_uniform_
+from ...engine.layer import Delta, DeltaLayer
+from ...engine.registry import DeltaConfig, register
+
+_PISSA = re.compile(r"pissa(?:_niter_(\d+))?")
+
+
+class LoRAConfig(DeltaConfig):
+    r: int = Field(8, ge=1, description="rank of the update")
+    alpha: float = Field(16.0, gt=0, description="scale numerator: s = alpha/r (alpha/sqrt(r) with rslora)")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input")
+    bias: Literal["none", "lora_only"] = Field("none", description="'lora_only': train a bias delta on adapted layers")
+    rslora: bool = Field(False, description="rank-stabilised scale alpha/sqrt(r)")
+    init: str = Field("kaiming", description="A's init: 'kaiming', 'gaussian', 'pissa' or 'pissa_niter_K' (fast SVD)")
+
+    @field_validator("init")
+    @classmethod
+    def _known_init(cls, v: str) -> str:
+        if v not in ("kaiming", "gaussian") and not _PISSA.fullmatch(v):
+            raise ValueError(f"unknown init '{v}': use 'kaiming', 'gaussian', 'pissa' or 'pissa_niter_K'")
+        return v
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    @property
+    def pissa(self) -> bool:
+        return self.init.startswith("pissa")
+
+
+def check_rank(r: int, layer: DeltaLayer, method: str) -> tuple[int, int]:
+    d_out, d_in = layer.matrix().shape
+    if r > min(d_out, d_in):
+        raise ValueError(f"{method} rank r={r} is larger than the layer ({d_out} x {d_in}, "
+                         f"{type(layer.base_layer).__name__}); use r <= {min(d_out, d_in)}")
+    if getattr(layer.base_layer, "groups", 1) != 1:
+        raise ValueError(f"{method} cannot adapt a grouped convolution (groups={layer.base_layer.groups}); "
+                         "exclude it or target only groups=1 layers")
+    return d_out, d_in
+
+
+def adapter_dtype(layer: DeltaLayer) -> torch.dtype:
+    """Half-precision bases get float32 adapters: tiny, and their updates would underflow in fp16/bf16."""
+    dtype = layer.weight.dtype
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+@register("lora", config=LoRAConfig, family="low-rank", formula="r(d_in + d_out)",
+          paper="arXiv:2106.09685", summary="LoRA: W0 + (alpha/r) B A; rsLoRA and PiSSA via rslora/init")
+class LoRA(Delta):
+    def __init__(self, config: LoRAConfig, layer: DeltaLayer, initialize: bool = True):
+        super().__init__(config, layer)
+        d_out, d_in = check_rank(config.r, layer, self.method)
+        kw = {"dtype": adapter_dtype(layer), "device": layer.weight.device}
+        self.scale = config.scaling
+        self.lora_A = nn.Parameter(torch.zeros(config.r, d_in, **kw))  # (r, d_in)
+        self.lora_B = nn.Parameter(torch.zeros(d_out, config.r, **kw))  # (d_out, r)
+        has_bias = config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None
+        self.lora_bias = nn.Parameter(torch.zeros(d_out, **kw)) if has_bias else None
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        if config.pissa:
+            self.register_buffer("lora_A0", torch.zeros_like(self.lora_A))
+            self.register_buffer("lora_B0", torch.zeros_like(self.lora_B))
+        if initialize:
+            self._init_weights(layer)
+
+    @torch.no_grad()
+    def _init_weights(self, layer: DeltaLayer) -> None:
+        if self.config.init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / self.config.r)
+        elif self.config.pissa:
+            B0, A0 = pissa_factors(layer.matrix(), self.config.r, self.scale, self.config.init)
+            for p, v in ((self.lora_A, A0), (self.lora_B, B0), (self.lora_A0, A0), (self.lora_B0, B0)):
+                p.copy_(v)
+        else:
+            kaiming_uniform_(self.lora_A)
+
+    def delta_weight(self, layer: DeltaLayer) -> Tensor:
+        return self.scale * (self.lora_B @ self.lora_A)  # (d_out, d_in)
+
+    def bias_delta(self) -> Tensor | None:
+        return self.lora_bias
+
+    def drop(self, x: Tensor) -> Tensor:
+        return self.dropout(x).to(self.lora_A.dtype) if x.is_floating_point() else x  # embeddings take ids
+
+    def lora_out(self, layer: DeltaLayer, x: Tensor) -> Tensor:
+        """s · B A x, computed in activation space (ΔW is never formed)."""
+        return layer.mix(layer.apply_matrix(x, self.lora_A), self.lora_B) * self.scale
+
+    def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
+        y = self.lora_out(layer, self.drop(x))
+        if self.lora_bias is not None:
+            y = y + layer.per_channel(self.lora_bias, y)
+        return out + y.to(out.dtype)
+
+    @torch.no_grad()
+    def attach(self, layer: DeltaLayer) -> None:
+        if self.config.pissa:
+            layer.weight.sub_(layer.kind.to_weight(self._principal().to(layer.weight.dtype), layer.weight))
+
+    @torch.no_grad()
+    def detach(self, layer: DeltaLayer) -> None:
+        if self.config.pissa:
+            layer.weight.add_(layer.kind.to_weight(self._principal().to(layer.weight.dtype), layer.weight))
+
+    def _principal(self) -> Tensor:
+        return self.scale * (self.lora_B0 @ self.lora_A0)
+
+
+def pissa_factors(W: Tensor, r: int, scale: float, init: str) -> tuple[Tensor, Tensor]:
+    """(B0, A0) with s·B0 A0 the best rank-r approximation of W (exact SVD, or randomized with niter)."""
+    W = W.detach().float()
+    niter = _PISSA.fullmatch(init).group(1)
+    if niter is None:
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    else:
+        U, S, V = torch.svd_lowrank(W, q=r, niter=int(niter))
+        Vh = V.t()
+    root = (S[:r] / scale).sqrt()
+    return U[:, :r] * root, root[:, None] * Vh[:r]

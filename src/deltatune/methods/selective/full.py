@@ -1,0 +1,50 @@
+"""Full fine-tuning of selected modules: a trainable copy replaces the module (PEFT's `modules_to_save`).
+
+Used for new task heads, whose weights are freshly initialised and must be saved whole. Merging copies
+the trained values into the module and keeps the originals to restore them on unmerge.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ...engine.layer import Delta, DeltaLayer
+from ...engine.registry import DeltaConfig, register
+
+
+class FullConfig(DeltaConfig):
+    pass
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")  # ParameterDict keys cannot hold dots
+
+
+@register("full", config=FullConfig, family="selective", formula="all parameters of the module",
+          paper="full fine-tuning (PEFT modules_to_save)", summary="a trainable copy of a whole module")
+class Full(Delta):
+    uses_base_output = False
+
+    def __init__(self, config: FullConfig, layer: DeltaLayer, initialize: bool = True):
+        super().__init__(config, layer)
+        self.params = nn.ParameterDict({
+            _key(n): nn.Parameter(p.detach().clone()) for n, p in layer.base_layer.named_parameters()})
+
+    def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor | None) -> Tensor:
+        values = {n: self.params[_key(n)] for n, _ in layer.base_layer.named_parameters()}
+        return functional_call(layer.base_layer, values, (x,))
+
+    @torch.no_grad()
+    def merge(self, layer: DeltaLayer) -> dict[str, Tensor]:
+        undo = {}
+        for n, p in layer.base_layer.named_parameters():
+            undo[n] = p.detach().clone()
+            p.copy_(self.params[_key(n)])
+        return undo
+
+    @torch.no_grad()
+    def unmerge(self, layer: DeltaLayer, undo: dict[str, Tensor]) -> None:
+        for n, p in layer.base_layer.named_parameters():
+            p.copy_(undo[n])
