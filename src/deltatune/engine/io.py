@@ -105,16 +105,6 @@ def load_adapter(dm: DeltaModel, path: Any, name: str | None, verify_base: bool 
         check_base(dm, meta, path)
     name = name or meta["name"]
     config = make_config(meta["method"], **meta["options"], targets=meta["targets"])
-    adapter = dm._create(name, config, meta["train_modules"] or None, initialize=False)
-    try:
-        dm.load_adapter_state_dict(tensors, name)
-    except ValueError:
-        dm.delete_adapter(name)
-        raise
+    adapter = dm.add_adapter_from_state(name, config, meta["train_modules"] or None, tensors)
     adapter.fingerprints = meta["base_model"]["fingerprints"]
-    dm._attach(adapter)
-    if not dm.active:
-        dm.set_active(name)
-    else:
-        dm._set_trainable()
     return adapter

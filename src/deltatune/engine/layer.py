@@ -35,6 +35,10 @@ class Delta(nn.Module):
         super().__init__()
         self.config = config
 
+    def extra_repr(self) -> str:
+        options = self.config.model_dump(exclude={"targets", "exclude"}, exclude_defaults=True)
+        return ", ".join(f"{k}={v}" for k, v in options.items())
+
     def delta_weight(self, layer: DeltaLayer) -> Tensor:
         raise TypeError(f"{type(self).__name__} has no weight delta")
 

@@ -85,12 +85,30 @@ class DeltaModel(nn.Module):
     def add_adapter(self, name: str, config: DeltaConfig, train_modules: Any = None) -> Adapter:
         """Add adapter `name` (trainable, not yet active unless it is the first)."""
         adapter = self._create(name, config, train_modules, initialize=True)
-        self._attach(adapter)
+        self._finish(adapter)
+        return adapter
+
+    def add_adapter_from_state(self, name: str, config: DeltaConfig, train_modules: Any,
+                               state: dict[str, Tensor]) -> Adapter:
+        """Add adapter `name` with saved tensors (a native or imported checkpoint) instead of an init."""
+        adapter = self._create(name, config, train_modules, initialize=False)
+        try:
+            self.load_adapter_state_dict(state, name)
+        except ValueError:
+            self.delete_adapter(name)
+            raise
+        self._finish(adapter)
+        return adapter
+
+    def _finish(self, adapter: Adapter) -> None:
+        """Attach the now-final deltas; the first adapter becomes active."""
+        for path in adapter.all_paths:
+            layer = self.model.get_submodule(path)
+            layer.deltas[adapter.name].attach(layer)
         if not self.active:
-            self.set_active(name)
+            self.set_active(adapter.name)
         else:
             self._set_trainable()
-        return adapter
 
     def _create(self, name: str, config: DeltaConfig, train_modules: Any, initialize: bool) -> Adapter:
         if not name or "." in name or name == BASE:
@@ -114,11 +132,6 @@ class DeltaModel(nn.Module):
             layer.deltas[name] = delta
         self.adapters[name] = adapter
         return adapter
-
-    def _attach(self, adapter: Adapter) -> None:
-        for path in adapter.all_paths:
-            layer = self.model.get_submodule(path)
-            layer.deltas[adapter.name].attach(layer)
 
     def _wrap(self, path: str) -> DeltaLayer:
         parent, child = get_parent(self.model, path)

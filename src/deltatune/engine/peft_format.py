@@ -118,26 +118,14 @@ def load_peft(dm: DeltaModel, path: Any, name: str) -> Adapter:
     method = "dora" if pc.get("use_dora") else "lora"
     config = make_config(method, r=pc["r"], alpha=pc["lora_alpha"], rslora=pc.get("use_rslora", False),
                          dropout=pc.get("lora_dropout", 0.0), bias=pc.get("bias", "none"), targets=sorted(per_layer))
-    adapter = dm._create(name, config, sorted(heads) or None, initialize=False)
     state = {}
     for p, parts in per_layer.items():
-        layer = dm.model.get_submodule(p)
         state[f"{p}.lora_A"] = parts["A"].reshape(config.r, -1)
         state[f"{p}.lora_B"] = parts["B"].reshape(parts["B"].shape[0], config.r)
         if "m" in parts:
             state[f"{p}.lora_magnitude"] = parts["m"].reshape(-1)
-        if "bias" in parts:
-            state[f"{p}.lora_bias"] = parts["bias"] - layer.base_layer.bias.detach()
+        if "bias" in parts:  # PEFT stores the trained bias itself; deltatune its change
+            state[f"{p}.lora_bias"] = parts["bias"] - dm.model.get_submodule(p).bias.detach()
     for p, params in heads.items():
         state.update({f"{p}.params.{k.replace('.', '__')}": v for k, v in params.items()})
-    try:
-        dm.load_adapter_state_dict(state, name)
-    except ValueError:
-        dm.delete_adapter(name)
-        raise
-    dm._attach(adapter)
-    if not dm.active:
-        dm.set_active(name)
-    else:
-        dm._set_trainable()
-    return adapter
+    return dm.add_adapter_from_state(name, config, sorted(heads) or None, state)
