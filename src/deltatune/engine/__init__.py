@@ -1,8 +1,8 @@
 """The method-independent engine: wrapping, adapters, merging, routing, IO."""
 
-from .layer import BASE, Delta, DeltaLayer, routing
+from .layer import BASE, Delta, DeltaLayer, Routing
 from .model import Adapter, DeltaModel, inject, load, load_peft
 from .registry import DeltaConfig, MethodSpec, get_method, list_methods, make_config, register
 
 __all__ = ["BASE", "Adapter", "Delta", "DeltaConfig", "DeltaLayer", "DeltaModel", "MethodSpec", "get_method",
-           "inject", "list_methods", "load", "load_peft", "make_config", "register", "routing"]
+           "inject", "list_methods", "load", "load_peft", "make_config", "register", "Routing"]

@@ -6,9 +6,7 @@ mixed-adapter batches. A method only supplies a `Delta` (its parameters and math
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
-from contextvars import ContextVar
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -90,19 +88,6 @@ class Routing:
         return self._on[key]
 
 
-_ROUTING: ContextVar[Routing | None] = ContextVar("deltatune_routing", default=None)
-
-
-@contextlib.contextmanager
-def routing(adapter_names: Sequence[str] | None) -> Iterator[None]:
-    """Within the block, row i of every batch goes through adapter `adapter_names[i]`."""
-    token = _ROUTING.set(None if adapter_names is None else Routing(adapter_names))
-    try:
-        yield
-    finally:
-        _ROUTING.reset(token)
-
-
 class DeltaLayer(nn.Module):
     """An existing module (kept as `base_layer`, never rebuilt) plus named deltas."""
 
@@ -113,6 +98,7 @@ class DeltaLayer(nn.Module):
         self.deltas = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
         self.enabled = True
+        self.route: Routing | None = None  # set by DeltaModel for one mixed-adapter forward
         self._merged: dict[str, Any] = {}  # adapter name -> undo state, in merge order
 
     # --- views the methods use -------------------------------------------------------------
@@ -145,7 +131,7 @@ class DeltaLayer(nn.Module):
 
     # --- forward ---------------------------------------------------------------------------
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        route = _ROUTING.get()
+        route = self.route  # a plain attribute, not a context variable: torch.compile traces it
         if not self.enabled:
             self._require_unmerged("run with adapters disabled")
             return self.base_layer(x, *args, **kwargs)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .kinds import kind_of
-from .layer import BASE, DeltaLayer, routing
+from .layer import BASE, DeltaLayer, Routing
 from .registry import DeltaConfig, did_you_mean, get_method, method_of
 from .targeting import get_parent, resolve
 
@@ -68,13 +68,28 @@ class DeltaModel(nn.Module):
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         if adapter_names is None:
             return self.model(*args, **kwargs)
-        self._check_names([n for n in set(adapter_names) if n != BASE])
-        with routing(adapter_names):
+        with self._routed(adapter_names):
             return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        with routing(adapter_names):
+        if adapter_names is None:
             return self.model.generate(*args, **kwargs)
+        with self._routed(adapter_names):
+            return self.model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _routed(self, adapter_names: Sequence[str]) -> Iterator[None]:
+        """Within the block, row i of every batch goes through adapter `adapter_names[i]` ("__base__": none)."""
+        self._check_names([n for n in dict.fromkeys(adapter_names) if n != BASE])
+        route = Routing(adapter_names)
+        layers = [layer for _, layer in self.layers()]
+        for layer in layers:
+            layer.route = route
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.route = None
 
     # --- adapters --------------------------------------------------------------------------
     def layers(self) -> Iterator[tuple[str, DeltaLayer]]:
