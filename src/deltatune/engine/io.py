@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from .atomic import atomic_path, atomic_write_text
-from .registry import did_you_mean, make_config
-from .targeting import named_layers
+from .registry import make_config
+from .targeting import named_layers, require_layers
 
 if TYPE_CHECKING:
     from .model import Adapter, DeltaModel
@@ -87,11 +87,12 @@ def check_base(dm: DeltaModel, meta: dict[str, Any], path: Any) -> None:
     from .model import fingerprint
 
     base = meta["base_model"]
+    require_layers(dm.model, meta["targets"] + meta["train_modules"], f"adapter '{path}'")
+    for p in meta["targets"]:
+        merged = getattr(dm.model.get_submodule(p), "merged", ())
+        if merged:  # the base weight now holds those adapters, so it cannot be compared with the saved base
+            raise ValueError(f"'{p}' has merged adapters {list(merged)}: unmerge() before loading '{path}'")
     layers = dict(named_layers(dm.model))
-    for p in meta["targets"] + meta["train_modules"]:
-        if p not in layers:
-            raise ValueError(f"adapter '{path}' was saved for a model with layer '{p}', which this model "
-                             f"({type(dm.model).__name__}) lacks{did_you_mean(p, layers)}")
     for p, saved in base["fingerprints"].items():
         if fingerprint(layers[p].weight) != saved:
             raise ValueError(f"adapter '{path}' was saved for another base model ({base['class']} "

@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -70,18 +71,26 @@ def kind_of(module: nn.Module) -> LayerKind | None:
 SUPPORTED = "nn.Linear, nn.Conv1d/2d/3d, nn.Embedding, transformers Conv1D (and their subclasses)"
 
 
-def apply_weight(module: nn.Module, kind: LayerKind, x: Tensor, weight: Tensor) -> Tensor:
-    """Run `module`'s forward on `x` with `weight` in place of its weight and a zero bias.
+def is_stock(module: nn.Module, kind: LayerKind) -> bool:
+    """Whether `module` runs its kind's stock forward, which `kind.op` reproduces directly."""
+    return kind is CONV1D or type(module).forward.__qualname__ in kind.stock
 
-    Stock forwards take the direct op; a subclass with its own forward (e.g. EfficientNet's
-    same-padding convs) runs that forward with the substitute weight, so its extra logic is kept.
+
+def apply_weight(module: nn.Module, kind: LayerKind, x: Tensor, weight: Tensor) -> Tensor:
+    """The part of `module`'s forward that is linear in its weight, with `weight` in place of it.
+
+    Stock forwards take the direct op. A subclass with its own forward (e.g. EfficientNet's
+    same-padding convs) runs that forward with the substitute weight, so its extra logic is kept;
+    the forward at weight 0 is subtracted, so terms that do not depend on the weight (a shift, a
+    buffer) are not counted twice: the result is what merging the weight would add.
     """
-    if kind is CONV1D or type(module).forward.__qualname__ in kind.stock:
+    if is_stock(module, kind):
         return kind.op(module, x, weight)
     params = {"weight": weight}
     if getattr(module, "bias", None) is not None:
         params["bias"] = weight.new_zeros(kind.to_matrix(weight).shape[0])
-    return functional_call(module, params, (x,))
+    linear = functional_call(module, params, (x,))
+    return linear - functional_call(module, {**params, "weight": torch.zeros_like(weight)}, (x,))
 
 
 def mix_channels(kind: LayerKind, h: Tensor, B: Tensor) -> Tensor:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .kinds import LayerKind, apply_weight, mix_channels, per_channel
+from .kinds import LayerKind, apply_weight, is_stock, mix_channels, per_channel
 
 BASE = "__base__"  # the adapter name that means "no adapter" in a mixed batch
 
@@ -27,6 +27,7 @@ class Delta(nn.Module):
 
     method: str = ""
     mergeable = True
+    additive = True  # False: the delta rescales or replaces the whole layer, so it cannot be stacked
     uses_base_output = True  # False: forward ignores `out` (replacement deltas), so the base is not run
 
     def __init__(self, config: Any, layer: DeltaLayer, initialize: bool = True):
@@ -63,11 +64,6 @@ class Delta(nn.Module):
         if (b := self.bias_delta()) is not None:
             layer.base_layer.bias += sign * b.to(layer.base_layer.bias.dtype)
 
-    def attach(self, layer: DeltaLayer) -> None:
-        """Called once the parameters are final (after init or load): e.g. PiSSA moves W0's principal part out."""
-
-    def detach(self, layer: DeltaLayer) -> None:
-        """Undo `attach` when the adapter is deleted."""
 
 
 class Routing:
@@ -110,6 +106,11 @@ class DeltaLayer(nn.Module):
         """The base weight as a d_out x d_in matrix (a view)."""
         return self.kind.to_matrix(self.base_layer.weight)
 
+    @property
+    def stock(self) -> bool:
+        """True when the wrapped layer's forward is the stock one for its kind (then out = W x + b)."""
+        return is_stock(self.base_layer, self.kind)
+
     def apply_matrix(self, x: Tensor, m: Tensor) -> Tensor:
         """(k x d_in matrix) applied to x through the layer's own op, giving k output channels."""
         return apply_weight(self.base_layer, self.kind, x, self.kind.to_weight(m, self.base_layer.weight))
@@ -140,6 +141,10 @@ class DeltaLayer(nn.Module):
         pending = [self.deltas[n] for n in self.active if n not in self._merged]
         if not pending:
             return self.base_layer(x, *args, **kwargs)
+        if len(pending) > 1 and not all(d.additive for d in pending):
+            raise RuntimeError(f"cannot stack unmerged adapters {[d.method for d in pending]} on one "
+                               f"'{type(self.base_layer).__name__}': a non-additive delta (DoRA, full) rescales or "
+                               "replaces the whole layer; merge the others first or activate it alone")
         out = self.base_layer(x, *args, **kwargs) if pending[0].uses_base_output else None
         for delta in pending:
             out = delta(self, x, out)

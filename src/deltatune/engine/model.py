@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .kinds import kind_of
-from .layer import BASE, DeltaLayer, Routing
+from .layer import BASE, Delta, DeltaLayer, Routing
 from .registry import DeltaConfig, did_you_mean, get_method, method_of
 from .targeting import get_parent, resolve
 
@@ -37,11 +37,24 @@ class Adapter:
 
 
 def fingerprint(weight: Tensor) -> str:
-    """Shape plus 64 evenly spaced values at bf16 precision: tells models apart, ignores fp32/bf16 copies."""
+    """Shape plus 256 evenly spaced values at bf16 precision: tells models apart, ignores fp32/bf16 copies."""
     flat = weight.detach().reshape(-1)
-    idx = torch.linspace(0, flat.numel() - 1, steps=min(64, flat.numel())).long()
+    idx = torch.linspace(0, flat.numel() - 1, steps=min(256, flat.numel())).long()
     sample = flat[idx].to(torch.bfloat16).float().cpu().numpy().tobytes()
     return hashlib.sha1(str(tuple(weight.shape)).encode() + sample).hexdigest()[:16]
+
+
+@torch.no_grad()
+def _copy_state(own: dict[str, Tensor], state: dict[str, Tensor], name: str) -> None:
+    """Copy `state` into an adapter's tensors `own`, after checking that keys and shapes all fit."""
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    if missing or unexpected:
+        raise ValueError(f"adapter '{name}' state does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, t in own.items():
+        if t.shape != state[key].shape:
+            raise ValueError(f"shape mismatch for '{key}': model has {tuple(t.shape)}, state has {tuple(state[key].shape)}")
+    for key, t in own.items():
+        t.copy_(state[key])
 
 
 class DeltaModel(nn.Module):
@@ -54,7 +67,6 @@ class DeltaModel(nn.Module):
         self.model = model
         self.adapters: dict[str, Adapter] = {}
         self.active: tuple[str, ...] = ()
-        model.requires_grad_(False)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -98,63 +110,52 @@ class DeltaModel(nn.Module):
                 yield path, module
 
     def add_adapter(self, name: str, config: DeltaConfig, train_modules: Any = None) -> Adapter:
-        """Add adapter `name` (trainable, not yet active unless it is the first)."""
-        adapter = self._create(name, config, train_modules, initialize=True)
-        self._finish(adapter)
-        return adapter
+        """Add adapter `name` (trainable; active if it is the first). On any error the model is unchanged."""
+        return self._install(*self._build(name, config, train_modules, initialize=True))
 
     def add_adapter_from_state(self, name: str, config: DeltaConfig, train_modules: Any,
                                state: dict[str, Tensor]) -> Adapter:
-        """Add adapter `name` with saved tensors (a native or imported checkpoint) instead of an init."""
-        adapter = self._create(name, config, train_modules, initialize=False)
-        try:
-            self.load_adapter_state_dict(state, name)
-        except ValueError:
-            self.delete_adapter(name)
-            raise
-        self._finish(adapter)
-        return adapter
+        """Add adapter `name` holding saved tensors (a native or imported checkpoint) instead of an init."""
+        adapter, built = self._build(name, config, train_modules, initialize=False)
+        _copy_state({f"{path}.{k}": t for path, _, delta in built for k, t in delta.state_dict().items()},
+                    state, name)
+        return self._install(adapter, built)
 
-    def _finish(self, adapter: Adapter) -> None:
-        """Attach the now-final deltas; the first adapter becomes active."""
-        for path in adapter.all_paths:
-            layer = self.model.get_submodule(path)
-            layer.deltas[adapter.name].attach(layer)
-        if not self.active:
-            self.set_active(adapter.name)
-        else:
-            self._set_trainable()
-
-    def _create(self, name: str, config: DeltaConfig, train_modules: Any, initialize: bool) -> Adapter:
+    def _build(self, name: str, config: DeltaConfig, train_modules: Any, initialize: bool
+               ) -> tuple[Adapter, list[tuple[str, DeltaLayer, Delta]]]:
+        """Validate and build every delta of a new adapter without touching the model yet."""
         if not name or "." in name or name == BASE:
             raise ValueError(f"invalid adapter name {name!r}: use a non-empty name without dots")
         if name in self.adapters:
             raise ValueError(f"adapter '{name}' exists already; delete_adapter('{name}') first or pick another name")
-        spec = method_of(config)
+        spec, full = method_of(config), get_method("full")
         paths = resolve(self.model, config.targets, config.exclude)
         head_paths = resolve(self.model, train_modules, need_kind=False) if train_modules else []
         if overlap := set(paths) & set(head_paths):
             raise ValueError(f"modules both adapted and fully trained: {sorted(overlap)}; remove them from one list")
-        adapter = Adapter(name, config, paths, head_paths)
-        full = get_method("full")
+        built = []
         for path in paths + head_paths:
-            layer = self._wrap(path)
-            if path in paths:
-                adapter.fingerprints[path] = fingerprint(layer.weight)
-                delta = spec.delta(config, layer, initialize)
-            else:
-                delta = full.delta(full.config(), layer, initialize)
-            layer.deltas[name] = delta
-        self.adapters[name] = adapter
-        return adapter
+            module = self.model.get_submodule(path)
+            layer = module if isinstance(module, DeltaLayer) else DeltaLayer(module, kind_of(module))
+            if layer.merged:
+                raise ValueError(f"'{path}' has merged adapters {list(layer.merged)}: unmerge() before adding '{name}'")
+            if path in head_paths and any(isinstance(m, DeltaLayer) for m in module.modules()):
+                raise ValueError(f"train module '{path}' contains adapted layers; train it in full or adapt its layers")
+            delta = spec.delta(config, layer, initialize) if path in paths else full.delta(full.config(), layer)
+            delta.train(layer.base_layer.training)  # an adapter loaded onto an eval() model must not drop out
+            built.append((path, layer, delta))
+        prints = {path: fingerprint(layer.weight) for path, layer, _ in built if path in paths}
+        return Adapter(name, config, paths, head_paths, prints), built
 
-    def _wrap(self, path: str) -> DeltaLayer:
-        parent, child = get_parent(self.model, path)
-        module = getattr(parent, child)
-        if not isinstance(module, DeltaLayer):
-            module = DeltaLayer(module, kind_of(module))
-            setattr(parent, child, module)
-        return module
+    def _install(self, adapter: Adapter, built: list[tuple[str, DeltaLayer, Delta]]) -> Adapter:
+        for path, layer, delta in built:
+            parent, child = get_parent(self.model, path)
+            if getattr(parent, child) is not layer:
+                setattr(parent, child, layer)
+            layer.deltas[adapter.name] = delta
+        self.adapters[adapter.name] = adapter
+        self.set_active(self.active or adapter.name)
+        return adapter
 
     def _check_names(self, names: Sequence[str]) -> None:
         for n in names:
@@ -166,15 +167,14 @@ class DeltaModel(nn.Module):
         """Activate one adapter, or several applied one after another; only active adapters train."""
         names = (names,) if isinstance(names, str) else tuple(names)
         self._check_names(names)
+        layers = list(self.layers())
         self.active = names
-        for _, layer in self.layers():
+        for _, layer in layers:
             layer.active = tuple(n for n in names if n in layer.deltas)
-        self._set_trainable()
-
-    def _set_trainable(self) -> None:
-        for _, layer in self.layers():
+        self.model.requires_grad_(False)  # the base stays frozen; only the active deltas train
+        for _, layer in layers:
             for name, delta in layer.deltas.items():
-                delta.requires_grad_(name in self.active)
+                delta.requires_grad_(name in names)
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
@@ -194,7 +194,6 @@ class DeltaModel(nn.Module):
         for path in adapter.all_paths:
             layer = self.model.get_submodule(path)
             layer.unmerge(name)
-            layer.deltas[name].detach(layer)
             del layer.deltas[name]
             if not len(layer.deltas):
                 self._unwrap(path)
@@ -248,16 +247,7 @@ class DeltaModel(nn.Module):
 
     def load_adapter_state_dict(self, state: dict[str, Tensor], name: str | None = None) -> None:
         name = name or self._only()
-        own = self.adapter_state_dict(name)
-        missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-        if missing or unexpected:
-            raise ValueError(f"adapter '{name}' state does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        for key, t in own.items():
-            if t.shape != state[key].shape:
-                raise ValueError(f"shape mismatch for '{key}': model has {tuple(t.shape)}, "
-                                 f"state has {tuple(state[key].shape)}")
-            with torch.no_grad():
-                t.copy_(state[key])
+        _copy_state(self.adapter_state_dict(name), state, name)
 
     def _only(self) -> str:
         if len(self.active) == 1:

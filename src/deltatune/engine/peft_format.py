@@ -21,6 +21,7 @@ from .atomic import atomic_path, atomic_write_text
 from .io import model_name
 from .kinds import CONV, CONV1D, EMBEDDING
 from .registry import make_config
+from .targeting import require_layers
 
 if TYPE_CHECKING:
     from .model import Adapter, DeltaModel
@@ -29,11 +30,6 @@ PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 _LORA_KEYS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "A", "lora_embedding_B": "B",
               "lora_magnitude_vector": "m", "base_layer.bias": "bias"}
-
-
-def _pissa_as_lora(delta: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """PiSSA's ΔW relative to W0 is s(BA - B0 A0): a plain LoRA of rank 2r with the same scale."""
-    return torch.cat([delta.lora_A, delta.lora_A0]), torch.cat([delta.lora_B, -delta.lora_B0], dim=1)
 
 
 def export_peft(dm: DeltaModel, path: Any, name: str) -> Path:
@@ -46,7 +42,7 @@ def export_peft(dm: DeltaModel, path: Any, name: str) -> Path:
     for p in adapter.paths:
         layer = dm.model.get_submodule(p)
         delta = layer.deltas[name]
-        A, B = _pissa_as_lora(delta) if cfg.pissa else (delta.lora_A, delta.lora_B)
+        A, B = delta.factors()  # PiSSA: its rank-2r form, relative to W0
         if layer.kind is EMBEDDING:
             tensors[f"{PREFIX}{p}.lora_embedding_A"], tensors[f"{PREFIX}{p}.lora_embedding_B"] = A, B
         else:
@@ -90,6 +86,10 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     for key in ("rank_pattern", "alpha_pattern"):
         if pc.get(key):
             raise ValueError(f"PEFT adapter at '{path}' uses per-layer {key}, which deltatune cannot import yet")
+    if str(pc.get("init_lora_weights", True)).startswith(("pissa", "olora", "corda", "eva", "loftq")):
+        raise ValueError(f"PEFT adapter at '{path}' was saved with init_lora_weights={pc['init_lora_weights']!r} "
+                         "unconverted, so it only fits PEFT's modified base weights; save it from PEFT with "
+                         "path_initial_model_for_weight_conversion to get a plain LoRA")
     if pc.get("bias", "none") not in ("none", "lora_only"):
         raise ValueError(f"PEFT adapter at '{path}' trains bias={pc['bias']!r}; deltatune imports 'none' or 'lora_only'")
     try:
@@ -115,6 +115,7 @@ def load_peft(dm: DeltaModel, path: Any, name: str) -> Adapter:
             raise ValueError(f"unexpected tensor '{key}' in PEFT adapter '{path}'")
         start = key.index(owner + ".") if not key.startswith(owner + ".") else 0
         heads[key[: start + len(owner)]][key[start + len(owner) + 1:]] = value
+    require_layers(dm.model, sorted(per_layer) + sorted(heads), f"PEFT adapter '{path}'")
     method = "dora" if pc.get("use_dora") else "lora"
     config = make_config(method, r=pc["r"], alpha=pc["lora_alpha"], rslora=pc.get("use_rslora", False),
                          dropout=pc.get("lora_dropout", 0.0), bias=pc.get("bias", "none"), targets=sorted(per_layer))

@@ -12,7 +12,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 def did_you_mean(word: str, choices: Any) -> str:
     """' (did you mean 'x'?)' for the closest choice, or ''."""
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
+    choices = list(choices)
+    # difflib cannot rate a one-letter option like 'r' close to 'rank'; a shared prefix can
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5) or [c for c in choices if word.startswith(c)]
     return f"; did you mean '{close[0]}'?" if close else ""
 
 

@@ -11,6 +11,7 @@ from torch import nn
 
 from .kinds import SUPPORTED, kind_of
 from .layer import DeltaLayer
+from .registry import did_you_mean
 
 # Sensible defaults per architecture (HF `config.model_type`), as PEFT users expect.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -105,3 +106,12 @@ def resolve(model: nn.Module, targets: Any, exclude: Any = None, *, need_kind: b
 def get_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     parent_path, _, child = path.rpartition(".")
     return (model.get_submodule(parent_path) if parent_path else model), child
+
+
+def require_layers(model: nn.Module, paths: list[str], source: str) -> None:
+    """A clear error when `source` (a checkpoint) names a layer that `model` lacks."""
+    layers = dict(named_layers(model))
+    for p in paths:
+        if p not in layers:
+            raise ValueError(f"{source} was saved for a model with layer '{p}', which this model "
+                             f"({type(model).__name__}) lacks{did_you_mean(p, layers)}")

@@ -26,18 +26,19 @@ class DoRAConfig(LoRAConfig):
 @register("dora", config=DoRAConfig, family="low-rank", formula="r(d_in + d_out) + d_out",
           paper="arXiv:2402.09353", summary="DoRA: magnitude m times the direction of W0 + (alpha/r) B A")
 class DoRA(LoRA):
+    additive = False
     def __init__(self, config: DoRAConfig, layer: DeltaLayer, initialize: bool = True):
         if layer.kind is EMBEDDING:
             raise ValueError("DoRA does not adapt nn.Embedding layers; exclude them or use LoRA there")
         super().__init__(config, layer, initialize)
-        # At init the effective weight is W0 (B = 0, or PiSSA's W_res + s B0 A0 = W0 before attach).
+        # At init ΔW = 0 (B = 0, or PiSSA's B A - B0 A0 = 0), so the effective weight is W0.
         norm = torch.linalg.vector_norm(layer.matrix().detach().to(self.lora_A.dtype), dim=1)
         self.lora_magnitude = nn.Parameter(norm if initialize else torch.zeros_like(norm))
 
     @torch.no_grad()
     def weight_norm(self, layer: DeltaLayer) -> Tensor:
         """Row norms of V = W + s B A, (d_out,), never forming V."""
-        A, B, s = self.lora_A, self.lora_B, self.scale
+        (A, B), s = self.factors(), self.scale
         W = layer.matrix().to(A.dtype)
         sq = (torch.linalg.vector_norm(W, dim=1).square()
               + 2 * s * (B * (W @ A.t())).sum(1)
@@ -47,8 +48,9 @@ class DoRA(LoRA):
     def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
         g = layer.per_channel(self.lora_magnitude / self.weight_norm(layer), out)  # m / ||V||
         dx = self.drop(x)
-        if self.training and not isinstance(self.dropout, nn.Identity):
-            # The base term must see the same dropped input as the low-rank term (as PEFT does).
+        if (self.training and not isinstance(self.dropout, nn.Identity)) or not layer.stock:
+            # The base term must see the same dropped input as the low-rank term (as PEFT does); a custom
+            # forward's output need not be W0 x + b, so its linear part is computed.
             base = layer.apply_matrix(dx, layer.matrix().to(dx.dtype))
         else:
             bias = getattr(layer.base_layer, "bias", None)

@@ -6,10 +6,11 @@ A (r x d_in) starts Kaiming-uniform (as PEFT and nn.Linear) or Gaussian N(0, 1/r
 starts at zero, so the adapted model equals the base model at step 0.
 
 PiSSA (Meng et al., arXiv:2404.02948): A and B start from the principal singular triplets of W0,
-    B0 = U_r sqrt(S_r / s),  A0 = sqrt(S_r / s) V_r^T,  W_res = W0 - s B0 A0,
-and the base keeps W_res, so the output at step 0 is the base model's up to float error. B0 and A0 are
-kept as buffers so that the adapter reloads onto a fresh base and exports as a plain LoRA of rank 2r
-(ΔW relative to W0 is s(BA - B0 A0)).
+    B0 = U_r sqrt(S_r / s),  A0 = sqrt(S_r / s) V_r^T,  y = (W0 - s B0 A0) x + s B A x.
+Departure from the paper's code, same function: the residual W_res = W0 - s B0 A0 is not written into
+the shared base weight; B0 and A0 stay frozen buffers and the delta is s(BA - B0 A0), one rank-2r
+product in activation space. So the base model, other adapters and `__base__` rows are untouched, the
+output at step 0 equals the base exactly, and the adapter exports as a plain rank-2r LoRA.
 """
 
 from __future__ import annotations
@@ -100,8 +101,15 @@ class LoRA(Delta):
         else:
             kaiming_uniform_(self.lora_A)
 
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """(A, B) with ΔW = s · B A: for PiSSA the rank-2r pair [A; A0], [B, -B0]."""
+        if self.config.pissa:
+            return torch.cat([self.lora_A, self.lora_A0]), torch.cat([self.lora_B, -self.lora_B0], dim=1)
+        return self.lora_A, self.lora_B
+
     def delta_weight(self, layer: DeltaLayer) -> Tensor:
-        return self.scale * (self.lora_B @ self.lora_A)  # (d_out, d_in)
+        A, B = self.factors()
+        return self.scale * (B @ A)  # (d_out, d_in)
 
     def bias_delta(self) -> Tensor | None:
         return self.lora_bias
@@ -111,26 +119,14 @@ class LoRA(Delta):
 
     def lora_out(self, layer: DeltaLayer, x: Tensor) -> Tensor:
         """s · B A x, computed in activation space (ΔW is never formed)."""
-        return layer.mix(layer.apply_matrix(x, self.lora_A), self.lora_B) * self.scale
+        A, B = self.factors()
+        return layer.mix(layer.apply_matrix(x, A), B) * self.scale
 
     def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
         y = self.lora_out(layer, self.drop(x))
         if self.lora_bias is not None:
             y = y + layer.per_channel(self.lora_bias, y)
         return out + y.to(out.dtype)
-
-    @torch.no_grad()
-    def attach(self, layer: DeltaLayer) -> None:
-        if self.config.pissa:
-            layer.weight.sub_(layer.kind.to_weight(self._principal().to(layer.weight.dtype), layer.weight))
-
-    @torch.no_grad()
-    def detach(self, layer: DeltaLayer) -> None:
-        if self.config.pissa:
-            layer.weight.add_(layer.kind.to_weight(self._principal().to(layer.weight.dtype), layer.weight))
-
-    def _principal(self) -> Tensor:
-        return self.scale * (self.lora_B0 @ self.lora_A0)
 
 
 def pissa_factors(W: Tensor, r: int, scale: float, init: str) -> tuple[Tensor, Tensor]:

@@ -26,6 +26,7 @@ def _key(name: str) -> str:
           paper="full fine-tuning (PEFT modules_to_save)", summary="a trainable copy of a whole module")
 class Full(Delta):
     uses_base_output = False
+    additive = False
 
     def __init__(self, config: FullConfig, layer: DeltaLayer, initialize: bool = True):
         super().__init__(config, layer)

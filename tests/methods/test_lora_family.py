@@ -1,0 +1,367 @@
+"""LoRA, rsLoRA, PiSSA and DoRA: the defining properties of each (METHODS.md, "Tests every method
+implementation must ship"), on a Linear, a Conv2d and (LoRA) an Embedding, plus a real-data anchor."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+import deltatune as dt
+
+R, ALPHA = 3, 6.0
+
+VARIANTS = {
+    "lora": ("lora", {}),
+    "rslora": ("lora", {"rslora": True}),
+    "pissa": ("lora", {"init": "pissa"}),
+    "pissa_niter_4": ("lora", {"init": "pissa_niter_4"}),
+    "dora": ("dora", {}),
+}
+CASES = [(v, k) for v in VARIANTS for k in ("linear", "conv2d")] + [("lora", "embedding")]
+
+
+class Holder(nn.Module):
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def make_layer(kind: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    if kind == "linear":
+        return nn.Linear(12, 10).to(dtype), torch.randn(4, 12, generator=g).to(dtype)
+    if kind == "conv2d":
+        return nn.Conv2d(3, 6, 3, padding=1, stride=2).to(dtype), torch.randn(2, 3, 7, 7, generator=g).to(dtype)
+    return nn.Embedding(20, 8), torch.randint(0, 20, (3, 5), generator=g)
+
+
+def as_matrix(layer: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """A weight in the layer's layout as the d_out x d_in matrix the methods work on."""
+    return w.t() if isinstance(layer, nn.Embedding) else w.flatten(1)
+
+
+def as_weight(layer: nn.Module, m: torch.Tensor) -> torch.Tensor:
+    return m.t() if isinstance(layer, nn.Embedding) else m.reshape(layer.weight.shape)
+
+
+def run_with(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
+    """The plain layer's forward with another weight (and bias): the reference computation."""
+    params = {"weight": weight}
+    if bias is not None:
+        params["bias"] = bias
+    return functional_call(layer, params, (x,))
+
+
+def inject(layer: nn.Module, variant: str, **options) -> dt.DeltaModel:
+    method, extra = VARIANTS[variant]
+    return dt.inject(Holder(layer), dt.make_config(method, r=R, alpha=ALPHA, targets=["layer"], **{**extra, **options}))
+
+
+def perturb(module: nn.Module, std: float = 0.2, seed: int = 123) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * std)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.detach().float() - b.detach().float()).abs().max().item()
+
+
+def dims(layer: nn.Module) -> tuple[int, int]:
+    d_out, d_in = as_matrix(layer, layer.weight).shape
+    return d_out, d_in
+
+
+# --- 1. trainable-parameter count -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant,kind", CASES)
+def test_trainable_parameter_count_matches_formula(variant, kind):
+    layer, _ = make_layer(kind)
+    d_out, d_in = dims(layer)
+    dm = inject(layer, variant)
+    expected = R * (d_in + d_out) + (d_out if VARIANTS[variant][0] == "dora" else 0)
+    assert dm.trainable_parameters() == expected
+    formula = dt.get_method(VARIANTS[variant][0]).formula.replace("r(", "r*(")  # the registry's own formula
+    assert eval(formula, {}, {"r": R, "d_in": d_in, "d_out": d_out}) == expected
+    assert dm.total_parameters() == expected + sum(p.numel() for p in layer.parameters())
+    assert all(not p.requires_grad for p in layer.parameters())
+
+
+@pytest.mark.parametrize("method,kind", [("lora", "linear"), ("lora", "conv2d"), ("lora", "embedding"),
+                                         ("dora", "linear"), ("dora", "conv2d")])
+def test_bias_lora_only_adds_d_out(method, kind):
+    layer, x = make_layer(kind)
+    d_out, d_in = dims(layer)
+    base = layer(x).detach()
+    dm = dt.inject(Holder(layer), dt.make_config(method, r=R, targets=["layer"], bias="lora_only"))
+    has_bias = getattr(layer, "bias", None) is not None  # an Embedding has none: nothing extra to train
+    expected = R * (d_in + d_out) + (d_out if method == "dora" else 0) + (d_out if has_bias else 0)
+    assert dm.trainable_parameters() == expected
+    assert max_diff(dm(x), base) < 1e-6
+    if has_bias:
+        delta = dm.model.layer.deltas["default"]
+        with torch.no_grad():
+            delta.lora_bias.normal_()
+        expected_out = base + delta.lora_bias.view(-1, *[1] * (x.dim() - 2))
+        assert max_diff(dm(x), expected_out) < 1e-5  # the trained bias shifts every output channel
+
+
+# --- 2. behaviour at initialisation -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant,kind", CASES + [("lora_gaussian", "linear")])
+def test_output_at_init_equals_base(variant, kind):
+    layer, x = make_layer(kind)
+    base = layer(x).detach()
+    if variant == "lora_gaussian":
+        dm = dt.inject(Holder(layer), dt.LoRAConfig(r=R, targets=["layer"], init="gaussian"))
+    else:
+        dm = inject(layer, variant)
+    tol = 1e-5 if "pissa" in variant else 1e-6
+    assert max_diff(dm(x), base) <= tol
+    delta = dm.model.layer.deltas["default"]
+    if "pissa" not in variant:
+        assert torch.count_nonzero(delta.lora_B) == 0 and torch.count_nonzero(delta.lora_A) > 0
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_pissa_residual_split(init, kind):
+    layer, x = make_layer(kind)
+    W0 = as_matrix(layer, layer.weight.detach().clone())
+    dm = inject(layer, init)
+    delta = dm.model.layer.deltas["default"]
+    s = ALPHA / R
+    principal = s * delta.lora_B0 @ delta.lora_A0
+    assert torch.equal(as_matrix(layer, layer.weight.detach()), W0)  # the shared base weight is untouched
+    assert torch.equal(delta.lora_A, delta.lora_A0) and torch.equal(delta.lora_B, delta.lora_B0)
+    # the trainable principal part s·BA and the frozen residual W0 - s·B0A0 split W0 (to float rounding)
+    effective = W0 + delta.delta_weight(dm.model.layer)
+    assert max_diff(effective, W0) < 1e-6 and max_diff((W0 - principal) + s * delta.lora_B @ delta.lora_A, W0) < 1e-5
+    assert torch.linalg.matrix_rank(principal) == R
+    U, S, Vh = torch.linalg.svd(W0, full_matrices=False)
+    best = (U[:, :R] * S[:R]) @ Vh[:R]
+    if init == "pissa":  # exact SVD: the best rank-r approximation (Eckart-Young)
+        assert max_diff(principal, best) < 1e-5
+    else:  # randomised SVD: close to optimal, never better
+        opt = torch.linalg.norm(W0 - best)
+        assert opt - 1e-5 <= torch.linalg.norm(W0 - principal) <= 1.1 * opt
+    perturb(dm)  # after training, ΔW relative to W0 is s(BA - B0A0)
+    expected = s * (delta.lora_B @ delta.lora_A - delta.lora_B0 @ delta.lora_A0)
+    assert max_diff(delta.delta_weight(dm.model.layer), expected) < 1e-6
+
+
+def test_pissa_disabled_gives_the_base_model():
+    layer, x = make_layer("linear")
+    base = layer(x).detach()
+    dm = inject(layer, "pissa")
+    with dm.disabled():
+        assert max_diff(dm(x), base) < 1e-5
+
+
+def test_pissa_mixed_batch_base_rows_see_the_base_model():
+    layer, x = make_layer("linear")
+    base = layer(x).detach()
+    dm = inject(layer, "pissa")
+    assert max_diff(dm(x, adapter_names=[dt.BASE] * x.shape[0]), base) < 1e-5
+
+
+def test_pissa_does_not_change_other_adapters():
+    layer, x = make_layer("linear")
+    dm = inject(layer, "pissa")
+    dm.add_adapter("other", dt.LoRAConfig(r=2, targets=["layer"]))
+    dm.set_active("other")
+    perturb(dm)
+    with_pissa = dm(x).detach()
+    dm.delete_adapter("default")
+    assert max_diff(dm(x), with_pissa) < 1e-5
+
+
+# --- scale: LoRA alpha/r, rsLoRA alpha/sqrt(r) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_effective_delta_scale(rslora, kind):
+    r, alpha = 4, 8.0
+    layer, x = make_layer(kind)
+    base = layer(x).detach()
+    dm = dt.inject(Holder(layer), dt.LoRAConfig(r=r, alpha=alpha, rslora=rslora, targets=["layer"]))
+    delta = dm.model.layer.deltas["default"]
+    with torch.no_grad():
+        delta.lora_B.normal_()
+    BA = delta.lora_B @ delta.lora_A
+    s = alpha / math.sqrt(r) if rslora else alpha / r
+    assert s == (4.0 if rslora else 2.0)
+    # the output moves by exactly s·(BA applied to x), bias-free
+    dW_out = run_with(layer, x, as_weight(layer, BA), torch.zeros_like(layer.bias))
+    assert max_diff(dm(x) - base, s * dW_out) < 1e-5
+    assert max_diff(dm(x) - base, (alpha / r if rslora else alpha / math.sqrt(r)) * dW_out) > 1e-2
+
+
+# --- DoRA -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_dora_magnitude_norm_and_reference_forward(kind):
+    layer, x = make_layer(kind)
+    W0 = as_matrix(layer, layer.weight.detach().clone())
+    b0 = layer.bias.detach().clone()
+    dm = inject(layer, "dora")
+    delta = dm.model.layer.deltas["default"]
+    assert max_diff(delta.lora_magnitude, torch.linalg.norm(W0, dim=1)) < 1e-6  # m starts at ||W0|| per row
+    perturb(dm)
+    s = ALPHA / R
+    V = W0 + s * delta.lora_B @ delta.lora_A
+    norm = torch.linalg.norm(V, dim=1)
+    assert max_diff(delta.weight_norm(dm.model.layer), norm) < 1e-5  # the efficient norm never forms V
+    W_dora = delta.lora_magnitude[:, None] * V / norm[:, None]
+    expected = run_with(layer, x, as_weight(layer, W_dora), b0)
+    assert max_diff(dm(x), run_with(layer, x, as_weight(layer, W0), b0)) > 1e-2
+    assert max_diff(dm(x), expected) < 1e-5
+    with torch.no_grad():
+        dm.merge()
+        assert max_diff(as_matrix(layer, layer.weight), W_dora) < 1e-5
+        assert max_diff(dm(x), expected) < 1e-5
+
+
+def test_dora_norm_is_a_constant_in_backward():
+    layer, x = make_layer("linear")
+    dm = inject(layer, "dora")
+    perturb(dm)
+    delta = dm.model.layer.deltas["default"]
+    dm(x).sum().backward()
+    # with ||V|| detached, d(sum y)/dm_i = sum_n (V x_n)_i / ||V_i||
+    V = layer.weight + ALPHA / R * delta.lora_B @ delta.lora_A
+    expected = ((x @ V.t()) / torch.linalg.norm(V, dim=1)).sum(0)
+    assert max_diff(delta.lora_magnitude.grad, expected) < 1e-4
+
+
+# --- dropout ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_dropout_train_varies_eval_equals_no_dropout(variant, kind):
+    layer, x = make_layer(kind)
+    dm = inject(layer, variant, dropout=0.5)
+    perturb(dm)
+    twin_layer, _ = make_layer(kind)
+    twin = inject(twin_layer, variant, dropout=0.0)
+    twin.load_adapter_state_dict(dm.adapter_state_dict())
+    dm.train()
+    y1, y2 = dm(x), dm(x)
+    assert max_diff(y1, y2) > 1e-3  # a fresh mask each call
+    assert max_diff(y1, twin(x)) > 1e-3
+    dm.eval()
+    assert max_diff(dm(x), twin(x)) < 1e-6
+    assert max_diff(dm(x), dm(x)) == 0
+
+
+# --- errors -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("kind,r,size", [("linear", 11, "10 x 12"), ("conv2d", 7, "6 x 27"),
+                                         ("embedding", 9, "8 x 20")])
+def test_rank_larger_than_the_layer(method, kind, r, size):
+    layer, _ = make_layer(kind)
+    err = "does not adapt nn.Embedding" if (method, kind) == ("dora", "embedding") else f"r={r}.*{size}"
+    with pytest.raises(ValueError, match=err):
+        dt.inject(Holder(layer), dt.make_config(method, r=r, targets=["layer"]))
+    dt.inject(Holder(make_layer(kind)[0]), dt.make_config("lora", r=r - 1, targets=["layer"]))  # the largest fits
+
+
+def test_grouped_conv_raises():
+    with pytest.raises(ValueError, match="grouped convolution.*groups=2"):
+        dt.inject(Holder(nn.Conv2d(4, 4, 3, groups=2)), dt.LoRAConfig(r=2, targets=["layer"]))
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="unknown init 'pisa'.*pissa"):
+        dt.LoRAConfig(init="pisa")
+    with pytest.raises(ValueError, match="unknown option 'alpah'.*did you mean 'alpha'"):
+        dt.make_config("lora", alpah=16)
+    with pytest.raises(ValueError, match="unknown method 'lorra'.*did you mean 'lora'"):
+        dt.make_config("lorra", r=8)
+    for bad in ({"r": 0}, {"dropout": 1.0}, {"bias": "all"}, {"alpha": 0}):
+        with pytest.raises(ValueError):
+            dt.make_config("lora", **bad)
+
+
+def test_misspelt_rank_option_suggests_r():
+    with pytest.raises(ValueError, match="unknown option 'rank'.*did you mean 'r'"):
+        dt.make_config("lora", rank=8)
+
+
+# --- dtype ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_bf16_base_gets_fp32_adapter_and_bf16_output(variant):
+    layer, x = make_layer("linear", torch.bfloat16)
+    W0 = layer.weight.detach().float().clone()
+    b0 = layer.bias.detach().float().clone()
+    base = layer(x).detach()
+    dm = inject(layer, variant)
+    params = dict(dm.model.layer.deltas["default"].named_parameters())
+    assert params and all(p.dtype == torch.float32 for p in params.values())
+    assert layer.weight.dtype == torch.bfloat16
+    y = dm(x)
+    assert y.dtype == torch.bfloat16
+    assert max_diff(y, base) < 5e-2  # bf16 rounding of PiSSA's residual at most
+    perturb(dm)
+    y = dm(x)
+    assert y.dtype == torch.bfloat16
+    delta = dm.model.layer.deltas["default"]
+    V = W0 + ALPHA / (math.sqrt(R) if "rslora" in variant else R) * delta.lora_B @ delta.lora_A
+    if "pissa" in variant:
+        V = V - ALPHA / R * delta.lora_B0 @ delta.lora_A0
+    if variant == "dora":
+        V = delta.lora_magnitude[:, None] * V / torch.linalg.norm(V, dim=1, keepdim=True)
+    ref = F.linear(x.float(), V, b0)
+    assert max_diff(y, ref) < 5e-2 * max(1.0, ref.abs().max().item())
+    assert max_diff(y, base) > 0.1
+
+
+# --- a real-data anchor -----------------------------------------------------------------------------
+
+
+def test_lora_minilm_rotten_tomatoes_loss_goes_down(make_minilm, minilm_tokenizer):
+    from deltatune import assets
+
+    rows = assets.rotten_tomatoes()
+    rows = [rows[i] for i in random.Random(0).sample(range(len(rows)), 640)]
+    torch.manual_seed(0)
+    dm = dt.inject(make_minilm(), dt.LoRAConfig(r=8, alpha=16, targets=["query", "value"]),
+                   train_modules=["classifier"])
+    assert dm.trainable_parameters() == 73_728 + 770
+    frozen = dm.model.bert.encoder.layer[0].attention.self.query.base_layer.weight.detach().clone()
+    opt = torch.optim.AdamW([p for p in dm.parameters() if p.requires_grad], lr=1e-3)
+    dm.train()
+    losses = []
+    for step in range(40):
+        chunk = rows[16 * step: 16 * step + 16]
+        enc = minilm_tokenizer([r["text"] for r in chunk], padding=True, truncation=True, max_length=64,
+                               return_tensors="pt")
+        loss = dm(**enc, labels=torch.tensor([r["label"] for r in chunk])).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < first, (first, last)
+    assert torch.equal(dm.model.bert.encoder.layer[0].attention.self.query.base_layer.weight, frozen)

@@ -1,0 +1,228 @@
+"""PEFT's checkpoint format, checked against the real `peft` package in both directions."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import deltatune as dt
+from deltatune.engine import DeltaLayer
+
+peft = pytest.importorskip("peft")
+
+R = 4
+
+
+def perturb(module: nn.Module, std: float, seed: int = 123) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * std)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.detach().float() - b.detach().float()).abs().max().item()
+
+
+@pytest.fixture(autouse=True)
+def _quiet_peft():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+        warnings.filterwarnings("ignore", message=".*have invalid shape.*")  # PEFT's own lora_bias=True save
+        yield
+
+
+# (method, options, train_modules) per case
+MINILM_CASES = {
+    "lora": ("lora", {}, None),
+    "rslora": ("lora", {"rslora": True}, None),
+    "dora": ("dora", {}, None),
+    "pissa": ("lora", {"init": "pissa_niter_4"}, None),
+    "lora_only_bias": ("lora", {"bias": "lora_only"}, None),
+    "train_modules": ("lora", {}, ["classifier"]),
+    "dora_bias_head": ("dora", {"bias": "lora_only", "rslora": True}, ["classifier"]),
+}
+SYNTH_CASES = {
+    "lora": ("lora", {"bias": "lora_only"}, ["head"]),
+    "rslora": ("lora", {"rslora": True}, None),
+    "dora": ("dora", {"bias": "lora_only"}, ["head"]),
+    "pissa": ("lora", {"init": "pissa"}, ["head"]),
+    "dora_pissa": ("dora", {"init": "pissa"}, None),
+}
+
+
+def _minilm_setup(make_minilm, minilm_batch):
+    def run(m):
+        with torch.no_grad():
+            return m(**minilm_batch).logits
+    return make_minilm, ["query", "value"], run, 0.02
+
+
+def _synth_setup(make_synthetic, synthetic_input, method):
+    def run(m):
+        with torch.no_grad():
+            return m(synthetic_input)
+    targets = ["lin", "c1", "conv"] + (["emb"] if method == "lora" else [])
+    return make_synthetic, targets, run, 0.1
+
+
+def _export_then_peft_loads(tmp_path, make, targets, run, std, method, options, heads):
+    base_out = run(make())
+    dm = dt.inject(make(), dt.make_config(method, r=R, alpha=2 * R, targets=targets, **options), train_modules=heads)
+    perturb(dm, std)
+    ours = run(dm)
+    assert max_diff(ours, base_out) > 1e-3  # a real delta: a key PEFT failed to load would show
+    dm.export_peft(tmp_path / "peft")
+    assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    pm = peft.PeftModel.from_pretrained(make(), tmp_path / "peft")
+    assert max_diff(run(pm), ours) < 1e-5
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert cfg["r"] == (2 * R if options.get("init", "").startswith("pissa") else R)
+    assert cfg["use_dora"] == (method == "dora") and cfg["use_rslora"] == options.get("rslora", False)
+    return dm, pm
+
+
+@pytest.mark.parametrize("case", list(MINILM_CASES))
+def test_export_loads_in_peft_minilm(case, tmp_path, make_minilm, minilm_batch):
+    method, options, heads = MINILM_CASES[case]
+    _export_then_peft_loads(tmp_path, *_minilm_setup(make_minilm, minilm_batch), method, options, heads)
+
+
+@pytest.mark.parametrize("case", list(SYNTH_CASES))
+def test_export_loads_in_peft_synthetic(case, tmp_path, make_synthetic, synthetic_input):
+    method, options, heads = SYNTH_CASES[case]
+    _, pm = _export_then_peft_loads(tmp_path, *_synth_setup(make_synthetic, synthetic_input, method),
+                                    method, options, heads)
+    assert pm.base_model.model.c1.fan_in_fan_out  # GPT-2's Conv1D is (d_in, d_out)
+
+
+def test_exported_config_parses_with_peft(tmp_path, make_minilm):
+    dm = dt.inject(make_minilm(), dt.LoRAConfig(r=R, alpha=12, dropout=0.1, targets=["query", "value"]),
+                   train_modules=["classifier"])
+    dm.export_peft(tmp_path)
+    cfg = peft.LoraConfig.from_pretrained(tmp_path)
+    assert cfg.peft_type == peft.PeftType.LORA
+    assert (cfg.r, cfg.lora_alpha, cfg.lora_dropout, cfg.use_dora) == (R, 12, 0.1, False)
+    assert sorted(cfg.target_modules) == sorted(dm.adapters["default"].paths)
+    assert list(cfg.modules_to_save) == ["classifier"]
+
+
+# --- PEFT-saved adapters load in deltatune ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_dora,options", [(False, {}), (True, {}), (False, {"use_rslora": True}),
+                                              (False, {"bias": "lora_only"}), (True, {"bias": "lora_only"})],
+                         ids=["lora", "dora", "rslora", "lora_only", "dora_lora_only"])
+def test_peft_saved_minilm_seq_cls_loads(use_dora, options, tmp_path, make_minilm, minilm_batch):
+    cfg = peft.LoraConfig(task_type="SEQ_CLS", r=R, lora_alpha=2 * R, target_modules=["query", "value"],
+                          use_dora=use_dora, **options)
+    pm = peft.get_peft_model(make_minilm(), cfg)
+    assert "classifier" in pm.peft_config["default"].modules_to_save  # PEFT adds the head itself
+    perturb(pm, 0.02)
+    pm.eval()
+    with torch.no_grad():
+        theirs = pm(**minilm_batch).logits
+    pm.save_pretrained(tmp_path)
+    dm = dt.load_peft(make_minilm(), tmp_path)
+    adapter = dm.adapters["default"]
+    assert adapter.method == ("dora" if use_dora else "lora") and adapter.train_modules == ["classifier"]
+    assert len(adapter.paths) == 12
+    with torch.no_grad():
+        assert max_diff(dm(**minilm_batch).logits, theirs) < 1e-5
+    # and back: our export of what we loaded is what PEFT saved
+    dm.export_peft(tmp_path / "again")
+    again = peft.PeftModel.from_pretrained(make_minilm(), tmp_path / "again")
+    with torch.no_grad():
+        assert max_diff(again(**minilm_batch).logits, theirs) < 1e-5
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_peft_saved_synthetic_loads(use_dora, tmp_path, make_synthetic, synthetic_input):
+    targets = ["lin", "c1", "conv"] + ([] if use_dora else ["emb"])
+    cfg = peft.LoraConfig(r=2, lora_alpha=6, target_modules=targets, modules_to_save=["head"], use_dora=use_dora,
+                          fan_in_fan_out=True)
+    pm = peft.get_peft_model(make_synthetic(), cfg)
+    perturb(pm, 0.1)
+    with torch.no_grad():
+        theirs = pm(synthetic_input)
+        assert max_diff(theirs, make_synthetic()(synthetic_input)) > 1e-3
+    pm.save_pretrained(tmp_path)
+    dm = dt.load_peft(make_synthetic(), tmp_path)
+    assert sorted(dm.adapters["default"].paths) == sorted(targets)
+    with torch.no_grad():
+        assert max_diff(dm(synthetic_input), theirs) < 1e-5
+    dm.merge()  # and what was loaded merges exactly
+    with torch.no_grad():
+        assert max_diff(dm(synthetic_input), theirs) < 1e-5
+
+
+def test_load_peft_as_second_adapter(tmp_path, make_synthetic, synthetic_input):
+    pm = peft.get_peft_model(make_synthetic(), peft.LoraConfig(r=2, target_modules=["lin"]))
+    perturb(pm, 0.1)
+    with torch.no_grad():
+        theirs = pm(synthetic_input)
+    pm.save_pretrained(tmp_path)
+    dm = dt.inject(make_synthetic(), dt.LoRAConfig(r=2, targets=["lin", "conv"]), name="mine")
+    dm.load_peft(tmp_path, name="theirs")
+    assert dm.active == ("mine",)
+    dm.set_active("theirs")
+    with torch.no_grad():
+        assert max_diff(dm(synthetic_input), theirs) < 1e-5
+
+
+# --- what is not supported fails clearly ------------------------------------------------------------
+
+
+def test_unsupported_peft_type(tmp_path, make_synthetic):
+    pm = peft.get_peft_model(make_synthetic(), peft.IA3Config(target_modules=["lin"], feedforward_modules=[]))
+    pm.save_pretrained(tmp_path)
+    model = make_synthetic()
+    with pytest.raises(ValueError, match="'IA3'.*not supported"):
+        dt.load_peft(model, tmp_path)
+    assert not any(isinstance(m, DeltaLayer) for m in model.modules())
+
+
+def test_rank_pattern_and_alpha_pattern_rejected(tmp_path, make_synthetic):
+    for key, pattern in (("rank_pattern", {"lin": 4}), ("alpha_pattern", {"lin": 3.0})):
+        pm = peft.get_peft_model(make_synthetic(), peft.LoraConfig(r=2, target_modules=["lin", "c1"], **{key: pattern}))
+        pm.save_pretrained(tmp_path / key)
+        with pytest.raises(ValueError, match=key):
+            dt.load_peft(make_synthetic(), tmp_path / key)
+
+
+def test_other_unsupported_peft_adapters(tmp_path, make_synthetic):
+    pm = peft.get_peft_model(make_synthetic(), peft.LoraConfig(r=2, target_modules=["lin"], bias="all"))
+    pm.save_pretrained(tmp_path / "bias_all")
+    with pytest.raises(ValueError, match="bias='all'"):
+        dt.load_peft(make_synthetic(), tmp_path / "bias_all")
+    pm = peft.get_peft_model(make_synthetic(), peft.LoraConfig(r=2, target_modules=["lin"], lora_bias=True))
+    pm.save_pretrained(tmp_path / "lora_bias")
+    with pytest.raises(ValueError, match=r"unexpected tensor 'lin\.lora_B\.bias'"):
+        dt.load_peft(make_synthetic(), tmp_path / "lora_bias")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json is missing"):
+        dt.load_peft(make_synthetic(), tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("bias", [
+    "none",
+    "lora_only",
+])
+def test_peft_adapter_for_another_model(bias, tmp_path, make_minilm, make_synthetic):
+    pm = peft.get_peft_model(make_synthetic(), peft.LoraConfig(r=2, target_modules=["lin"], bias=bias))
+    pm.save_pretrained(tmp_path)
+    model = make_minilm()
+    with pytest.raises(ValueError, match="layer 'lin', which this model .* lacks"):
+        dt.load_peft(model, tmp_path)
+    assert not any(isinstance(m, DeltaLayer) for m in model.modules())
+
+
+def test_export_of_a_non_lora_adapter_is_refused(tmp_path, make_synthetic):
+    dm = dt.inject(make_synthetic(), dt.FullConfig(targets=["head"]))
+    with pytest.raises(ValueError, match="covers LoRA and DoRA.*full"):
+        dm.export_peft(tmp_path)
+    assert not tmp_path.joinpath("adapter_config.json").exists()
