@@ -2,9 +2,9 @@
 
 The floor is the frozen model's forward + backward to its input embeddings (no weight gradients): the
 cost that any method training adapters in every layer must pay. Each round runs floor, deltatune and
-PEFT once (A B C A B C ...), so drift in machine load hits all three alike. Memory is the step's peak
-resident memory above the resident memory just before the step (activations, gradients, optimizer
-state), sampled every millisecond from /proc/self/statm, after `malloc_trim(0)` has handed memory freed by
+PEFT once (A B C A B C ...), so drift in machine load hits all three alike. Memory, measured in separate
+interleaved rounds, is the step's peak resident memory above the resident memory just before the step
+(activations, gradients, optimizer state), sampled every millisecond from /proc/self/statm, after `malloc_trim(0)` has handed memory freed by
 earlier steps back to the system (otherwise the allocator's cache hides a step's footprint).
 
     python benchmarks/train_step.py                 # MiniLM 32x64 and SmolLM2 4x128, 10 rounds
@@ -124,19 +124,21 @@ def contenders(name: str) -> tuple[dict[str, Callable[[], None]], dict[str, int]
     return steps, trainable
 
 
-def measure(name: str, rounds: int, warmup: int) -> dict:
+def measure(name: str, rounds: int, warmup: int, memory_rounds: int = 2) -> dict:
     steps, trainable = contenders(name)
     times: dict[str, list[float]] = {k: [] for k in steps}
     mem: dict[str, list[int]] = {k: [] for k in steps}
-    for i in range(warmup + rounds):
-        for key, step in steps.items():  # interleaved: floor, deltatune, peft, floor, ...
-            with PeakRSS() as peak:
-                t0 = time.perf_counter()
-                step()
-                dt_s = time.perf_counter() - t0
+    for i in range(warmup + rounds):  # timing rounds, interleaved: floor, deltatune, peft, floor, ...
+        for key, step in steps.items():
+            t0 = time.perf_counter()
+            step()
             if i >= warmup:
-                times[key].append(dt_s)
-                mem[key].append(peak.excess)
+                times[key].append(time.perf_counter() - t0)
+    for _ in range(memory_rounds):  # separate rounds: the sampling thread would slow the timed steps
+        for key, step in steps.items():
+            with PeakRSS() as peak:
+                step()
+            mem[key].append(peak.excess)
     summary = {k: {"time_s": {"min": min(v), "median": statistics.median(v), "max": max(v)},
                    "step_peak_mib": statistics.median(mem[k]) / 2**20} for k, v in times.items()}
     ratio = {
