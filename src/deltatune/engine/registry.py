@@ -10,12 +10,17 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
-def did_you_mean(word: str, choices: Any) -> str:
-    """' (did you mean 'x'?)' for the closest choice, or ''."""
+def closest(word: str, choices: Any) -> str | None:
+    """The choice most like `word`, or None; a shared prefix counts (difflib rates 'r' far from 'rank')."""
     choices = list(choices)
-    # difflib cannot rate a one-letter option like 'r' close to 'rank'; a shared prefix can
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5) or [c for c in choices if word.startswith(c)]
-    return f"; did you mean '{close[0]}'?" if close else ""
+    return close[0] if close else None
+
+
+def did_you_mean(word: str, choices: Any, prefix: str = "") -> str:
+    """"; did you mean 'x'?" for the closest choice, or ''."""
+    match = closest(word, choices)
+    return f"; did you mean '{prefix}{match}'?" if match else ""
 
 
 class DeltaConfig(BaseModel):

@@ -1,0 +1,1 @@
+"""The `deltatune` command line and its YAML recipes."""

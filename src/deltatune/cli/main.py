@@ -1,0 +1,219 @@
+"""The `deltatune` command: train, eval, export, merge-adapter, info, methods, validate."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+import deltatune as dt
+from deltatune.training.loop import ADAPTER, RECIPE, Trainer, build_model, evaluate, load_data, make_task
+from deltatune.training.recipe import DEFAULT_RECIPE, Recipe, builtin_recipe, load_recipe
+from deltatune.training.tasks import BUILTIN_MODELS, TASKS, Task, resolve_model_path
+
+console = Console(soft_wrap=True, markup=False)  # long paths stay on one line; brackets in paths stay text
+RECIPE_HELP = "an optional recipe .yaml, then section.key=value overrides"
+
+
+def _recipe_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """Split positional items into (recipe file or None, key=value overrides)."""
+    files = [item for item in items if "=" not in item]
+    if len(files) > 1:
+        raise ValueError(f"expected one recipe file and key=value overrides, got several files: {files}")
+    return (files[0] if files else None), [item for item in items if "=" in item]
+
+
+def _adapter_dir(path: str) -> Path:
+    """The adapter folder that `deltatune train` wrote: given itself, or the run folder holding it."""
+    for candidate in (Path(path) / ADAPTER, Path(path)):
+        if (candidate / RECIPE).is_file():
+            return candidate
+    raise FileNotFoundError(f"no trained adapter in {path!r}: expected {RECIPE} beside it, as `deltatune train` saves")
+
+
+def _adapter_recipe(adapter: Path, items: list[str]) -> Recipe:
+    """The adapter's stored recipe (or a given one), with overrides."""
+    path, overrides = _recipe_args(items)
+    return load_recipe(path or adapter / RECIPE, overrides)
+
+
+def _load_adapter(adapter: Path, recipe: Recipe) -> tuple[Task, dt.DeltaModel]:
+    """(task, model with the saved adapter) rebuilt from the stored recipe, without reading data."""
+    task = make_task(recipe, recipe.model.labels)
+    return task, build_model(recipe, task, adapter)
+
+
+def _metrics(label: str, metrics: dict[str, float]) -> None:
+    console.print(f"{label:<7} " + "   ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+
+def _trainable(dm: dt.DeltaModel) -> str:
+    t, n = dm.trainable_parameters(), dm.total_parameters()
+    return f"{t:,} of {n:,} ({100 * t / n:.2f}%)"
+
+
+# --- commands ------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    """Fine-tune as a recipe says (default: the embedded MiniLM / Rotten Tomatoes recipe)."""
+    path, overrides = _recipe_args(args.items)
+    recipe = load_recipe(path, overrides)
+    trainer = Trainer(recipe, resume=args.resume)
+    trainer.setup()
+    r = trainer.recipe
+    console.print(f"{r.name}: {r.method.name} on {r.model.path} ({r.model.task}), data {r.data.source}")
+    console.print(f"trainable parameters: {_trainable(trainer.model)}")
+    console.print(f"examples: {len(trainer.train_set):,} train, {len(trainer.eval_set):,} eval; "
+                  f"{trainer.total_steps} steps on {trainer.device}")
+    result = trainer.train()
+    _metrics("before", result.before)
+    _metrics("after", result.after)
+    console.print(f"wall time {result.seconds:.1f} s for {result.steps} steps")
+    console.print(f"adapter saved to {result.adapter_dir}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a trained adapter on the held-out split of its recipe's data."""
+    adapter = _adapter_dir(args.adapter)
+    recipe = _adapter_recipe(adapter, args.items)
+    splits = load_data(recipe)
+    task = make_task(recipe, splits.label_names)
+    model = build_model(recipe, task, adapter)
+    metrics = evaluate(model, task, task.encode(splits.eval), recipe.eval.batch_size)
+    _metrics(f"eval on {len(splits.eval):,} held-out examples:", metrics)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a trained adapter in another library's format."""
+    adapter = _adapter_dir(args.adapter)
+    _, model = _load_adapter(adapter, _adapter_recipe(adapter, []))
+    model.export_peft(args.out)
+    console.print(f"PEFT adapter written to {args.out}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Fold the adapter into its base model and save a standalone Hugging Face model."""
+    adapter = _adapter_dir(args.adapter)
+    task, model = _load_adapter(adapter, _adapter_recipe(adapter, []))
+    merged = model.merge_and_unload()
+    merged.save_pretrained(args.out)
+    task.tokenizer.save_pretrained(args.out)
+    console.print(f"merged model written to {args.out} (loads with transformers alone)")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Parameter table of a trained adapter, or of the adapter a recipe would train."""
+    if Path(args.target).is_dir():
+        adapter = _adapter_dir(args.target)
+        _, model = _load_adapter(adapter, _adapter_recipe(adapter, []))
+    else:
+        recipe = load_recipe(args.target)
+        labels = recipe.model.labels
+        if labels is None and "label" in TASKS[recipe.model.task].fields:  # the head's size comes from the data
+            labels = load_data(recipe).label_names
+        model = build_model(recipe, make_task(recipe, labels))
+    model.print_parameters()
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    """Table of the registered methods."""
+    table = Table(title="deltatune methods")
+    for column in ("name", "family", "trainable parameters per layer", "paper"):
+        table.add_column(column)
+    for spec in dt.list_methods():
+        table.add_row(spec.name, spec.family, spec.formula, spec.paper)
+    console.print(table)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Check a recipe, its model and its data columns without training."""
+    path, overrides = _recipe_args(args.items)
+    recipe = load_recipe(path, overrides)
+    if recipe.model.path not in BUILTIN_MODELS:  # a built-in may need building first; its name is enough
+        resolve_model_path(recipe.model.path)
+    splits = load_data(recipe)
+    console.print(f"recipe {recipe.name!r} is valid: {len(splits.train):,} train / {len(splits.eval):,} eval "
+                  f"examples, output to {recipe.output_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with one subcommand per command."""
+    parser = argparse.ArgumentParser(prog="deltatune", description="Parameter-efficient fine-tuning with deltas.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help=cmd_train.__doc__,
+                       description=f"{cmd_train.__doc__} Embedded recipe: {builtin_recipe(DEFAULT_RECIPE)}")
+    p.add_argument("items", nargs="*", metavar="RECIPE|key=value", help=RECIPE_HELP)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output dir")
+    p.set_defaults(handler=cmd_train)
+
+    p = sub.add_parser("eval", help=cmd_eval.__doc__)
+    p.add_argument("adapter", metavar="ADAPTER_DIR", help="a run folder or its adapter/ folder")
+    p.add_argument("items", nargs="*", metavar="RECIPE|key=value", help="another recipe, or overrides of the stored one")
+    p.set_defaults(handler=cmd_eval)
+
+    p = sub.add_parser("export", help=cmd_export.__doc__)
+    p.add_argument("adapter", metavar="ADAPTER_DIR")
+    p.add_argument("--format", choices=["peft"], default="peft", help="peft: adapter_config.json + safetensors")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("merge-adapter", help=cmd_merge.__doc__)
+    p.add_argument("adapter", metavar="ADAPTER_DIR")
+    p.add_argument("--out", required=True, help="output folder for the merged model and its tokenizer")
+    p.set_defaults(handler=cmd_merge)
+
+    p = sub.add_parser("info", help=cmd_info.__doc__)
+    p.add_argument("target", metavar="ADAPTER_DIR|RECIPE")
+    p.set_defaults(handler=cmd_info)
+
+    p = sub.add_parser("methods", help=cmd_methods.__doc__)
+    p.set_defaults(handler=cmd_methods)
+
+    p = sub.add_parser("validate", help=cmd_validate.__doc__)
+    p.add_argument("items", nargs="+", metavar="RECIPE|key=value", help=RECIPE_HELP)
+    p.set_defaults(handler=cmd_validate)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    """Show deltatune's warnings plainly; silence Hugging Face's per-load reports and progress bars."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    log = logging.getLogger("deltatune")
+    if not log.handlers:
+        log.addHandler(RichHandler(console=Console(stderr=True), show_time=False, show_path=False))
+        log.setLevel(logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; bad input prints one line and returns 2."""
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        # argparse stops filling `items` at an option (`train --resume a=1`), so the rest arrive here
+        if extra and (not hasattr(args, "items") or any(item.startswith("-") for item in extra)):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed by argparse
+        return int(e.code or 0)
+    if extra:
+        args.items += extra
+    _quiet_libraries()
+    try:
+        return args.handler(args)
+    except (ValueError, OSError) as e:
+        print(f"deltatune {args.command}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,105 @@
+"""Resumable checkpoints: trainable state, optimizer/scheduler/RNG state and trainer state, written atomically.
+
+Layout of `<root>/ckpt-<step>/`:
+    adapter.safetensors   trainable parameters by name
+    optimizer.pt          {"optimizer", "scheduler", "rng"}: tensors and plain containers only
+    trainer_state.json    step, data position, and whatever else the trainer records
+A checkpoint is written into `ckpt-<step>.tmp/` and renamed into place, so a killed run leaves at worst
+a `.tmp` directory, which loading ignores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+PARAMS, TORCH_STATE, TRAINER_STATE = "adapter.safetensors", "optimizer.pt", "trainer_state.json"
+_NAME = re.compile(r"ckpt-(\d+)")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One loaded checkpoint."""
+
+    path: Path
+    params: dict[str, Tensor]
+    torch_state: dict
+    trainer_state: dict
+
+
+def rng_state() -> dict:
+    """The torch RNG states (CPU, and every CUDA device when present) that dropout draws from."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what `rng_state` captured."""
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    root: Path, step: int, params: dict[str, Tensor], torch_state: dict, trainer_state: dict, keep: int
+) -> Path:
+    """Write `ckpt-<step>` atomically, then delete all but the newest `keep` checkpoints."""
+    final = root / f"ckpt-{step}"
+    tmp = root / f"ckpt-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({name: t.detach().cpu().contiguous() for name, t in params.items()}, tmp / PARAMS)
+    torch.save(torch_state, tmp / TORCH_STATE)
+    (tmp / TRAINER_STATE).write_text(json.dumps({**trainer_state, "step": step}, indent=2), encoding="utf-8")
+    for file in tmp.iterdir():  # on disk before the rename makes the checkpoint visible
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+    if final.exists():  # a stale checkpoint of the same step from a run that was resumed earlier
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for _, old in checkpoints(root)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the renamed (not `.tmp`) checkpoint directories, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.fullmatch(p.name))]
+    return sorted(found)
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Load one checkpoint; never unpickles anything but tensors and plain containers."""
+    trainer_state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+    if trainer_state.get("step") != int(_NAME.fullmatch(path.name).group(1)):
+        raise ValueError(f"trainer_state.json step {trainer_state.get('step')} does not match the directory name")
+    params = load_file(path / PARAMS)
+    torch_state = torch.load(path / TORCH_STATE, weights_only=True, map_location="cpu")
+    return Checkpoint(path, params, torch_state, trainer_state)
+
+
+def load_latest(root: Path) -> Checkpoint | None:
+    """The newest checkpoint under `root` that loads; partial and corrupt ones are skipped with a warning."""
+    for partial in sorted(root.glob("ckpt-*.tmp")):
+        logger.warning("ignoring partial checkpoint %s (a run stopped while writing it)", partial)
+    for _, path in reversed(checkpoints(root)):
+        try:
+            return load_checkpoint(path)
+        except Exception as e:  # any failure to read means the checkpoint cannot be trusted
+            logger.warning("ignoring corrupt checkpoint %s: %s", path, e)
+    return None

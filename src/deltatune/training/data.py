@@ -1,0 +1,119 @@
+"""Training records from CSV/JSONL files or built-in datasets, with a seeded train/eval split."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from deltatune import assets
+from deltatune.engine.registry import did_you_mean
+
+BUILTIN_DATASETS: dict[str, Callable[[], list[dict]]] = {
+    "rotten_tomatoes": assets.rotten_tomatoes,
+    "chatterbot": assets.chatterbot,
+}
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Train and eval records, plus the label names (index = int label) for classification data."""
+
+    train: list[dict]
+    eval: list[dict]
+    label_names: list[str] | None = None
+
+
+def read_table(source: str) -> list[dict]:
+    """Rows of a built-in dataset (by name) or of a .csv / .jsonl file."""
+    if source in BUILTIN_DATASETS:
+        return BUILTIN_DATASETS[source]()
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"data source {source!r} is neither a file nor a built-in dataset ({', '.join(BUILTIN_DATASETS)})"
+        )
+    suffixes = path.suffixes
+    if ".jsonl" in suffixes:
+        return _read_jsonl(path)
+    if ".csv" in suffixes:  # also .csv.gz / .csv.bz2: pandas infers the compression
+        # keep_default_na=False: an empty cell stays "" instead of becoming a float NaN
+        return pd.read_csv(path, keep_default_na=False).to_dict("records")
+    raise ValueError(f"unsupported data file {path.name!r}: expected .csv or .jsonl")
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    """One JSON object per non-blank line."""
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path.name}:{lineno}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path.name}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def select_columns(rows: list[dict], columns: dict[str, str], source: str) -> list[dict]:
+    """Rename `columns` (field -> column in the data) to their fields, failing clearly on a missing one."""
+    if not rows:
+        raise ValueError(f"data source {source!r} has no rows")
+    present = list(dict.fromkeys(key for row in rows for key in row))
+    for field, column in columns.items():
+        if column not in present:
+            raise ValueError(f"column {column!r} (the {field} column) not found in {source!r}, "
+                             f"which has columns {present}{did_you_mean(column, present)}")
+        lacking = next((i for i, row in enumerate(rows) if column not in row), None)
+        if lacking is not None:
+            raise ValueError(f"row {lacking} of {source!r} has no column {column!r} (the {field} column)")
+    return [{field: row[column] for field, column in columns.items()} for row in rows]
+
+
+def encode_labels(rows: list[dict], names: list[str] | None = None) -> tuple[list[dict], list[str]]:
+    """Int labels and their names: given `names` fix the order, else strings are sorted and ints name themselves."""
+    labels = {row["label"] for row in rows}
+    if names is None and all(isinstance(y, (int, np.integer)) and not isinstance(y, bool) for y in labels):
+        if min(labels) < 0:
+            raise ValueError(f"integer labels must be >= 0, got {min(labels)}")
+        return [{**row, "label": int(row["label"])} for row in rows], [str(i) for i in range(max(labels) + 1)]
+    names = names if names is not None else sorted({str(y) for y in labels})
+    index = {name: i for i, name in enumerate(names)}
+    if unknown := sorted({str(y) for y in labels} - index.keys()):
+        raise ValueError(f"labels {unknown} are not among the label names {names}")
+    return [{**row, "label": index[str(row["label"])]} for row in rows], names
+
+
+def split(rows: list[dict], eval_size: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Seeded shuffle, then the first `eval_size` rows (a count, or a fraction when < 1) are held out."""
+    n_eval = round(eval_size * len(rows)) if eval_size < 1 else int(eval_size)
+    if not 0 < n_eval < len(rows):
+        raise ValueError(f"eval_size {eval_size} leaves no train or no eval rows out of {len(rows)}")
+    order = np.random.default_rng(seed).permutation(len(rows))
+    shuffled = [rows[i] for i in order]
+    return shuffled[n_eval:], shuffled[:n_eval]
+
+
+def load_splits(
+    source: str,
+    columns: dict[str, str],
+    eval_size: float,
+    seed: int = 0,
+    max_train: int | None = None,
+    max_eval: int | None = None,
+    label_names: list[str] | None = None,
+) -> Splits:
+    """Read `source`, keep and rename `columns`, map labels to ints (when there are any), split, subsample."""
+    rows = select_columns(read_table(source), columns, source)
+    if "label" in columns:
+        rows, label_names = encode_labels(rows, label_names)
+    train, held_out = split(rows, eval_size, seed)
+    # the split is already shuffled, so a prefix is a seeded random subsample
+    return Splits(train[:max_train], held_out[:max_eval], label_names)

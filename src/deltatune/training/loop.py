@@ -1,0 +1,316 @@
+"""Single-device fine-tuning: one Trainer with setup / train / evaluate and a plain loop.
+
+Modelled on torchtune's `lora_finetune_single_device` recipe. Everything that decides a run's numbers
+(initialisation, data order, dropout) is seeded, and a checkpoint records the data position and RNG
+states, so a resumed run continues exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.optim import AdamW
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm import tqdm
+
+import deltatune as dt
+from deltatune.engine.atomic import atomic_write_text
+
+from . import checkpoint
+from .data import Splits, load_splits
+from .loraplus import loraplus_param_groups
+from .recipe import Recipe
+from .tasks import TASKS, Task, resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+METRICS, ADAPTER, CHECKPOINTS, RECIPE = "metrics.jsonl", "adapter", "checkpoints", "recipe.yaml"
+
+
+# --- building blocks shared with the CLI ---------------------------------------------------------
+def load_data(recipe: Recipe) -> Splits:
+    """The recipe's train/eval records, with the columns its task reads."""
+    d = recipe.data
+    columns = {field: getattr(d, f"{field}_column") for field in TASKS[recipe.model.task].fields}
+    return load_splits(d.source, columns, d.eval_size, d.split_seed, d.max_train, d.max_eval, recipe.model.labels)
+
+
+def make_task(recipe: Recipe, label_names: list[str] | None) -> Task:
+    """The recipe's task, with its tokenizer loaded."""
+    path = resolve_model_path(recipe.model.path)
+    return TASKS[recipe.model.task](path, recipe.train.max_length, label_names)
+
+
+def build_model(recipe: Recipe, task: Task, adapter_dir: Path | None = None) -> dt.DeltaModel:
+    """The base model with the recipe's fresh adapter, or with the adapter saved in `adapter_dir`."""
+    torch.manual_seed(recipe.train.seed)  # a new head and LoRA's A start identically in every run
+    base = task.build_model()
+    if adapter_dir is not None:
+        return dt.load(base, adapter_dir)
+    train_modules = recipe.train_modules if recipe.train_modules is not None else task.default_train_modules(base)
+    return dt.inject(base, recipe.method.config(), train_modules=train_modules or None)
+
+
+def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, task: Task, examples: list[dict], batch_size: int) -> dict[str, float]:
+    """The task's metrics on encoded `examples`, in eval mode (no dropout) and without gradients."""
+    model.eval()
+    device = next(model.parameters()).device
+    batches = (to_device(task.collate(examples[i : i + batch_size]), device) for i in range(0, len(examples), batch_size))
+    return task.evaluate(model, batches)
+
+
+def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """LR factor: linear warmup over `warmup` steps, then cosine decay from 1 to `min_ratio`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The seeded permutation of `n` examples for one epoch (the same whenever it is asked for)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished run reports."""
+
+    before: dict[str, float]
+    after: dict[str, float]
+    trainable: int
+    total: int
+    seconds: float
+    steps: int
+    adapter_dir: Path
+
+
+class Trainer:
+    """Fine-tune one adapter as a recipe says; `setup()`, then `train()`."""
+
+    def __init__(self, recipe: Recipe, resume: bool = False):
+        self.recipe = recipe
+        self.resume = resume
+        self.output_dir = recipe.output_dir
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    # --- setup ---------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Load data and model, build optimizer and schedule, and restore a checkpoint when resuming."""
+        splits = load_data(self.recipe)
+        # the resolved recipe records the label order, so eval/export can rebuild the same head
+        self.recipe = self.recipe.model_copy(
+            update={"model": self.recipe.model.model_copy(update={"labels": splits.label_names})}
+        )
+        self.task = make_task(self.recipe, splits.label_names)
+        self.train_set, self.eval_set = self.task.encode(splits.train), self.task.encode(splits.eval)
+        self.model = build_model(self.recipe, self.task).to(self.device)
+        self.optimizer = self._optimizer()
+        self.total_steps = self._total_steps()
+        warmup = round(self.recipe.schedule.warmup_ratio * self.total_steps)
+        factor = functools.partial(
+            warmup_cosine, total=self.total_steps, warmup=warmup, min_ratio=self.recipe.schedule.min_lr_ratio
+        )
+        self.scheduler = LambdaLR(self.optimizer, factor)
+        self.step, self.epoch, self.batch_in_epoch, self.elapsed = 0, 0, 0, 0.0
+        self.initial_eval: dict[str, float] | None = None
+        if self.resume:
+            self._restore()
+        else:
+            self._start_afresh()
+
+    def _optimizer(self) -> AdamW:
+        """AdamW over the trainable parameters only, in LoRA+ groups when asked for."""
+        o = self.recipe.optimizer
+        if o.loraplus_ratio is not None:
+            params = loraplus_param_groups(self.model, o.lr, o.loraplus_ratio, o.weight_decay)
+        else:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+        return AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+
+    def _batches_per_epoch(self) -> int:
+        return math.ceil(len(self.train_set) / self.recipe.train.batch_size)
+
+    def _total_steps(self) -> int:
+        t = self.recipe.train
+        if t.steps is not None:
+            return t.steps
+        return max(1, math.ceil(t.epochs * self._batches_per_epoch() / t.grad_accum))
+
+    def _start_afresh(self) -> None:
+        """A fresh run owns its output directory: earlier checkpoints and metrics would mislead a resume."""
+        old = self.output_dir / CHECKPOINTS
+        if old.exists():
+            logger.warning("starting afresh: removing the earlier run's checkpoints in %s", old)
+            shutil.rmtree(old)
+        (self.output_dir / METRICS).unlink(missing_ok=True)
+
+    def _restore(self) -> None:
+        """Continue from the newest complete checkpoint (or start afresh when there is none)."""
+        ckpt = checkpoint.load_latest(self.output_dir / CHECKPOINTS)
+        if ckpt is None:
+            logger.warning("no checkpoint in %s to resume from: starting afresh", self.output_dir / CHECKPOINTS)
+            self._start_afresh()
+            return
+        state = ckpt.trainer_state
+        if state["recipe"] != self.recipe.model_dump(mode="json"):
+            changed = _changed_keys(state["recipe"], self.recipe.model_dump(mode="json"))
+            raise ValueError(f"{ckpt.path} was written by a different recipe (changed: {', '.join(changed)})")
+        self.model.load_adapter_state_dict(ckpt.params)
+        self.optimizer.load_state_dict(ckpt.torch_state["optimizer"])
+        self.scheduler.load_state_dict(ckpt.torch_state["scheduler"])
+        checkpoint.set_rng_state(ckpt.torch_state["rng"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.elapsed, self.initial_eval = state["elapsed"], state["initial_eval"]
+        self._truncate_metrics(self.step)
+        logger.info("resumed from %s", ckpt.path)
+
+    # --- data ----------------------------------------------------------------------------------
+    def _next_batch(self) -> dict[str, Tensor]:
+        """The next training micro-batch in the seeded order; the position survives a resume."""
+        if self.batch_in_epoch == self._batches_per_epoch():
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        bs = self.recipe.train.batch_size
+        order = epoch_order(self.recipe.train.seed, self.epoch, len(self.train_set))
+        idx = order[self.batch_in_epoch * bs : (self.batch_in_epoch + 1) * bs]
+        self.batch_in_epoch += 1
+        return to_device(self.task.collate([self.train_set[i] for i in idx]), self.device)
+
+    # --- the loop ------------------------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        """The task's metrics on the held-out set."""
+        return evaluate(self.model, self.task, self.eval_set, self.recipe.eval.batch_size)
+
+    def train_step(self) -> tuple[float, int]:
+        """One optimizer step over `grad_accum` micro-batches; returns (mean loss, samples)."""
+        self.model.train()
+        accum = self.recipe.train.grad_accum
+        loss_sum, samples = 0.0, 0
+        for _ in range(accum):
+            batch = self._next_batch()
+            loss = self.model(**batch).loss / accum
+            loss.backward()
+            loss_sum += loss.item()
+            samples += len(batch["input_ids"])
+        if self.recipe.optimizer.grad_clip is not None:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.recipe.optimizer.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum, samples
+
+    def train(self) -> TrainResult:
+        """Evaluate, run the remaining steps (evaluating and checkpointing as asked), evaluate, save."""
+        t = self.recipe.train
+        start = time.perf_counter() - self.elapsed
+        if self.initial_eval is None:
+            self.initial_eval = self.evaluate()
+            self._log({"step": 0, **_prefixed(self.initial_eval)}, start)
+        progress = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=None)
+        while self.step < self.total_steps:
+            lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
+            tick = time.perf_counter()
+            loss, samples = self.train_step()
+            self.step += 1
+            speed = samples / (time.perf_counter() - tick)
+            self._log({"step": self.step, "epoch": self.epoch, "loss": loss, "lr": lr, "samples_per_s": speed}, start)
+            progress.update()
+            progress.set_postfix(loss=f"{loss:.4f}", samples_s=f"{speed:.1f}")
+            if t.eval_every and self.step % t.eval_every == 0 and self.step < self.total_steps:
+                self._log({"step": self.step, **_prefixed(self.evaluate())}, start)
+            if t.save_every and self.step % t.save_every == 0:
+                self.save_checkpoint(time.perf_counter() - start)
+        progress.close()
+        final = self.evaluate()
+        self._log({"step": self.step, **_prefixed(final)}, start)
+        adapter_dir = self.save_adapter()
+        return TrainResult(
+            before=self.initial_eval,
+            after=final,
+            trainable=self.model.trainable_parameters(),
+            total=self.model.total_parameters(),
+            seconds=time.perf_counter() - start,
+            steps=self.step,
+            adapter_dir=adapter_dir,
+        )
+
+    # --- outputs -------------------------------------------------------------------------------
+    def _log(self, row: dict, start: float) -> None:
+        """Append one metrics row (with seconds since the run began) to metrics.jsonl; show eval rows."""
+        if "loss" not in row:
+            logger.info("step %d: %s", row["step"], "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "step"))
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.output_dir / METRICS, "a", encoding="utf-8") as f:
+            f.write(json.dumps({**row, "time": round(time.perf_counter() - start, 3)}) + "\n")
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop rows the stopped run logged after its last checkpoint; the resumed run logs them again."""
+        path = self.output_dir / METRICS
+        if path.exists():
+            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+            # a line cut short by the kill has no newline, and is dropped with the rest of the tail
+            kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
+            atomic_write_text(path, "".join(kept))
+
+    def save_checkpoint(self, elapsed: float) -> Path:
+        """A resumable checkpoint of the current step."""
+        torch_state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": checkpoint.rng_state(),
+        }
+        trainer_state = {
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "elapsed": elapsed,
+            "initial_eval": self.initial_eval,
+            "recipe": self.recipe.model_dump(mode="json"),
+        }
+        return checkpoint.save_checkpoint(
+            self.output_dir / CHECKPOINTS,
+            self.step,
+            self.model.adapter_state_dict(),
+            torch_state,
+            trainer_state,
+            self.recipe.train.keep_checkpoints,
+        )
+
+    def save_adapter(self) -> Path:
+        """The trained adapter, with the resolved recipe that rebuilds its base model beside it."""
+        path = self.output_dir / ADAPTER
+        self.model.save(path)
+        atomic_write_text(path / RECIPE, self.recipe.to_yaml())
+        return path
+
+
+def _prefixed(metrics: dict[str, float]) -> dict[str, float]:
+    return {f"eval_{k}": v for k, v in metrics.items()}
+
+
+def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    changed = []
+    for key in sorted(old.keys() | new.keys()):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}")
+    return changed

@@ -1,0 +1,204 @@
+"""Recipes: a YAML file plus dotted `key=value` overrides, validated by one frozen model per concern."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+import deltatune as dt
+from deltatune.engine.registry import did_you_mean
+
+DEFAULT_RECIPE = "lora_minilm_rotten_tomatoes"
+
+
+class Section(BaseModel):
+    """A frozen recipe section that rejects unknown keys."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSection(Section):
+    path: str = Field("minilm", description="Hugging Face model folder, or a built-in model: minilm, smollm2")
+    task: Literal["classification", "causal_lm"] = Field("classification", description="what to train the model for")
+    labels: list[str] | None = Field(
+        None, description="class names in label order (classification); null = read from the data and recorded"
+    )
+
+
+class DataSection(Section):
+    source: str = Field(
+        "rotten_tomatoes", description="a .csv or .jsonl file, or a built-in dataset: rotten_tomatoes, chatterbot"
+    )
+    text_column: str = Field("text", description="column with the input text (classification)")
+    label_column: str = Field("label", description="column with the class, a name or an int (classification)")
+    prompt_column: str = Field("prompt", description="column with the user turn (causal_lm)")
+    response_column: str = Field("response", description="column with the assistant turn (causal_lm)")
+    eval_size: int | float = Field(1000, gt=0, description="held-out rows: a count, or a fraction when below 1")
+    max_train: int | None = Field(None, ge=1, description="use at most this many training rows; null = all")
+    max_eval: int | None = Field(None, ge=1, description="use at most this many eval rows; null = all")
+    split_seed: int = Field(0, description="seed of the train/eval split, independent of the training seed")
+
+
+class MethodSection(Section):
+    """`name` plus the options of that method's config (validated by `dt.make_config`)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+    name: str = Field("lora", description="a method from `deltatune methods`")
+
+    @model_validator(mode="after")
+    def _valid_method(self) -> MethodSection:
+        specs = {spec.name: spec for spec in dt.list_methods()}
+        if self.name not in specs:
+            raise ValueError(f"unknown method 'method.name={self.name}'{did_you_mean(self.name, specs)}")
+        valid = ["name", *specs[self.name].config.model_fields]
+        for key in self.model_extra:
+            if key not in valid:
+                raise ValueError(unknown_key("method", key, valid))
+        try:
+            self.config()
+        except ValidationError as e:
+            raise ValueError(describe(e, specs[self.name].config, ("method",))) from None
+        return self
+
+    def config(self) -> Any:
+        """The method's validated config object."""
+        return dt.make_config(self.name, **self.model_extra)
+
+
+class OptimizerSection(Section):
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate (peak, after warmup)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW moment decay rates")
+    grad_clip: float | None = Field(1.0, gt=0, description="clip the gradient norm to this; null = no clipping")
+    loraplus_ratio: float | None = Field(
+        None, gt=0, description="LoRA+ (arXiv:2402.12354): lora_B learns at lr * ratio (16 is typical); null = off"
+    )
+
+
+class ScheduleSection(Section):
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="fraction of steps with a linear warmup from ~0")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="the cosine decay ends at lr * min_lr_ratio")
+
+
+class TrainSection(Section):
+    steps: int | None = Field(None, ge=1, description="optimizer steps; null = run `epochs` over the data")
+    epochs: float = Field(1.0, gt=0, description="passes over the training data when steps is null")
+    batch_size: int = Field(32, ge=1, description="examples per forward pass (higher: faster, more memory)")
+    grad_accum: int = Field(1, ge=1, description="forward passes per optimizer step")
+    max_length: int = Field(64, ge=2, description="truncate examples to this many tokens")
+    eval_every: int | None = Field(None, ge=1, description="evaluate every N steps (always before and after)")
+    save_every: int | None = Field(None, ge=1, description="write a resumable checkpoint every N steps")
+    keep_checkpoints: int = Field(2, ge=1, description="how many of the newest checkpoints to keep")
+    seed: int = Field(0, description="seed of initialisation, data order and dropout")
+    output_dir: str | None = Field(None, description="where metrics, checkpoints and the adapter go; null = runs/<name>")
+
+
+class EvalSection(Section):
+    batch_size: int = Field(64, ge=1, description="examples per evaluation forward pass")
+
+
+class Recipe(Section):
+    """A whole training run."""
+
+    name: str = Field(DEFAULT_RECIPE, description="the run's name; default output_dir is runs/<name>")
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    method: MethodSection = MethodSection()
+    train_modules: list[str] | None = Field(
+        None, description="modules trained in full beside the deltas; null = the task's head (if any)"
+    )
+    optimizer: OptimizerSection = OptimizerSection()
+    schedule: ScheduleSection = ScheduleSection()
+    train: TrainSection = TrainSection()
+    eval: EvalSection = EvalSection()
+
+    @property
+    def output_dir(self) -> Path:
+        """The run's output directory."""
+        return Path(self.train.output_dir or Path("runs") / self.name)
+
+    def to_yaml(self) -> str:
+        """The resolved recipe as YAML that `load_recipe` reads back to an equal recipe."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def unknown_key(section: str, key: str, valid: list[str]) -> str:
+    """One line naming an unknown key by its dotted path and the closest valid key."""
+    prefix = f"{section}." if section else ""
+    return f"unknown key '{prefix}{key}'{did_you_mean(key, valid, prefix)}"
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the section at `loc` inside `model`."""
+    for key in loc:
+        model = model.model_fields[key].annotation
+    return list(model.model_fields)
+
+
+def describe(error: ValidationError, model: type[BaseModel], prefix: tuple = ()) -> str:
+    """A pydantic error as one line, with dotted key paths and close-key suggestions."""
+    messages = []
+    for e in error.errors():
+        loc = tuple(str(part) for part in e["loc"])
+        path = ".".join(prefix + loc)
+        cause = e.get("ctx", {}).get("error")
+        if e["type"] == "extra_forbidden":
+            messages.append(unknown_key(".".join(prefix + loc[:-1]), loc[-1], _fields_at(model, loc[:-1])))
+        elif isinstance(cause, ValueError):  # our own validators already say which key and why
+            messages.append(str(cause))
+        else:
+            messages.append(f"invalid value {e['input']!r} for '{path}': {e['msg']}")
+    return "; ".join(messages)
+
+
+def apply_override(data: dict, item: str) -> None:
+    """Set `a.b.c=value` in the nested dict `data`; the value is parsed as a YAML scalar/flow value."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ValueError(f"override {item!r} must look like key=value, e.g. train.batch_size=16")
+    *sections, leaf = key.split(".")
+    node = data
+    for i, part in enumerate(sections):
+        if node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            raise ValueError(f"cannot set '{key}': '{'.'.join(sections[: i + 1])}' is a value, not a section")
+    try:
+        node[leaf] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {item!r}: value is not valid YAML ({e.problem})") from None
+
+
+def builtin_recipe(name: str) -> Path:
+    """Path of a recipe that ships inside the package."""
+    return Path(str(resources.files("deltatune") / "recipes" / f"{name}.yaml"))
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> Recipe:
+    """Read a recipe file (default: the embedded one), apply overrides, validate."""
+    path = Path(path) if path is not None else builtin_recipe(DEFAULT_RECIPE)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe file {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    data.setdefault("name", path.stem)
+    for item in overrides:
+        apply_override(data, item)
+    return validate(data)
+
+
+def validate(data: dict) -> Recipe:
+    """A `Recipe` from plain data, or a one-line ValueError."""
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise ValueError(describe(e, Recipe)) from None
