@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -103,8 +105,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
     adapter = _adapter_dir(args.adapter)
     task, model = _load_adapter(adapter, _adapter_recipe(adapter, []))
     merged = model.merge_and_unload()
-    merged.save_pretrained(args.out)
-    task.tokenizer.save_pretrained(args.out)
+    out = Path(args.out)
+    tmp = out.with_name(f".{out.name}.tmp")  # written whole, then renamed: a killed run leaves no half model
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    task.tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
     console.print(f"merged model written to {args.out} (loads with transformers alone)")
     return 0
 
