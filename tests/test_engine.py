@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import Holder, max_diff, perturb
 from torch import nn
 from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
@@ -15,19 +16,6 @@ from deltatune.engine import DeltaLayer
 from deltatune.engine.targeting import resolve
 
 QUERY_VALUE = [f"bert.encoder.layer.{i}.attention.self.{n}" for i in range(6) for n in ("query", "value")]
-
-
-def perturb(module: nn.Module, std: float = 0.1, seed: int = 123) -> None:
-    """Add noise to every trainable parameter (as training would), so the deltas are no longer zero."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * std)
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.detach().float() - b.detach().float()).abs().max().item()
 
 
 def lora_delta(layer: DeltaLayer, name: str = "default") -> torch.Tensor:
@@ -189,15 +177,6 @@ class Conv2dStaticSamePadding(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(self.static_padding(x), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
-
-
-class Holder(nn.Module):
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
 
 
 def _subclass_case(kind: str) -> tuple[nn.Module, torch.Tensor]:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import max_diff, perturb
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -23,18 +24,6 @@ VARIANTS = {
     "dora": ("dora", {}),
     "lora_only_bias": ("lora", {"bias": "lora_only", "dropout": 0.1}),
 }
-
-
-def perturb(module: nn.Module, std: float = 0.1, seed: int = 123) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * std)
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.detach().float() - b.detach().float()).abs().max().item()
 
 
 def no_deltas(model: nn.Module) -> bool:

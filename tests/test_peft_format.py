@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
+from helpers import max_diff, perturb
 
 import deltatune as dt
 from deltatune.engine import DeltaLayer
@@ -15,18 +15,6 @@ from deltatune.engine import DeltaLayer
 peft = pytest.importorskip("peft")
 
 R = 4
-
-
-def perturb(module: nn.Module, std: float, seed: int = 123) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * std)
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.detach().float() - b.detach().float()).abs().max().item()
 
 
 @pytest.fixture(autouse=True)

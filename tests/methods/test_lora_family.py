@@ -3,16 +3,22 @@ implementation must ship"), on a Linear, a Conv2d and (LoRA) an Embedding, plus 
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import Holder, max_diff
+from helpers import perturb as _perturb
 from torch import nn
 from torch.func import functional_call
 
 import deltatune as dt
+
+perturb = functools.partial(_perturb, std=0.2)  # these tests use larger deltas
+
 
 R, ALPHA = 3, 6.0
 
@@ -24,15 +30,6 @@ VARIANTS = {
     "dora": ("dora", {}),
 }
 CASES = [(v, k) for v in VARIANTS for k in ("linear", "conv2d")] + [("lora", "embedding")]
-
-
-class Holder(nn.Module):
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
 
 
 def make_layer(kind: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, torch.Tensor]:
@@ -65,18 +62,6 @@ def run_with(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torc
 def inject(layer: nn.Module, variant: str, **options) -> dt.DeltaModel:
     method, extra = VARIANTS[variant]
     return dt.inject(Holder(layer), dt.make_config(method, r=R, alpha=ALPHA, targets=["layer"], **{**extra, **options}))
-
-
-def perturb(module: nn.Module, std: float = 0.2, seed: int = 123) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * std)
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.detach().float() - b.detach().float()).abs().max().item()
 
 
 def dims(layer: nn.Module) -> tuple[int, int]:
