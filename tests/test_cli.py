@@ -97,6 +97,15 @@ def test_merged_model_loads_with_transformers_alone_and_matches_the_adapter(trai
         torch.testing.assert_close(merged(**batch).logits, adapted(**batch).logits, rtol=0, atol=1e-4)
 
 
+def test_merge_adapter_refuses_a_non_empty_output_folder(trained, tmp_path):
+    run_dir, _ = trained
+    keep = tmp_path / "precious.txt"
+    keep.write_text("do not delete")
+    code, _, err = run("merge-adapter", str(run_dir / "adapter"), "--out", str(tmp_path))
+    assert code == 2 and "not an empty folder" in err
+    assert keep.read_text() == "do not delete"
+
+
 def test_methods_lists_the_registry():
     code, out, _ = run("methods")
     assert code == 0

@@ -104,13 +104,16 @@ def cmd_merge(args: argparse.Namespace) -> int:
     """Fold the adapter into its base model and save a standalone Hugging Face model."""
     adapter = _adapter_dir(args.adapter)
     task, model = _load_adapter(adapter, _adapter_recipe(adapter, []))
-    merged = model.merge_and_unload()
     out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} exists and is not an empty folder; choose a new folder or remove it first")
+    merged = model.merge_and_unload()
     tmp = out.with_name(f".{out.name}.tmp")  # written whole, then renamed: a killed run leaves no half model
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)
     task.tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
+    if out.exists():
+        out.rmdir()
     os.replace(tmp, out)
     console.print(f"merged model written to {args.out} (loads with transformers alone)")
     return 0

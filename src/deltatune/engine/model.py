@@ -89,19 +89,22 @@ class DeltaModel(nn.Module):
         with self._routed(adapter_names):
             return self.model.generate(*args, **kwargs)
 
-    @contextlib.contextmanager
-    def _routed(self, adapter_names: Sequence[str]) -> Iterator[None]:
+    def _routed(self, adapter_names: Sequence[str]) -> contextlib.AbstractContextManager:
         """Within the block, row i of every batch goes through adapter `adapter_names[i]` ("__base__": none)."""
         self._check_names([n for n in dict.fromkeys(adapter_names) if n != BASE])
-        route = Routing(adapter_names)
+        return self._layers_set("route", Routing(adapter_names), None)
+
+    @contextlib.contextmanager
+    def _layers_set(self, attr: str, value: Any, restore: Any) -> Iterator[None]:
+        """Set `attr` on every DeltaLayer for the duration of the block."""
         layers = [layer for _, layer in self.layers()]
         for layer in layers:
-            layer.route = route
+            setattr(layer, attr, value)
         try:
             yield
         finally:
             for layer in layers:
-                layer.route = None
+                setattr(layer, attr, restore)
 
     # --- adapters --------------------------------------------------------------------------
     def layers(self) -> Iterator[tuple[str, DeltaLayer]]:
@@ -176,17 +179,9 @@ class DeltaModel(nn.Module):
             for name, delta in layer.deltas.items():
                 delta.requires_grad_(name in names)
 
-    @contextlib.contextmanager
-    def disabled(self) -> Iterator[None]:
+    def disabled(self) -> contextlib.AbstractContextManager:
         """Run the base model alone inside the block."""
-        layers = [layer for _, layer in self.layers()]
-        for layer in layers:
-            layer.enabled = False
-        try:
-            yield
-        finally:
-            for layer in layers:
-                layer.enabled = True
+        return self._layers_set("enabled", False, True)
 
     def delete_adapter(self, name: str) -> None:
         self._check_names([name])
