@@ -36,26 +36,30 @@ def model_name(model: Any) -> str | None:
 
 
 def save_adapter(dm: DeltaModel, path: Any, name: str) -> Path:
-    """Weights first, config last: the config (with the weights' checksum) marks a complete save."""
-    path = Path(path)
+    """Save adapter `name` of `dm` with the base model's identity (see write_adapter)."""
     adapter = dm.adapters[name]
     state = {k: v.detach().contiguous().cpu() for k, v in dm.adapter_state_dict(name).items()}
-    weights = path / WEIGHTS_NAME
-    with atomic_path(weights) as tmp:
-        save_file(state, str(tmp), metadata={"format": FORMAT, "method": adapter.method})
-    options = adapter.config.model_dump(mode="json", exclude={"targets", "exclude"})
     meta = {
-        "format": FORMAT,
-        "deltatune_version": __version__,
         "name": name,
         "method": adapter.method,
-        "options": options,
+        "options": adapter.config.model_dump(mode="json", exclude={"targets", "exclude"}),
         "targets": adapter.paths,
         "train_modules": adapter.train_modules,
         "base_model": {"class": type(dm.model).__name__, "name_or_path": model_name(dm.model),
                        "fingerprints": adapter.fingerprints},
-        "weights_sha256": sha256(weights),
     }
+    return write_adapter(path, state, meta)
+
+
+def write_adapter(path: Any, state: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """Write an adapter folder from its tensors and config fields (name, method, options, targets,
+    train_modules, base_model). Weights first, config last: the config (with the weights' checksum)
+    marks a complete save."""
+    path = Path(path)
+    weights = path / WEIGHTS_NAME
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp), metadata={"format": FORMAT, "method": meta["method"]})
+    meta = {"format": FORMAT, "deltatune_version": __version__, **meta, "weights_sha256": sha256(weights)}
     atomic_write_text(path / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
     return path
 

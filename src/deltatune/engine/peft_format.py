@@ -68,6 +68,11 @@ def export_peft(dm: DeltaModel, path: Any, name: str) -> Path:
         "target_modules": adapter.paths, "modules_to_save": adapter.train_modules or None,
         "fan_in_fan_out": fan_in_fan_out, "init_lora_weights": True, "inference_mode": True,
     }
+    return write_peft(path, tensors, peft_config)
+
+
+def write_peft(path: Any, tensors: dict[str, torch.Tensor], peft_config: dict[str, Any]) -> Path:
+    """Write a PEFT adapter folder: weights first, then adapter_config.json (each file atomically)."""
     path = Path(path)
     with atomic_path(path / WEIGHTS_NAME) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
