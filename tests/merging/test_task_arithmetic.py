@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from deltatune.merging import MERGE_METHODS, Consensus, Sparsify, TaskVectorMerge, get_merge_method, linear
+from deltatune.merging.task_arithmetic import Balance
 
 
 def state(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -18,6 +19,15 @@ def state(seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tens
     }
 
 
+def importance_for(name: str, n: int, seed: int = 9) -> list[dict[str, torch.Tensor]] | None:
+    """Random positive per-entry importance for the presets that require it (Fisher), else None."""
+    if MERGE_METHODS[name].balance is not Balance.fisher:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return [{k: torch.rand(v.shape, generator=g) + 0.1 for k, v in state(0).items() if v.is_floating_point()}
+            for _ in range(n)]
+
+
 def exact(name: str) -> TaskVectorMerge:
     """The preset with nothing dropped (density 1, epsilon 0), so it must be exact."""
     return get_merge_method(name, density=1.0, epsilon=0.0)
@@ -26,15 +36,15 @@ def exact(name: str) -> TaskVectorMerge:
 @pytest.mark.parametrize("name", list(MERGE_METHODS))
 def test_merging_a_model_with_itself_gives_it_back(name: str) -> None:
     base = state(0)
-    out = MERGE_METHODS[name].merge_state_dicts(base, [base, base], [0.7, 0.6])
+    out = MERGE_METHODS[name].merge_state_dicts(base, [base, base], [0.7, 0.6], importance=importance_for(name, 2))
     assert all(torch.equal(out[k], base[k]) for k in base)
 
 
-@pytest.mark.parametrize("name", list(MERGE_METHODS))
+@pytest.mark.parametrize("name", [n for n in MERGE_METHODS if n != "pcb"])  # PCB keeps top scores: test_pcb.py
 @pytest.mark.parametrize("n", [1, 3])
 def test_n_copies_of_a_finetune_give_it_back(name: str, n: int) -> None:
     base, ft = state(0), state(1)
-    out = exact(name).merge_state_dicts(base, [ft] * n, [1 / n] * n)
+    out = exact(name).merge_state_dicts(base, [ft] * n, [1 / n] * n, importance=importance_for(name, n))
     for k in base:
         torch.testing.assert_close(out[k], ft[k] if k != "pos_ids" else base[k])
 
@@ -99,7 +109,7 @@ def test_sign_count_and_sign_mass_disagree_where_they_should() -> None:
 @pytest.mark.parametrize("name", list(MERGE_METHODS))
 def test_bf16_in_bf16_out(name: str) -> None:
     base, fts = state(0, torch.bfloat16), [state(1, torch.bfloat16), state(2, torch.bfloat16)]
-    out = MERGE_METHODS[name].merge_state_dicts(base, fts, [0.5, 0.5])
+    out = MERGE_METHODS[name].merge_state_dicts(base, fts, [0.5, 0.5], importance=importance_for(name, 2))
     assert {k: v.dtype for k, v in out.items()} == {k: v.dtype for k, v in base.items()}
     assert all(torch.isfinite(v.float()).all() for v in out.values())
 
@@ -159,4 +169,6 @@ def test_presets_use_the_documented_stages() -> None:
     assert MERGE_METHODS["ties"].sparsify is Sparsify.magnitude and MERGE_METHODS["ties"].normalize
     assert MERGE_METHODS["dare_ties"].consensus is Consensus.sign_mass and MERGE_METHODS["dare_ties"].rescale
     assert MERGE_METHODS["della_linear"].consensus is Consensus.none
+    assert MERGE_METHODS["fisher"].balance is Balance.fisher and MERGE_METHODS["fisher"].normalize
+    assert MERGE_METHODS["pcb"].balance is Balance.pcb and MERGE_METHODS["pcb"].sparsify is Sparsify.none
     assert all(m.url.startswith("https://arxiv.org/abs/") for m in MERGE_METHODS.values())

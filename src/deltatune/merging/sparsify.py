@@ -42,16 +42,28 @@ def magnitude(delta: Tensor, density: float) -> Tensor:
 
 
 def random_drop(
-    delta: Tensor, density: float, rescale: bool = True, generator: torch.Generator | None = None
+    delta: Tensor,
+    density: float,
+    rescale: bool = True,
+    generator: torch.Generator | None = None,
+    rescale_q: float | None = None,
 ) -> Tensor:
-    """DARE: keep each entry with prob density, scale survivors by 1/density (Yu et al. 2023, arXiv:2311.03099)."""
+    """DARE: keep each entry with prob density, scale survivors by 1/density (Yu et al. 2023, arXiv:2311.03099).
+
+    DAREx-q (Deng et al. 2024, arXiv:2410.09344) scales survivors by 1/`rescale_q` instead; q = density is DARE, and
+    E[out] = (density / q) * delta. See deltatune.merging.darex for choosing q.
+    """
     _check_fraction("density", density)
+    if rescale_q is not None and not 0.0 < rescale_q <= 1.0:
+        raise ValueError(f"rescale_q must be in (0, 1] (survivors are scaled by 1/q), got {rescale_q}")
     if density == 0.0:
         return torch.zeros_like(delta)
     x = delta.float()
     keep = torch.rand(x.shape, generator=generator) < density  # density=1 keeps all: rand is in [0, 1)
     out = x * keep
-    return (out / density if rescale else out).to(delta.dtype)
+    if rescale:
+        out = out / (density if rescale_q is None else rescale_q)
+    return out.to(delta.dtype)
 
 
 def breadcrumbs(delta: Tensor, density: float, gamma: float) -> Tensor:

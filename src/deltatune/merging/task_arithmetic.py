@@ -1,7 +1,9 @@
 """Task-vector merging as one pipeline: vectors -> sparsify -> weight -> consensus -> normalise -> lambda -> add.
 
 Task vectors tau_i = theta_i - theta_0 (Ilharco et al. 2022, arXiv:2212.04089). Every stage is a pure function
-picked by an enum, and TIES, DARE, Breadcrumbs and DELLA are presets of one frozen config (`MERGE_METHODS`).
+picked by an enum, and TIES, DARE (and DAREx-q), Breadcrumbs, DELLA, Fisher and PCB merging are presets of
+one frozen config (`MERGE_METHODS`). The weight stage is per entry: w_i times an optional `importance[i]` (a
+diagonal Fisher) times the balance scores (PCB), so consensus and normalisation see the same entry weights.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from deltatune.engine.registry import did_you_mean
+from deltatune.merging.pcb import pcb_balance
 from deltatune.merging.sparsify import Sparsify, sparsify
 
 StateDict = Mapping[str, Tensor]
@@ -52,6 +55,66 @@ CONSENSUS: dict[Consensus, Callable[[Tensor], Tensor]] = {
 }
 
 
+class Balance(str, Enum):
+    """Per-entry weights on top of the scalar w_i."""
+
+    none = "none"  # w_i (times `importance` when one is given)
+    fisher = "fisher"  # w_i * importance_i, required: a diagonal Fisher (Matena & Raffel, arXiv:2111.09832)
+    pcb = "pcb"  # w_i * PCB scores computed from the stacked task vectors (Du et al., arXiv:2410.02396)
+
+
+def no_balance(taus: Tensor, cfg: TaskVectorMerge) -> tuple[Tensor, Tensor]:
+    """Task vectors unchanged, every entry scored 1."""
+    return taus, torch.ones(())
+
+
+def pcb(taus: Tensor, cfg: TaskVectorMerge) -> tuple[Tensor, Tensor]:
+    """Clipped task vectors and their PCB scores; `density` is PCB's pcb_ratio."""
+    return pcb_balance(taus, ratio=cfg.density, clip=cfg.pcb_clip)
+
+
+BALANCE: dict[Balance, Callable[[Tensor, TaskVectorMerge], tuple[Tensor, Tensor]]] = {
+    Balance.none: no_balance,
+    Balance.fisher: no_balance,
+    Balance.pcb: pcb,
+}
+
+NEEDS_IMPORTANCE = (
+    "merge method 'fisher' needs per-entry importance for every model: estimate it with "
+    "deltatune.merging.fisher.estimate_fisher(model, batches) and save_fisher(...), then pass "
+    "importance=[...] (or give each model a `fisher:` file in a merge config)"
+)
+
+
+def stack_importance(importance: Sequence[Tensor], base: Tensor, n: int, floor: float) -> Tensor:
+    """(N, ...) float32 stack of the importance tensors, checked and raised to at least `floor`."""
+    if len(importance) != n:
+        raise ValueError(f"need one importance tensor per fine-tuned tensor, got {len(importance)} for {n}")
+    for i, imp in enumerate(importance):
+        if imp.shape != base.shape:
+            raise ValueError(f"importance {i} has shape {tuple(imp.shape)}, the tensor {tuple(base.shape)}")
+    stacked = torch.stack([imp.float() for imp in importance])
+    if not torch.isfinite(stacked).all() or (stacked < 0).any():
+        raise ValueError("importance must be finite and >= 0 (a diagonal Fisher is a mean of squares)")
+    return stacked.clamp_min(floor)
+
+
+def check_importance(base: StateDict, importance: Sequence[StateDict], n: int) -> None:
+    """Each importance dict covers the same tensors, all of them in `base`."""
+    if len(importance) != n:
+        raise ValueError(f"need one importance dict per fine-tuned model, got {len(importance)} for {n}")
+    for i, imp in enumerate(importance):
+        unknown = sorted(imp.keys() - base.keys())
+        if unknown:
+            raise ValueError(f"importance {i} names tensors the base lacks: {unknown[:5]}"
+                             f"{did_you_mean(unknown[0], base)}")
+        if not imp:
+            raise ValueError(f"importance {i} is empty")
+        if imp.keys() != importance[0].keys():
+            diff = sorted(imp.keys() ^ importance[0].keys())[:5]
+            raise ValueError(f"importance {i} and importance 0 cover different tensors, e.g. {diff}")
+
+
 def check_compatible(base: StateDict, others: Sequence[StateDict]) -> None:
     """Raise one ValueError listing every missing/extra key and shape mismatch against `base`."""
     problems = []
@@ -82,6 +145,14 @@ class TaskVectorMerge(BaseModel):
     density: float = Field(1.0, ge=0, le=1, description="fraction of entries kept (in expectation if random)")
     gamma: float = Field(0.01, ge=0, le=1, description="breadcrumbs: fraction of largest |entries| dropped")
     epsilon: float = Field(0.15, ge=0, lt=1, description="DELLA: width of the drop-probability range")
+    rescale_q: float | None = Field(
+        None, gt=0, le=1, description="DAREx-q: scale DARE survivors by 1/q, not 1/density (None = DARE)"
+    )
+    balance: Balance = Field(Balance.none, description="per-entry weights: none, fisher (importance) or pcb")
+    pcb_clip: float = Field(1e-4, ge=0, lt=0.5, description="PCB: fraction of smallest/largest |tau| clipped")
+    importance_floor: float = Field(
+        1e-6, ge=0, description="importance entries below this are raised to it (Fisher merging's fisher_floor)"
+    )
     consensus: Consensus = Field(Consensus.none, description="sign election across task vectors")
     normalize: bool = Field(False, description="divide by the summed weights of the entries that contribute")
     lambda_: float = Field(1.0, description="scale of the merged task vector")
@@ -89,46 +160,95 @@ class TaskVectorMerge(BaseModel):
     pretty_name: str = Field("", description="display name")
     url: str = Field("", description="paper")
 
+    @model_validator(mode="after")
+    def _stages_fit(self) -> TaskVectorMerge:
+        if self.balance is Balance.pcb and self.sparsify is not Sparsify.none:
+            raise ValueError("PCB drops entries itself (density is its pcb_ratio): set sparsify='none'")
+        if self.rescale_q is not None and (self.sparsify is not Sparsify.random or not self.rescale):
+            raise ValueError("rescale_q (DAREx-q) rescales DARE survivors: set sparsify='random', rescale=True")
+        return self
+
     def merge_tensor(
         self,
         base: Tensor,
         finetuned: Sequence[Tensor],
         weights: Sequence[float],
         generator: torch.Generator | None = None,
+        importance: Sequence[Tensor] | None = None,
     ) -> Tensor:
-        """Run the pipeline for one tensor; computes in float32 and returns base's dtype."""
+        """Run the pipeline for one tensor; computes in float32 and returns base's dtype.
+
+        `importance[i]` (base's shape, >= 0) multiplies w_i entry-wise before consensus and normalisation;
+        with normalize=True and F_i = importance[i] this is Fisher merging (Matena & Raffel, arXiv:2111.09832):
+        theta0 + sum_i w_i F_i tau_i / sum_i w_i F_i = sum_i w_i F_i theta_i / sum_i w_i F_i.
+        """
         if not finetuned or len(finetuned) != len(weights):
             raise ValueError(f"need one weight per fine-tuned tensor, got {len(finetuned)} and {len(weights)}")
+        if importance is None and self.balance is Balance.fisher:
+            raise ValueError(NEEDS_IMPORTANCE)
         theta0 = base.float()
-        kw = dict(density=self.density, gamma=self.gamma, epsilon=self.epsilon, rescale=self.rescale)
+        kw = dict(density=self.density, gamma=self.gamma, epsilon=self.epsilon, rescale=self.rescale,
+                  rescale_q=self.rescale_q)
         taus = torch.stack([sparsify(self.sparsify, t.float() - theta0, generator=generator, **kw) for t in finetuned])
-        w = torch.tensor(list(weights), dtype=torch.float32).reshape(-1, *[1] * base.dim())  # (N, 1, ...)
+        taus, scores = BALANCE[self.balance](taus, self)  # (N, ...), scores broadcast to it
+        w = torch.tensor(list(weights), dtype=torch.float32).reshape(-1, *[1] * base.dim()) * scores  # (N, ...)
+        if importance is not None:
+            w = w * stack_importance(importance, base, len(finetuned), self.importance_floor)
         weighted = taus * w  # (N, ...)
+        del taus  # each (N, ...) stack is N tensors' worth of memory: free them as soon as they are used
         mask = CONSENSUS[self.consensus](weighted)
-        merged = (weighted * mask).sum(0)
+        merged = weighted.mul_(mask).sum(0)
+        del weighted
         if self.normalize:
-            divisor = (w * mask).sum(0)
-            merged = merged / torch.where(divisor.abs() < 1e-8, 1.0, divisor)
+            contributing = w * mask  # (N, ...)
+            divisor = contributing.sum(0)
+            # no contributor (or weights that cancel): keep the plain sum rather than divide by ~0
+            degenerate = divisor.abs() <= 1e-8 * contributing.abs_().sum(0)
+            del contributing
+            merged = merged / torch.where(degenerate, 1.0, divisor)
         return (theta0 + self.lambda_ * merged).to(base.dtype)
 
     def merge_state_dicts(
-        self, base: StateDict, finetuned: Sequence[StateDict], weights: Sequence[float], seed: int = 0
+        self,
+        base: StateDict,
+        finetuned: Sequence[StateDict],
+        weights: Sequence[float],
+        seed: int = 0,
+        importance: Sequence[StateDict] | None = None,
     ) -> dict[str, Tensor]:
-        """Merge tensor by tensor; non-float tensors (int buffers) are copied from base."""
+        """Merge tensor by tensor; non-float tensors (int buffers) are copied from base.
+
+        `importance[i][key]` is passed through to merge_tensor. Tensors the importance dicts do not cover
+        (frozen parameters, buffers) are merged without it, i.e. with isotropic Fisher: the weighted mean.
+        """
         check_compatible(base, finetuned)
-        return {
-            key: self.merge_tensor(b, [sd[key] for sd in finetuned], weights, tensor_generator(seed, key))
-            if b.is_floating_point()
-            else b.clone()
-            for key, b in base.items()
-        }
+        if importance is None and self.balance is Balance.fisher:
+            raise ValueError(NEEDS_IMPORTANCE)
+        if importance is not None:
+            check_importance(base, importance, len(finetuned))
+        covered = importance[0].keys() if importance else set()
+        plain = self.model_copy(update={"balance": Balance.none}) if self.balance is Balance.fisher else self
+        merged = {}
+        for key, b in base.items():
+            if not b.is_floating_point():
+                merged[key] = b.clone()
+                continue
+            tensors, generator = [sd[key] for sd in finetuned], tensor_generator(seed, key)
+            if key in covered:
+                per_model = [imp[key] for imp in importance]
+                merged[key] = self.merge_tensor(b, tensors, weights, generator, importance=per_model)
+            else:
+                merged[key] = plain.merge_tensor(b, tensors, weights, generator)
+        return merged
 
 
-_TIES, _DARE, _BREADCRUMBS, _DELLA = (
+_TIES, _DARE, _BREADCRUMBS, _DELLA, _FISHER, _PCB = (
     "https://arxiv.org/abs/2306.01708",
     "https://arxiv.org/abs/2311.03099",
     "https://arxiv.org/abs/2312.06795",
     "https://arxiv.org/abs/2406.11617",
+    "https://arxiv.org/abs/2111.09832",
+    "https://arxiv.org/abs/2410.02396",
 )
 MERGE_METHODS: dict[str, TaskVectorMerge] = {
     "task_arithmetic": TaskVectorMerge(pretty_name="Task Arithmetic", url="https://arxiv.org/abs/2212.04089"),
@@ -156,6 +276,14 @@ MERGE_METHODS: dict[str, TaskVectorMerge] = {
     ),
     "della_linear": TaskVectorMerge(
         sparsify=Sparsify.magnitude_sampled, density=0.5, epsilon=0.15, pretty_name="Linear DELLA", url=_DELLA
+    ),
+    # sum_i w_i F_i theta_i / sum_i w_i F_i; needs importance= (estimate_fisher); official fisher_floor 1e-6
+    "fisher": TaskVectorMerge(
+        balance=Balance.fisher, normalize=True, pretty_name="Fisher merging", url=_FISHER
+    ),
+    # official code: pcb_ratio 0.05-0.2 (density here), clip 0.0001; tune lambda on validation (0.8-2.2, T5)
+    "pcb": TaskVectorMerge(
+        balance=Balance.pcb, density=0.1, normalize=True, pretty_name="PCB-Merging", url=_PCB
     ),
 }
 
