@@ -1,0 +1,1 @@
+"""Compression: pruning (unstructured, N:M, structured, layer removal), low-rank factorisation, recovery."""

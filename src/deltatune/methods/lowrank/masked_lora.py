@@ -1,0 +1,42 @@
+"""Mask-consistent LoRA for retraining a pruned model: PERP's MaskLoRA.
+
+*PERP: Rethinking the Prune-Retrain Paradigm in the Era of LLMs* (Zimmer et al., arXiv:2312.15230):
+
+    W' = W0 + (s · B A) ⊙ M,   M = (W0 != 0),   s = alpha / r
+
+so the update never touches a pruned weight: merging leaves every zero of W0 at exactly zero. Checked
+against ZIB-IOL/PERP customLayers.py (MaskLoRALayer): the same masked product, LoRA's init (B = 0), and a
+forward that forms the masked ΔW (the Hadamard product has no low-rank shortcut). PERP recomputes
+M = (W != 0) from the frozen weight at each call; here M is captured once at injection as a bool buffer,
+saved with the adapter, so a loaded adapter keeps the mask it was trained with.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from ...engine.layer import DeltaLayer
+from ...engine.registry import register
+from .lora import LoRA, LoRAConfig
+
+
+class MaskedLoRAConfig(LoRAConfig):
+    pass
+
+
+@register("masked_lora", config=MaskedLoRAConfig, family="low-rank", formula="r(d_in + d_out)",
+          paper="arXiv:2312.15230",
+          summary="PERP's MaskLoRA: (alpha/r) B A times W0's non-zero mask, so merging keeps pruned weights at 0")
+class MaskedLoRA(LoRA):
+    def __init__(self, config: MaskedLoRAConfig, layer: DeltaLayer, initialize: bool = True):
+        super().__init__(config, layer, initialize)
+        self.register_buffer("lora_mask", layer.matrix().detach() != 0)  # (d_out, d_in); a loaded state overwrites it
+
+    def delta_weight(self, layer: DeltaLayer) -> Tensor:
+        return super().delta_weight(layer) * self.lora_mask  # (d_out, d_in), zero wherever W0 is
+
+    def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
+        y = layer.apply_matrix(self.drop(x), self.delta_weight(layer))
+        if self.lora_bias is not None:
+            y = y + layer.per_channel(self.lora_bias, y)
+        return out + y.to(out.dtype)
