@@ -14,6 +14,8 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 import deltatune as dt
+from deltatune.cli import compress as compress_cli
+from deltatune.cli import merge as merge_cli
 from deltatune.training.loop import ADAPTER, RECIPE, Trainer, build_model, evaluate, load_data, make_task
 from deltatune.training.recipe import DEFAULT_RECIPE, Recipe, builtin_recipe, load_recipe
 from deltatune.training.tasks import BUILTIN_MODELS, TASKS, Task, resolve_model_path
@@ -184,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder for the merged model and its tokenizer")
     p.set_defaults(handler=cmd_merge)
 
+    merge_cli.add_parser(sub)
+
     p = sub.add_parser("info", help=cmd_info.__doc__)
     p.add_argument("target", metavar="ADAPTER_DIR|RECIPE")
     p.set_defaults(handler=cmd_info)
@@ -194,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help=cmd_validate.__doc__)
     p.add_argument("items", nargs="+", metavar="RECIPE|key=value", help=RECIPE_HELP)
     p.set_defaults(handler=cmd_validate)
+    compress_cli.add_parsers(sub)
     return parser
 
 
