@@ -15,7 +15,7 @@ from pydantic import Field, SerializeAsAny, ValidationError, field_validator, mo
 from torch import nn
 
 from deltatune.engine.registry import did_you_mean
-from deltatune.training.recipe import ModelSection, Section, apply_override, describe
+from deltatune.training.recipe import ModelSection, Section, apply_override, describe, read_mapping, validated
 
 Batches = list[dict[str, Any]]
 
@@ -244,16 +244,8 @@ def apply_indexed_override(data: dict, item: str) -> None:
 
 def load_prune_config(path: str | Path, overrides: list[str] = ()) -> PruneConfig:
     """Read a prune config file, apply `key=value` overrides, validate."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prune config {str(path)!r} not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a prune config is a mapping of sections, got {type(data).__name__}")
-    data.setdefault("name", path.stem)
+    data = read_mapping(path, "prune config")
+    data.setdefault("name", Path(path).stem)
     for item in overrides:
         apply_indexed_override(data, item)
     return validate_prune_config(data)
@@ -261,7 +253,4 @@ def load_prune_config(path: str | Path, overrides: list[str] = ()) -> PruneConfi
 
 def validate_prune_config(data: dict) -> PruneConfig:
     """A `PruneConfig` from plain data, or a one-line ValueError."""
-    try:
-        return PruneConfig.model_validate(data)
-    except ValidationError as e:
-        raise ValueError(describe(e, PruneConfig)) from None
+    return validated(PruneConfig, data)

@@ -19,12 +19,11 @@ output: {path: merged, dtype: bfloat16, max_shard_size: 2GB}
 from __future__ import annotations
 
 import re
-import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from deltatune.engine.registry import did_you_mean
 from deltatune.merging.checkpoint import parse_size
@@ -35,7 +34,7 @@ from deltatune.merging.task_arithmetic import (
     TaskVectorMerge,
     get_merge_method,
 )
-from deltatune.training.recipe import Section, apply_override, unknown_key
+from deltatune.training.recipe import Section, apply_override, describe, read_mapping, unknown_key, validated
 
 LINEAR = "linear"  # model soup: needs no base model and takes no parameters
 
@@ -158,57 +157,14 @@ class MergeConfig(Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
-def _fields_at(model: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
-    """Field names of the model at `loc`, stepping through list items (`models.0`)."""
-    annotation: Any = model
-    for key in loc:
-        if key.isdigit():
-            continue
-        annotation = annotation.model_fields[key].annotation
-        while typing.get_origin(annotation) is list:
-            annotation = typing.get_args(annotation)[0]
-    is_model = isinstance(annotation, type) and issubclass(annotation, BaseModel)
-    return list(annotation.model_fields) if is_model else []
-
-
-def describe(error: ValidationError, model: type[BaseModel], prefix: tuple[str, ...] = ()) -> str:
-    """A pydantic error as one line: dotted key paths, close-key suggestions, our validators' own messages."""
-    messages = []
-    for e in error.errors():
-        loc = tuple(str(part) for part in e["loc"])
-        path = ".".join(prefix + loc)
-        cause = e.get("ctx", {}).get("error")
-        if e["type"] == "extra_forbidden":
-            messages.append(unknown_key(".".join(prefix + loc[:-1]), loc[-1], _fields_at(model, loc[:-1])))
-        elif e["type"] == "missing":
-            messages.append(f"missing key '{path}'")
-        elif isinstance(cause, ValueError):  # our validators already name the key and the fix
-            messages.append(str(cause))
-        else:
-            messages.append(f"invalid value {e['input']!r} for '{path}': {e['msg']}")
-    return "; ".join(messages)
-
-
 def validate_merge_config(data: dict) -> MergeConfig:
     """A `MergeConfig` from plain data, or a one-line ValueError."""
-    try:
-        return MergeConfig.model_validate(data)
-    except ValidationError as e:
-        raise ValueError(describe(e, MergeConfig)) from None
+    return validated(MergeConfig, data)
 
 
 def load_merge_config(path: str | Path, overrides: list[str] = ()) -> MergeConfig:
     """Read a merge config file, apply dotted `key=value` overrides, validate."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"merge config {str(path)!r} not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a merge config is a mapping (method, base_model, models, ...), "
-                         f"got {type(data).__name__}")
+    data = read_mapping(path, "merge config")
     for item in overrides:
         apply_override(data, item)
     return validate_merge_config(data)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import typing
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -13,6 +14,7 @@ import deltatune as dt
 from deltatune.engine.registry import did_you_mean
 
 DEFAULT_RECIPE = "lora_minilm_rotten_tomatoes"
+T = TypeVar("T", bound=BaseModel)
 
 
 class Section(BaseModel):
@@ -132,15 +134,21 @@ def unknown_key(section: str, key: str, valid: list[str]) -> str:
     return f"unknown key '{prefix}{key}'{did_you_mean(key, valid, prefix)}"
 
 
-def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
-    """Field names of the section at `loc` inside `model`."""
+def _fields_at(model: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
+    """Field names of the section at `loc` inside `model`, stepping through list items (`models.0`)."""
+    annotation: Any = model
     for key in loc:
-        model = model.model_fields[key].annotation
-    return list(model.model_fields)
+        if key.isdigit():
+            continue
+        annotation = annotation.model_fields[key].annotation
+        while typing.get_origin(annotation) is list:
+            annotation = typing.get_args(annotation)[0]
+    is_model = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+    return list(annotation.model_fields) if is_model else []
 
 
-def describe(error: ValidationError, model: type[BaseModel], prefix: tuple = ()) -> str:
-    """A pydantic error as one line, with dotted key paths and close-key suggestions."""
+def describe(error: ValidationError, model: type[BaseModel], prefix: tuple[str, ...] = ()) -> str:
+    """A pydantic error as one line: dotted key paths, close-key suggestions, our validators' own messages."""
     messages = []
     for e in error.errors():
         loc = tuple(str(part) for part in e["loc"])
@@ -148,11 +156,35 @@ def describe(error: ValidationError, model: type[BaseModel], prefix: tuple = ())
         cause = e.get("ctx", {}).get("error")
         if e["type"] == "extra_forbidden":
             messages.append(unknown_key(".".join(prefix + loc[:-1]), loc[-1], _fields_at(model, loc[:-1])))
+        elif e["type"] == "missing":
+            messages.append(f"missing key '{path}'")
         elif isinstance(cause, ValueError):  # our own validators already say which key and why
             messages.append(str(cause))
         else:
             messages.append(f"invalid value {e['input']!r} for '{path}': {e['msg']}")
     return "; ".join(messages)
+
+
+def read_mapping(path: str | Path, what: str) -> dict:
+    """The YAML mapping in `path` (a recipe, merge or prune config), with one-line errors naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a {what} is a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def validated(model: type[T], data: dict) -> T:
+    """`model` built from plain data, or a one-line ValueError."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ValueError(describe(e, model)) from None
 
 
 def apply_override(data: dict, item: str) -> None:
@@ -182,14 +214,7 @@ def builtin_recipe(name: str) -> Path:
 def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> Recipe:
     """Read a recipe file (default: the embedded one), apply overrides, validate."""
     path = Path(path) if path is not None else builtin_recipe(DEFAULT_RECIPE)
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe file {str(path)!r} not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    data = read_mapping(path, "recipe file")
     data.setdefault("name", path.stem)
     for item in overrides:
         apply_override(data, item)
@@ -198,7 +223,4 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] = ()) -> Re
 
 def validate(data: dict) -> Recipe:
     """A `Recipe` from plain data, or a one-line ValueError."""
-    try:
-        return Recipe.model_validate(data)
-    except ValidationError as e:
-        raise ValueError(describe(e, Recipe)) from None
+    return validated(Recipe, data)
