@@ -41,7 +41,7 @@ def named_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     yield from walk(model, "")
 
 
-def _matcher(spec: Any) -> Callable[[str, nn.Module], bool]:
+def matcher(spec: Any) -> Callable[[str, nn.Module], bool]:
     if isinstance(spec, str) and spec.startswith("re:"):
         pattern = re.compile(spec[3:])
         return lambda path, m: pattern.fullmatch(path) is not None
@@ -82,10 +82,10 @@ def resolve(model: nn.Module, targets: Any, exclude: Any = None, *, need_kind: b
     specs = _as_list(default_targets(model) if targets is None else targets)
     layers = list(named_layers(model))
     paths = [p for p, _ in layers]
-    excluded = [_matcher(s) for s in _as_list(exclude)] if exclude is not None else []
+    excluded = [matcher(s) for s in _as_list(exclude)] if exclude is not None else []
     chosen: dict[str, None] = {}
     for spec in specs:
-        match = _matcher(spec)
+        match = matcher(spec)
         hits = [(p, m) for p, m in layers if match(p, m)]
         if not hits:
             raise _no_match_error(spec, paths)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from deltatune.engine.atomic import atomic_write_text
 from deltatune.engine.io import CONFIG_NAME as DELTATUNE_ADAPTER_CONFIG
-from deltatune.engine.targeting import _matcher
+from deltatune.engine.targeting import matcher
 from deltatune.merging.checkpoint import (
     CheckpointReader,
     ShardWriter,
@@ -84,7 +84,7 @@ class Rule:
     weights: tuple[float, ...]
 
     def matches(self, name: str) -> bool:
-        return self.pattern is None or _matcher(self.pattern)(name, None)
+        return self.pattern is None or matcher(self.pattern)(name, None)
 
     @property
     def elementwise(self) -> bool:
