@@ -60,6 +60,8 @@ def run_variants(base, batches, recover_batches, evaluate, args) -> list[dict]:
     """Apply each variant to a fresh copy of `base` and evaluate it."""
     rows = []
     for name, steps, recover in VARIANTS:
+        if args.variants and name not in args.variants:
+            continue
         start = time.perf_counter()
         model = copy.deepcopy(base)
         for i, step in enumerate(steps):
@@ -158,6 +160,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run")
     parser.add_argument("--workdir", default="/tmp/deltatune-prune-evidence")
+    parser.add_argument("--only", choices=["smollm2", "minilm"], help="run one model's section")
+    parser.add_argument("--variants", nargs="+", help="run only these variants (names as in VARIANTS)")
     args = parser.parse_args()
     args.seq_len, args.calib, args.eval_texts = 128, (16 if args.quick else 64), (64 if args.quick else 200)
     args.recover_samples, args.recover_steps, args.recover_lr = (16, 4, 5e-4) if args.quick else (96, 60, 5e-4)
@@ -165,8 +169,14 @@ def main() -> None:
     results = {"command": " ".join(["python", *sys.argv]), "machine": f"{platform.machine()}, "
                f"{torch.get_num_threads()} threads, torch {torch.__version__}, CPU",
                "settings": {k: v for k, v in vars(args).items()}}
-    results["smollm2"] = smollm2(args)
-    results["minilm"] = minilm(args)
+    for part, run in (("smollm2", smollm2), ("minilm", minilm)):
+        if args.only in (None, part):
+            results[part] = run(args)
+    if args.only:  # one section: its rows only, without the cross-model checks
+        name = f"prune_evidence_{args.only}" + ("_quick" if args.quick else "")
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+        return
     results["checks"] = checks(results)
     name = "prune_evidence_quick" if args.quick else "prune_evidence"
     RESULTS.mkdir(exist_ok=True)
