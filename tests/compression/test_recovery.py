@@ -74,6 +74,25 @@ def test_masked_lora_output_is_the_pruned_base_plus_the_masked_delta():
         assert max_diff(dm(x), plain) > 1e-2  # the mask matters
 
 
+def test_fused_single_pass_equals_the_two_pass_form_in_output_and_gradients():
+    layer, keep, x = pruned_linear()
+    config = dt.make_config("masked_lora", r=R, bias="lora_only", targets=["layer"])
+    fused = dt.inject(Holder(copy.deepcopy(layer)), config)
+    perturb(fused, std=0.3)
+    delta = fused.model.layer.deltas["default"]
+    assert not delta.uses_base_output  # no dropout: the engine runs the layer once, with W0 + dW
+    # the two-pass form: what a second delta stacked on top (or a mixed batch) gets
+    two_pass = delta(fused.model.layer, x, layer(x))
+    one_pass = fused(x)
+    assert max_diff(one_pass, two_pass) < 1e-5
+    grads = []
+    for y in (one_pass, two_pass):
+        delta.zero_grad()
+        (y * torch.arange(10.0)).sum().backward()
+        grads.append([p.grad.clone() for p in (delta.lora_A, delta.lora_B, delta.lora_bias)])
+    assert all(max_diff(a, b) < 1e-4 for a, b in zip(*grads))
+
+
 def test_on_a_dense_layer_masked_lora_equals_lora():
     torch.manual_seed(0)
     layer, x = nn.Linear(12, 10), torch.randn(4, 12)
