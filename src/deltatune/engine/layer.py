@@ -30,9 +30,29 @@ class Delta(nn.Module):
     additive = True  # False: the delta rescales or replaces the whole layer, so it cannot be stacked
     uses_base_output = True  # False: forward ignores `out` (replacement deltas), so the base is not run
 
-    def __init__(self, config: Any, layer: DeltaLayer, initialize: bool = True):
+    def __init__(self, config: Any, layer: DeltaLayer, initialize: bool = True, shared: nn.Module | None = None):
         super().__init__()
         self.config = config
+        # Adapter-wide tensors (VeRA's random bases, VB-LoRA's bank) live once in the DeltaModel; a plain
+        # attribute, not a submodule, so they are neither saved nor counted once per layer.
+        self.__dict__["shared"] = shared
+
+    @classmethod
+    def build_shared(cls, config: Any, layers: Sequence[DeltaLayer]) -> nn.Module | None:
+        """Tensors shared by every layer of one adapter (given all its target layers), or None.
+
+        Called once per adapter before its deltas are built; each delta then gets it as `shared`.
+        Persistent parameters and buffers are saved once with the adapter ('__shared__.<name>');
+        non-persistent buffers (bases regenerated from a seed) are not saved.
+        """
+        return None
+
+    def regularizer(self, layer: DeltaLayer) -> Tensor | None:
+        """An extra training-loss term this delta asks for, already weighted (SORSA, qGOFT), or None."""
+        return None
+
+    def on_step(self, step: int) -> None:
+        """Called before each training step's forward by DeltaModel.on_train_step (DyLoRA, LaMDA)."""
 
     def extra_repr(self) -> str:
         options = self.config.model_dump(exclude={"targets", "exclude"}, exclude_defaults=True)
@@ -95,6 +115,7 @@ class DeltaLayer(nn.Module):
         self.active: tuple[str, ...] = ()
         self.enabled = True
         self.route: Routing | None = None  # set by DeltaModel for one mixed-adapter forward
+        self.token_mask: Tensor | None = None  # set by DeltaModel: deltas apply only where it is set
         self._merged: dict[str, Any] = {}  # adapter name -> undo state, in merge order
 
     # --- views the methods use -------------------------------------------------------------
@@ -145,21 +166,37 @@ class DeltaLayer(nn.Module):
             raise RuntimeError(f"cannot stack unmerged adapters {[d.method for d in pending]} on one "
                                f"'{type(self.base_layer).__name__}': a non-additive delta (DoRA, full) rescales or "
                                "replaces the whole layer; merge the others first or activate it alone")
-        out = self.base_layer(x, *args, **kwargs) if pending[0].uses_base_output else None
+        mask = self.token_mask
+        base = self.base_layer(x, *args, **kwargs) if pending[0].uses_base_output or mask is not None else None
+        out = base
         for delta in pending:
             out = delta(self, x, out)
-        return out
+        return out if mask is None else self._masked(base, out, mask)
+
+    def _masked(self, base: Tensor, out: Tensor, mask: Tensor) -> Tensor:
+        """The adapted output where `mask` (batch, tokens) is set, the base output elsewhere."""
+        if self.kind is not None and self.kind.channel_dim != -1:
+            raise ValueError(f"token_mask needs token-major outputs (linear, embedding); "
+                             f"'{type(self.base_layer).__name__}' puts channels in dim {self.kind.channel_dim}")
+        if tuple(mask.shape) != tuple(out.shape[:-1]):
+            raise ValueError(f"token_mask has shape {tuple(mask.shape)} but this layer's output has tokens "
+                             f"{tuple(out.shape[:-1])}; pass a (batch, sequence) mask")
+        return torch.where(mask.unsqueeze(-1).bool(), out, base)
 
     def _forward_mixed(self, x: Tensor, route: Routing, *args: Any, **kwargs: Any) -> Tensor:
         self._require_unmerged("route a mixed-adapter batch")
         if x.shape[0] != len(route.names):
             raise ValueError(f"adapter_names has {len(route.names)} entries but the batch has {x.shape[0]} rows")
         out = self.base_layer(x, *args, **kwargs)
+        mask = self.token_mask
         for name in route.groups:
             if name == BASE or name not in self.deltas:
                 continue  # rows of an adapter that does not touch this layer see the base layer
             rows = route.rows(name, x.device)
-            out = out.index_copy(0, rows, self.deltas[name](self, x[rows], out[rows]).to(out.dtype))
+            y = self.deltas[name](self, x[rows], out[rows]).to(out.dtype)
+            if mask is not None:
+                y = self._masked(out[rows], y, mask[rows])
+            out = out.index_copy(0, rows, y)
         return out
 
     # --- merge -----------------------------------------------------------------------------

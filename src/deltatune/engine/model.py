@@ -16,6 +16,8 @@ from .layer import BASE, Delta, DeltaLayer, Routing
 from .registry import DeltaConfig, did_you_mean, get_method, method_of
 from .targeting import get_parent, resolve
 
+SHARED = "__shared__"  # state-dict prefix of an adapter's tensors shared by all its layers
+
 
 @dataclass
 class Adapter:
@@ -67,6 +69,7 @@ class DeltaModel(nn.Module):
         self.model = model
         self.adapters: dict[str, Adapter] = {}
         self.active: tuple[str, ...] = ()
+        self.shared = nn.ModuleDict()  # adapter name -> the tensors its layers share (Delta.build_shared)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -77,20 +80,29 @@ class DeltaModel(nn.Module):
             return getattr(self.model, name)  # config, generate helpers, device...
 
     # --- forward ---------------------------------------------------------------------------
-    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        if adapter_names is None:
-            return self.model(*args, **kwargs)
-        with self._routed(adapter_names):
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, token_mask: Tensor | None = None,
+                **kwargs: Any) -> Any:
+        """The wrapped model's forward. `adapter_names`: one adapter per row ("__base__": none);
+        `token_mask` (batch, sequence): the adapters change only the tokens where it is set (token-masked
+        LoRA, e.g. a new modality's tokens), every other token sees the base model."""
+        with self._routed(adapter_names), self._masked_tokens(token_mask):
             return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        if adapter_names is None:
-            return self.model.generate(*args, **kwargs)
         with self._routed(adapter_names):
             return self.model.generate(*args, **kwargs)
 
-    def _routed(self, adapter_names: Sequence[str]) -> contextlib.AbstractContextManager:
+    def _masked_tokens(self, token_mask: Tensor | None) -> contextlib.AbstractContextManager:
+        if token_mask is None:
+            return contextlib.nullcontext()
+        if token_mask.dim() != 2:
+            raise ValueError(f"token_mask must be (batch, sequence); got shape {tuple(token_mask.shape)}")
+        return self._layers_set("token_mask", token_mask.bool(), None)
+
+    def _routed(self, adapter_names: Sequence[str] | None) -> contextlib.AbstractContextManager:
         """Within the block, row i of every batch goes through adapter `adapter_names[i]` ("__base__": none)."""
+        if adapter_names is None:
+            return contextlib.nullcontext()
         self._check_names([n for n in dict.fromkeys(adapter_names) if n != BASE])
         return self._layers_set("route", Routing(adapter_names), None)
 
@@ -119,13 +131,15 @@ class DeltaModel(nn.Module):
     def add_adapter_from_state(self, name: str, config: DeltaConfig, train_modules: Any,
                                state: dict[str, Tensor]) -> Adapter:
         """Add adapter `name` holding saved tensors (a native or imported checkpoint) instead of an init."""
-        adapter, built = self._build(name, config, train_modules, initialize=False)
-        _copy_state({f"{path}.{k}": t for path, _, delta in built for k, t in delta.state_dict().items()},
-                    state, name)
-        return self._install(adapter, built)
+        adapter, built, shared = self._build(name, config, train_modules, initialize=False)
+        own = {f"{path}.{k}": t for path, _, delta in built for k, t in delta.state_dict().items()}
+        if shared is not None:
+            own.update({f"{SHARED}.{k}": t for k, t in shared.state_dict().items()})
+        _copy_state(own, state, name)
+        return self._install(adapter, built, shared)
 
     def _build(self, name: str, config: DeltaConfig, train_modules: Any, initialize: bool
-               ) -> tuple[Adapter, list[tuple[str, DeltaLayer, Delta]]]:
+               ) -> tuple[Adapter, list[tuple[str, DeltaLayer, Delta]], nn.Module | None]:
         """Validate and build every delta of a new adapter without touching the model yet."""
         if not name or "." in name or name == BASE:
             raise ValueError(f"invalid adapter name {name!r}: use a non-empty name without dots")
@@ -136,26 +150,34 @@ class DeltaModel(nn.Module):
         head_paths = resolve(self.model, train_modules, need_kind=False) if train_modules else []
         if overlap := set(paths) & set(head_paths):
             raise ValueError(f"modules both adapted and fully trained: {sorted(overlap)}; remove them from one list")
-        built = []
+        wrapped = {}
         for path in paths + head_paths:
             module = self.model.get_submodule(path)
-            layer = module if isinstance(module, DeltaLayer) else DeltaLayer(module, kind_of(module))
+            wrapped[path] = module if isinstance(module, DeltaLayer) else DeltaLayer(module, kind_of(module))
+        shared = spec.delta.build_shared(config, [wrapped[p] for p in paths])
+        extra = {} if shared is None else {"shared": shared}
+        built = []
+        for path in paths + head_paths:
+            module, layer = self.model.get_submodule(path), wrapped[path]
             if layer.merged:
                 raise ValueError(f"'{path}' has merged adapters {list(layer.merged)}: unmerge() before adding '{name}'")
             if path in head_paths and any(isinstance(m, DeltaLayer) for m in module.modules()):
                 raise ValueError(f"train module '{path}' contains adapted layers; train it in full or adapt its layers")
-            delta = spec.delta(config, layer, initialize) if path in paths else full.delta(full.config(), layer)
+            delta = spec.delta(config, layer, initialize, **extra) if path in paths else full.delta(full.config(), layer)
             delta.train(layer.base_layer.training)  # an adapter loaded onto an eval() model must not drop out
             built.append((path, layer, delta))
         prints = {path: fingerprint(layer.weight) for path, layer, _ in built if path in paths}
-        return Adapter(name, config, paths, head_paths, prints), built
+        return Adapter(name, config, paths, head_paths, prints), built, shared
 
-    def _install(self, adapter: Adapter, built: list[tuple[str, DeltaLayer, Delta]]) -> Adapter:
+    def _install(self, adapter: Adapter, built: list[tuple[str, DeltaLayer, Delta]], shared: nn.Module | None
+                 ) -> Adapter:
         for path, layer, delta in built:
             parent, child = get_parent(self.model, path)
             if getattr(parent, child) is not layer:
                 setattr(parent, child, layer)
             layer.deltas[adapter.name] = delta
+        if shared is not None:
+            self.shared[adapter.name] = shared
         self.adapters[adapter.name] = adapter
         self.set_active(self.active or adapter.name)
         return adapter
@@ -178,6 +200,8 @@ class DeltaModel(nn.Module):
         for _, layer in layers:
             for name, delta in layer.deltas.items():
                 delta.requires_grad_(name in names)
+        for name, shared in self.shared.items():
+            shared.requires_grad_(name in names)
 
     def disabled(self) -> contextlib.AbstractContextManager:
         """Run the base model alone inside the block."""
@@ -186,6 +210,8 @@ class DeltaModel(nn.Module):
     def delete_adapter(self, name: str) -> None:
         self._check_names([name])
         adapter = self.adapters.pop(name)
+        if name in self.shared:
+            del self.shared[name]
         for path in adapter.all_paths:
             layer = self.model.get_submodule(path)
             layer.unmerge(name)
@@ -220,6 +246,7 @@ class DeltaModel(nn.Module):
         for path, _ in list(self.layers()):
             self._unwrap(path)
         self.adapters.clear()
+        self.shared = nn.ModuleDict()
         self.active = ()
         return self.model
 
@@ -238,6 +265,8 @@ class DeltaModel(nn.Module):
             delta = self.model.get_submodule(path).deltas[name]
             for key, t in delta.state_dict().items():
                 state[f"{path}.{key}"] = t
+        if name in self.shared:
+            state.update({f"{SHARED}.{k}": t for k, t in self.shared[name].state_dict().items()})
         return state
 
     def load_adapter_state_dict(self, state: dict[str, Tensor], name: str | None = None) -> None:
@@ -251,11 +280,30 @@ class DeltaModel(nn.Module):
             return next(iter(self.adapters))
         raise ValueError(f"several adapters ({', '.join(self.adapters)}): name the one you mean")
 
+    def _all_parameters(self) -> Iterator[nn.Parameter]:
+        yield from self.model.parameters()
+        yield from self.shared.parameters()
+
     def trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return sum(p.numel() for p in self._all_parameters() if p.requires_grad)
 
     def total_parameters(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
+        return sum(p.numel() for p in self._all_parameters())
+
+    # --- training hooks --------------------------------------------------------------------
+    def regularization_loss(self) -> Tensor:
+        """The sum of the active, unmerged deltas' extra loss terms (SORSA, qGOFT); add it to the task loss."""
+        terms = [t for _, layer in self.layers() for n in layer.active if n not in layer.merged
+                 if (t := layer.deltas[n].regularizer(layer)) is not None]
+        if not terms:
+            return torch.zeros((), device=next(self.model.parameters()).device)
+        return torch.stack([t.float() for t in terms]).sum()
+
+    def on_train_step(self, step: int) -> None:
+        """Tell every delta that training step `step` begins (DyLoRA draws a rank, LaMDA freezes a factor)."""
+        for _, layer in self.layers():
+            for delta in layer.deltas.values():
+                delta.on_step(step)
 
     def parameter_table(self) -> list[dict[str, Any]]:
         """One row per (layer, adapter): method, base shape, its parameters and how many train."""
@@ -267,6 +315,11 @@ class DeltaModel(nn.Module):
                 rows.append({"layer": path, "adapter": name, "method": delta.method, "base_shape": base_shape,
                              "parameters": sum(p.numel() for p in params),
                              "trainable": sum(p.numel() for p in params if p.requires_grad)})
+        for name, shared in self.shared.items():
+            params = list(shared.parameters())
+            rows.append({"layer": SHARED, "adapter": name, "method": self.adapters[name].method, "base_shape": (),
+                         "parameters": sum(p.numel() for p in params),
+                         "trainable": sum(p.numel() for p in params if p.requires_grad)})
         return rows
 
     def print_parameters(self, per_layer: bool = False) -> None:

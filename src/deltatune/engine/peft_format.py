@@ -1,8 +1,12 @@
-"""PEFT's checkpoint format (adapter_config.json + adapter_model.safetensors) for LoRA and DoRA adapters.
+"""PEFT's checkpoint format (adapter_config.json + adapter_model.safetensors), for every method PEFT also has.
 
-Key scheme (peft 0.21): `base_model.model.<path>.lora_A.weight` / `lora_B.weight` (conv: 4-D), embeddings
+The engine writes and reads the files, the `base_model.model.` prefix, target_modules and `modules_to_save`
+(a `full` train module's own keys); a method plugs in a `PeftCodec` (its peft_type, its config fields and
+its per-layer tensor names) with `register_peft`, next to its math. LoRA/DoRA's codec is below.
+
+LoRA key scheme (peft 0.21): `<path>.lora_A.weight` / `lora_B.weight` (conv: 4-D), embeddings
 `lora_embedding_A` / `lora_embedding_B`, DoRA `lora_magnitude_vector` (conv: (1, d_out, 1, 1)), a trained
-bias as the full value at `<path>.base_layer.bias`, and `modules_to_save` as the module's own keys.
+bias as the full value at `<path>.base_layer.bias`.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,11 +26,52 @@ from safetensors.torch import load_file, save_file
 from .atomic import atomic_path, atomic_write_text
 from .io import model_name
 from .kinds import CONV, CONV1D, EMBEDDING
-from .registry import make_config
+from .registry import DeltaConfig, make_config
 from .targeting import require_layers
 
 if TYPE_CHECKING:
     from .model import Adapter, DeltaModel
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class PeftCodec:
+    """How one PEFT tuner type maps to deltatune methods.
+
+    export(dm, adapter) -> (config fields, tensors): the tuner's adapter_config.json fields (beyond
+        peft_type, base_model_name_or_path, target_modules, modules_to_save, inference_mode, task_type)
+        and its tensors keyed by model path without the 'base_model.model.' prefix (e.g.
+        'encoder.layer.0.attention.self.query.hada_w1_a'); keys PEFT stores outside the model
+        ('base_model.vera_A') are given whole, starting with 'base_model.'.
+    load(dm, peft_config, tensors, path) -> (config, state): the deltatune config (with targets) and the
+        state for DeltaModel.add_adapter_from_state, from the tuner's tensors (train-module tensors removed,
+        prefix stripped as above); `path` (the adapter folder) is for error messages.
+    """
+
+    peft_type: str
+    methods: tuple[str, ...]
+    export: Callable[[DeltaModel, Adapter], tuple[dict[str, Any], Tensors]]
+    load: Callable[[DeltaModel, dict[str, Any], Tensors, Any], tuple[DeltaConfig, Tensors]]
+
+
+_CODECS: dict[str, PeftCodec] = {}
+
+
+def register_peft(codec: PeftCodec) -> PeftCodec:
+    if codec.peft_type in _CODECS:
+        raise ValueError(f"PEFT type {codec.peft_type} has a codec already")
+    _CODECS[codec.peft_type] = codec
+    return codec
+
+
+def codec_for_method(method: str) -> PeftCodec | None:
+    return next((c for c in _CODECS.values() if method in c.methods), None)
+
+
+def peft_methods() -> list[str]:
+    """The deltatune methods that export to and import from PEFT's format."""
+    return sorted(m for c in _CODECS.values() for m in c.methods)
 
 PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
@@ -34,10 +81,26 @@ _LORA_KEYS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "A
 
 def export_peft(dm: DeltaModel, path: Any, name: str) -> Path:
     adapter = dm.adapters[name]
-    if adapter.method not in ("lora", "dora"):
-        raise ValueError(f"PEFT export covers LoRA and DoRA adapters; '{name}' is {adapter.method}")
-    cfg = adapter.config
-    tensors: dict[str, torch.Tensor] = {}
+    codec = codec_for_method(adapter.method)
+    if codec is None:
+        raise ValueError(f"adapter '{name}' is {adapter.method}, which PEFT does not have; PEFT export covers "
+                         f"{', '.join(peft_methods())}. Save it with DeltaModel.save instead")
+    fields, layer_tensors = codec.export(dm, adapter)
+    tensors = {k if k.startswith("base_model.") else PREFIX + k: v for k, v in layer_tensors.items()}
+    for p in adapter.train_modules:
+        for key, value in dm.model.get_submodule(p).deltas[name].params.items():
+            tensors[f"{PREFIX}{p}.{key.replace('__', '.')}"] = value
+    peft_config = {
+        "peft_type": codec.peft_type, "task_type": None, "base_model_name_or_path": model_name(dm.model),
+        "target_modules": adapter.paths, "modules_to_save": adapter.train_modules or None,
+        "inference_mode": True, **fields,
+    }
+    return write_peft(path, tensors, peft_config)
+
+
+def _lora_export(dm: DeltaModel, adapter: Adapter) -> tuple[dict[str, Any], Tensors]:
+    name, cfg = adapter.name, adapter.config
+    tensors: Tensors = {}
     fan_in_fan_out = False
     for p in adapter.paths:
         layer = dm.model.get_submodule(p)
@@ -50,25 +113,17 @@ def export_peft(dm: DeltaModel, path: Any, name: str) -> Path:
                 A = A.reshape(A.shape[0], *layer.weight.shape[1:])
                 B = B.reshape(*B.shape, *[1] * (layer.weight.dim() - 2))
             fan_in_fan_out |= layer.kind is CONV1D
-            tensors[f"{PREFIX}{p}.lora_A.weight"], tensors[f"{PREFIX}{p}.lora_B.weight"] = A, B
+            tensors[f"{p}.lora_A.weight"], tensors[f"{p}.lora_B.weight"] = A, B
         if adapter.method == "dora":
             m = delta.lora_magnitude
-            tensors[f"{PREFIX}{p}.lora_magnitude_vector"] = m.reshape(1, -1, *[1] * (layer.weight.dim() - 2)) \
+            tensors[f"{p}.lora_magnitude_vector"] = m.reshape(1, -1, *[1] * (layer.weight.dim() - 2)) \
                 if layer.kind is CONV else m
         if delta.lora_bias is not None:
-            tensors[f"{PREFIX}{p}.base_layer.bias"] = layer.base_layer.bias + delta.lora_bias
-    for p in adapter.train_modules:
-        for key, value in dm.model.get_submodule(p).deltas[name].params.items():
-            tensors[f"{PREFIX}{p}.{key.replace('__', '.')}"] = value
+            tensors[f"{p}.base_layer.bias"] = layer.base_layer.bias + delta.lora_bias
     r = 2 * cfg.r if cfg.pissa else cfg.r
-    peft_config = {
-        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": model_name(dm.model),
-        "r": r, "lora_alpha": cfg.scaling * (math.sqrt(r) if cfg.rslora else r), "use_rslora": cfg.rslora,
-        "use_dora": adapter.method == "dora", "lora_dropout": cfg.dropout, "bias": cfg.bias,
-        "target_modules": adapter.paths, "modules_to_save": adapter.train_modules or None,
-        "fan_in_fan_out": fan_in_fan_out, "init_lora_weights": True, "inference_mode": True,
-    }
-    return write_peft(path, tensors, peft_config)
+    return {"r": r, "lora_alpha": cfg.scaling * (math.sqrt(r) if cfg.rslora else r), "use_rslora": cfg.rslora,
+            "use_dora": adapter.method == "dora", "lora_dropout": cfg.dropout, "bias": cfg.bias,
+            "fan_in_fan_out": fan_in_fan_out, "init_lora_weights": True}, tensors
 
 
 def write_peft(path: Any, tensors: dict[str, torch.Tensor], peft_config: dict[str, Any]) -> Path:
@@ -85,9 +140,17 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if not (path / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"no PEFT adapter at '{path}': {CONFIG_NAME} is missing")
     pc = json.loads((path / CONFIG_NAME).read_text())
-    if pc.get("peft_type") != "LORA":
+    if pc.get("peft_type") not in _CODECS:
         raise ValueError(f"PEFT adapter type {pc.get('peft_type')!r} at '{path}' is not supported; "
-                         "deltatune imports LORA adapters (with or without DoRA)")
+                         f"deltatune imports {', '.join(sorted(_CODECS))}")
+    try:
+        tensors = load_file(str(path / WEIGHTS_NAME))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"cannot read '{path / WEIGHTS_NAME}': {err}") from None
+    return pc, tensors
+
+
+def _check_lora_config(pc: dict[str, Any], path: Any) -> None:
     for key in ("rank_pattern", "alpha_pattern"):
         if pc.get(key):
             raise ValueError(f"PEFT adapter at '{path}' uses per-layer {key}, which deltatune cannot import yet")
@@ -97,30 +160,47 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
                          "path_initial_model_for_weight_conversion to get a plain LoRA")
     if pc.get("bias", "none") not in ("none", "lora_only"):
         raise ValueError(f"PEFT adapter at '{path}' trains bias={pc['bias']!r}; deltatune imports 'none' or 'lora_only'")
-    try:
-        tensors = load_file(str(path / WEIGHTS_NAME))
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"cannot read '{path / WEIGHTS_NAME}': {err}") from None
-    return pc, tensors
 
 
 def load_peft(dm: DeltaModel, path: Any, name: str) -> Adapter:
     pc, tensors = _read(Path(path))
-    per_layer: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    codec = _CODECS[pc["peft_type"]]
     heads: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     head_paths = sorted(pc.get("modules_to_save") or [], key=len, reverse=True)
+    own: Tensors = {}
     for key, value in tensors.items():
         key = key.removeprefix(PREFIX)
-        suffix = next((s for s in _LORA_KEYS if key.endswith("." + s)), None)
-        if suffix is not None:
-            per_layer[key[: -len(suffix) - 1]][_LORA_KEYS[suffix]] = value
-            continue
         owner = next((p for p in head_paths if key.startswith(p + ".") or ("." + p + ".") in "." + key), None)
         if owner is None:
-            raise ValueError(f"unexpected tensor '{key}' in PEFT adapter '{path}'")
+            own[key] = value
+            continue
         start = key.index(owner + ".") if not key.startswith(owner + ".") else 0
         heads[key[: start + len(owner)]][key[start + len(owner) + 1:]] = value
-    require_layers(dm.model, sorted(per_layer) + sorted(heads), f"PEFT adapter '{path}'")
+    require_layers(dm.model, sorted(heads), f"PEFT adapter '{path}'")
+    try:
+        config, state = codec.load(dm, pc, own, path)
+    except KeyError as err:
+        raise ValueError(f"PEFT {pc['peft_type']} adapter '{path}' lacks tensor {err}") from None
+    for p, params in heads.items():
+        state.update({f"{p}.params.{k.replace('.', '__')}": v for k, v in params.items()})
+    return dm.add_adapter_from_state(name, config, sorted(heads) or None, state)
+
+
+def layer_tensors(tensors: Tensors, suffixes: dict[str, str], path: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """Group a tuner's tensors by layer path: {path: {role: tensor}} for keys '<path>.<suffix>'."""
+    per_layer: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, value in tensors.items():
+        suffix = next((s for s in suffixes if key.endswith("." + s)), None)
+        if suffix is None:
+            raise ValueError(f"unexpected tensor '{key}' in PEFT adapter '{path}'")
+        per_layer[key[: -len(suffix) - 1]][suffixes[suffix]] = value
+    return per_layer
+
+
+def _lora_load(dm: DeltaModel, pc: dict[str, Any], tensors: Tensors, path: Any) -> tuple[DeltaConfig, Tensors]:
+    _check_lora_config(pc, path)
+    per_layer = layer_tensors(tensors, _LORA_KEYS, path)
+    require_layers(dm.model, sorted(per_layer), f"PEFT adapter '{path}'")
     method = "dora" if pc.get("use_dora") else "lora"
     config = make_config(method, r=pc["r"], alpha=pc["lora_alpha"], rslora=pc.get("use_rslora", False),
                          dropout=pc.get("lora_dropout", 0.0), bias=pc.get("bias", "none"), targets=sorted(per_layer))
@@ -132,6 +212,7 @@ def load_peft(dm: DeltaModel, path: Any, name: str) -> Adapter:
             state[f"{p}.lora_magnitude"] = parts["m"].reshape(-1)
         if "bias" in parts:  # PEFT stores the trained bias itself; deltatune its change
             state[f"{p}.lora_bias"] = parts["bias"] - dm.model.get_submodule(p).bias.detach()
-    for p, params in heads.items():
-        state.update({f"{p}.params.{k.replace('.', '__')}": v for k, v in params.items()})
-    return dm.add_adapter_from_state(name, config, sorted(heads) or None, state)
+    return config, state
+
+
+register_peft(PeftCodec("LORA", ("lora", "dora"), _lora_export, _lora_load))

@@ -202,10 +202,12 @@ class Trainer:
         self.model.train()
         accum = self.recipe.train.grad_accum
         loss_sum, samples = 0.0, 0
+        self.model.on_train_step(self.step)  # a function of the step, so --resume replays the same draws
         for _ in range(accum):
             batch = self._next_batch()
             loss = self.model(**batch).loss / accum
-            loss.backward()
+            # methods' own terms (SORSA's orthonormality...); the logged loss stays the task's
+            (loss + self.model.regularization_loss() / accum).backward()
             loss_sum += loss.item()
             samples += len(batch["input_ids"])
         if self.recipe.optimizer.grad_clip is not None:
