@@ -29,6 +29,7 @@ class Delta(nn.Module):
     mergeable = True
     additive = True  # False: the delta rescales or replaces the whole layer, so it cannot be stacked
     uses_base_output = True  # False: forward ignores `out` (replacement deltas), so the base is not run
+    any_module = False  # True: targets may be any module (SSF on LayerNorm), not only weight layers
 
     def __init__(self, config: Any, layer: DeltaLayer, initialize: bool = True, shared: nn.Module | None = None):
         super().__init__()
@@ -111,6 +112,7 @@ class DeltaLayer(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.kind = kind
+        self.path = ""  # where the model holds it, set by DeltaModel (name-based options, e.g. IA3's feedforward)
         self.deltas = nn.ModuleDict()
         self.active: tuple[str, ...] = ()
         self.enabled = True

@@ -146,7 +146,7 @@ class DeltaModel(nn.Module):
         if name in self.adapters:
             raise ValueError(f"adapter '{name}' exists already; delete_adapter('{name}') first or pick another name")
         spec, full = method_of(config), get_method("full")
-        paths = resolve(self.model, config.targets, config.exclude)
+        paths = resolve(self.model, config.targets, config.exclude, need_kind=not spec.delta.any_module)
         head_paths = resolve(self.model, train_modules, need_kind=False) if train_modules else []
         if overlap := set(paths) & set(head_paths):
             raise ValueError(f"modules both adapted and fully trained: {sorted(overlap)}; remove them from one list")
@@ -154,6 +154,7 @@ class DeltaModel(nn.Module):
         for path in paths + head_paths:
             module = self.model.get_submodule(path)
             wrapped[path] = module if isinstance(module, DeltaLayer) else DeltaLayer(module, kind_of(module))
+            wrapped[path].path = path
         shared = spec.delta.build_shared(config, [wrapped[p] for p in paths])
         extra = {} if shared is None else {"shared": shared}
         built = []
