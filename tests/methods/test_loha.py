@@ -1,0 +1,170 @@
+"""LoHa: dW = (w1_a w1_b) * (w2_a w2_b) * alpha/r; P count, zero init, checkpointed gradients, merge, PEFT."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import Holder, max_diff, perturb
+from torch import nn
+
+import deltatune as dt
+import deltatune.methods.structured.loha  # noqa: F401
+
+peft = pytest.importorskip("peft")
+
+R, ALPHA = 3, 6.0
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(6, 5)
+        self.conv = nn.Conv2d(5, 4, 3, padding=1)
+        self.c1 = nn.Conv1d(4, 3, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))[:, :, None, None].expand(-1, -1, 4, 4).contiguous()
+        return self.c1(torch.tanh(self.conv(h)).flatten(2))
+
+
+TARGETS = ["lin", "conv", "c1"]
+X = torch.randn(2, 6, generator=torch.Generator().manual_seed(1))
+
+
+def inject(model=None, **kw):
+    return dt.inject(model or Net(), dt.make_config("loha", r=R, alpha=ALPHA, targets=TARGETS, **kw))
+
+
+def test_parameter_count_and_zero_init():
+    base = Net()(X)
+    dm = inject()
+    # 2r(d_in + d_out): lin 6+5, conv 5*9+4, c1 4*3+3
+    assert dm.trainable_parameters() == 2 * R * ((6 + 5) + (45 + 4) + (12 + 3))
+    # Tucker convs: 2(r^2 kh kw + r(c_out + c_in)); Conv1d kernel 3 stored (3, 1)
+    tucker = 2 * (R * R * 9 + R * (4 + 5)) + 2 * (R * R * 3 + R * (3 + 4))
+    assert inject(effective_conv=True).trainable_parameters() == 2 * R * 11 + tucker
+    assert max_diff(dm(X), base) == 0
+    d = dm.model.lin.deltas["default"]
+    assert torch.count_nonzero(d.hada_w2_b) == 0 and all(torch.count_nonzero(p) > 0 for p in
+                                                         (d.hada_w1_a, d.hada_w1_b, d.hada_w2_a))
+
+
+@pytest.mark.parametrize("effective", [False, True])
+def test_delta_is_the_scaled_hadamard_product(effective):
+    dm = inject(effective_conv=effective)
+    perturb(dm)
+    d = dm.model.lin.deltas["default"]
+    dW = (d.hada_w1_a @ d.hada_w1_b) * (d.hada_w2_a @ d.hada_w2_b) * ALPHA / R
+    assert max_diff(d.delta_weight(dm.model.lin), dW) < 1e-6
+    assert torch.linalg.matrix_rank(dW) > R  # the Hadamard product exceeds rank r (up to r^2)
+    layer = dm.model.conv
+    W = layer.base_layer.weight + layer.deltas["default"].delta_weight(layer).reshape(4, 5, 3, 3)
+    h = torch.randn(2, 5, 4, 4)
+    assert max_diff(layer(h), nn.functional.conv2d(h, W, layer.base_layer.bias, padding=1)) < 1e-5
+
+
+@pytest.mark.parametrize("effective", [False, True])
+def test_checkpointed_gradients_match_plain_autograd_and_skip_base(effective):
+    dm = inject(effective_conv=effective)
+    perturb(dm)
+    dm(X).square().sum().backward()
+    for name, p in dm.named_parameters():
+        assert (p.grad is not None) == ("hada_" in name), name
+    from deltatune.methods.structured.loha import _hadamard
+    d = dm.model.conv.deltas["default"]
+    params = [p for p in d.factors() if p is not None]
+    grads = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    layer = dm.model.conv
+    with torch.no_grad():
+        h = torch.tanh(dm.model.lin(X))[:, :, None, None].expand(-1, -1, 4, 4).contiguous()
+    # the same loss through a plain (non-checkpointed) dW
+    dW = _hadamard(d.scale, *d.factors()).reshape(layer.base_layer.weight.shape)
+    out = nn.functional.conv2d(h, layer.base_layer.weight + dW, layer.base_layer.bias, padding=1)
+    dm.model.c1(torch.tanh(out).flatten(2)).square().sum().backward()
+    assert all(max_diff(p.grad, g) < 1e-4 for p, g in zip(params, grads))
+
+
+@pytest.mark.parametrize("effective", [False, True])
+def test_merge_equals_unmerged_and_unmerge_restores(effective):
+    dm = inject(effective_conv=effective)
+    perturb(dm, std=0.3)
+    y = dm(X).detach()
+    W0 = {k: v.clone() for k, v in dm.model.state_dict().items() if "base_layer" in k}
+    dm.merge()
+    assert max_diff(dm(X), y) < 1e-5
+    dm.unmerge()
+    assert max(max_diff(dm.model.state_dict()[k], v) for k, v in W0.items()) < 1e-6
+
+
+def test_save_load_and_mixed_batch(tmp_path):
+    dm = inject()
+    perturb(dm)
+    dm.add_adapter("t", dt.make_config("loha", r=2, targets=["lin", "conv"], effective_conv=True))
+    dm.set_active("t")
+    perturb(dm, seed=9)
+    dm.save(tmp_path, "t")
+    yt = dm(X).detach()
+    assert max_diff(dt.load(Net(), tmp_path)(X), yt) == 0
+    dm.set_active("default")
+    ya = dm(X).detach()
+    mixed = dm(X, adapter_names=["t", "default"])
+    assert max_diff(mixed[0], yt[0]) < 1e-6 and max_diff(mixed[1], ya[1]) < 1e-6
+
+
+def test_bad_options():
+    with pytest.raises(ValueError):
+        dt.make_config("loha", r=0)
+    with pytest.raises(ValueError, match="does not adapt nn.Embedding"):
+        dt.inject(Holder(nn.Embedding(5, 3)), dt.make_config("loha", targets=["layer"]))
+    with pytest.raises(ValueError, match="1-D and 2-D"):
+        dt.inject(Holder(nn.Conv3d(2, 2, 3)), dt.make_config("loha", r=2, targets=["layer"], effective_conv=True))
+
+
+# --- PEFT ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("effective", [False, True])
+def test_export_loads_in_peft_and_merges_alike(tmp_path, effective):
+    dm = inject(effective_conv=effective)
+    perturb(dm, std=0.3)
+    ours = dm(X).detach()
+    dm.export_peft(tmp_path)
+    pm = peft.PeftModel.from_pretrained(Net(), tmp_path)
+    assert max_diff(pm(X), ours) < 1e-5
+    merged = pm.merge_and_unload()
+    dm.merge()
+    for n in TARGETS:
+        assert max_diff(getattr(merged, n).weight, getattr(dm.model, n).base_layer.weight) < 1e-5
+
+
+@pytest.mark.parametrize("effective", [False, True])
+def test_peft_saved_loads(tmp_path, effective):
+    cfg = peft.LoHaConfig(r=R, alpha=ALPHA, target_modules=TARGETS, use_effective_conv2d=effective)
+    pm = peft.get_peft_model(Net(), cfg)
+    perturb(pm, std=0.3)
+    theirs = pm(X).detach()
+    pm.save_pretrained(tmp_path)
+    dm = dt.load_peft(Net(), tmp_path)
+    assert max_diff(dm(X), theirs) < 1e-5
+    assert dm.adapters["default"].config.effective_conv == effective
+
+
+def test_minilm_loss_goes_down(make_minilm, minilm_batch):
+    torch.manual_seed(0)
+    dm = dt.inject(make_minilm(), dt.make_config("loha", r=4, alpha=4, targets=["query", "value"]),
+                   train_modules=["classifier"])
+    assert dm.trainable_parameters() == 6 * 2 * (2 * 4 * (384 + 384)) + 770
+    labels = torch.tensor([1, 0, 1, 1])
+    opt = torch.optim.AdamW([p for p in dm.parameters() if p.requires_grad], lr=5e-3)
+    dm.train()
+    losses = []
+    for _ in range(5):
+        loss = dm(**minilm_batch, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses

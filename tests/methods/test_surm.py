@@ -1,0 +1,169 @@
+"""SURM circulant / Toeplitz: count, init, gradients, merge, save/load, FFT forward == materialised structure."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import Holder, max_diff, perturb
+from torch import nn
+from torch.func import functional_call
+
+import deltatune as dt
+import deltatune.methods.structured.surm  # noqa: F401
+from deltatune.methods.structured.surm import surm_count
+
+METHODS = ["circulant", "toeplitz"]
+
+
+def layer_and_input(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        return nn.Linear(12, 8), torch.randn(4, 12)
+    if kind == "square":
+        return nn.Linear(6, 6), torch.randn(4, 6)
+    return nn.Conv2d(4, 6, 3, padding=1), torch.randn(2, 4, 5, 5)
+
+
+def inject(layer, method, **opts):
+    return dt.inject(Holder(layer), dt.make_config(method, targets=["layer"], **opts))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kind,block,expected", [("square", None, {"circulant": 6, "toeplitz": 11}),
+                                                 ("linear", None, {"circulant": 24, "toeplitz": 42}),
+                                                 ("linear", 2, {"circulant": 48, "toeplitz": 72}),
+                                                 ("conv2d", None, {"circulant": 36, "toeplitz": 66})])
+def test_parameter_count_matches_formula(method, kind, block, expected):
+    layer, _ = layer_and_input(kind)
+    dm = inject(layer, method, block_size=block)
+    d_out, d_in = layer.weight.flatten(1).shape
+    assert dm.trainable_parameters() == expected[method] == surm_count(method, d_out, d_in, block)
+    assert all(not p.requires_grad for p in layer.parameters())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_init_is_zero_change_and_gradients_reach_only_the_vectors(method):
+    layer, x = layer_and_input("linear")
+    base = layer(x).detach()
+    dm = inject(layer, method)
+    assert max_diff(dm(x), base) == 0
+    dm(x).square().sum().backward()
+    assert all(p.grad is None for p in layer.parameters())
+    assert dm.model.layer.deltas["default"].surm_v.grad.abs().sum() > 0  # ΔW is linear in v: zero init still learns
+
+
+def reference_matrix(method, v, n):
+    """Block (i, j) written out entry by entry from its vector, with no index tricks shared with the method."""
+    p, q, _ = v.shape
+    M = torch.zeros(p * n, q * n)
+    for bi in range(p):
+        for bj in range(q):
+            for i in range(n):
+                for j in range(n):
+                    k = (i - j) % n if method == "circulant" else i - j + n - 1
+                    M[bi * n + i, bj * n + j] = v[bi, bj, k]
+    return M
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kind,block", [("square", None), ("linear", None), ("linear", 2), ("square", 3)])
+def test_fft_forward_equals_materialised_structured_matrix(method, kind, block):
+    layer, x = layer_and_input(kind)
+    x = torch.cat([x[:, None], x[:, None] * 2], dim=1)  # (4, 2, d_in): leading dims are kept
+    W0 = layer.weight.detach().clone()
+    dm = inject(layer, method, alpha=2.5, block_size=block)
+    perturb(dm, std=0.3)
+    delta = dm.model.layer.deltas["default"]
+    M = 2.5 * reference_matrix(method, delta.surm_v.detach(), delta.n)
+    assert max_diff(delta.delta_weight(dm.model.layer), M) < 1e-6
+    if method == "circulant":  # each block is circulant: every row is the previous one rolled right by one
+        blk = M[: delta.n, : delta.n]
+        assert torch.equal(blk[1:], torch.roll(blk, 1, dims=1)[:-1])
+    else:  # constant along diagonals
+        blk = M[: delta.n, : delta.n]
+        assert torch.equal(blk[1:, 1:], blk[:-1, :-1])
+    assert max_diff(dm(x), functional_call(layer, {"weight": W0 + M}, (x,))) < 1e-5
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_fft_forward_on_gpt2_conv1d(method):
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    layer, x = Conv1D(8, 12), torch.randn(2, 3, 12)  # d_out 8, d_in 12, weight stored (12, 8)
+    W0 = layer.weight.detach().clone()
+    dm = inject(layer, method)
+    perturb(dm, std=0.3)
+    delta = dm.model.layer.deltas["default"]
+    M = reference_matrix(method, delta.surm_v.detach(), delta.n)
+    assert max_diff(dm(x), functional_call(layer, {"weight": W0 + M.t()}, (x,))) < 1e-5
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_merge_equals_forward_and_unmerge_restores(method, kind):
+    layer, x = layer_and_input(kind)
+    W0 = layer.weight.detach().clone()
+    dm = inject(layer, method)
+    perturb(dm, std=0.3)
+    y = dm(x).detach()
+    assert max_diff(y, layer(x)) > 1e-2
+    dm.merge()
+    assert max_diff(dm(x), y) < 1e-5
+    dm.unmerge()
+    assert max_diff(layer.weight, W0) < 1e-6
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_save_load_round_trip(method, tmp_path):
+    layer, x = layer_and_input("conv2d")
+    dm = inject(layer, method)
+    perturb(dm, std=0.3)
+    dm.save(tmp_path)
+    again = dt.load(Holder(layer_and_input("conv2d")[0]), tmp_path)
+    assert max_diff(again(x), dm(x)) == 0
+    assert type(again.adapters["default"].config).method == method
+
+
+def test_mixed_adapter_batch():
+    layer, x = layer_and_input("linear")
+    dm = inject(layer, "circulant")
+    dm.add_adapter("toep", dt.make_config("toeplitz", targets=["layer"], block_size=2))
+    for name in ("default", "toep"):
+        dm.set_active(name)
+        perturb(dm, std=0.3, seed=len(name))
+    outs = {}
+    for name in ("default", "toep"):
+        dm.set_active(name)
+        outs[name] = dm(x).detach()
+    names = ["toep", dt.BASE, "default", "toep"]
+    mixed = dm(x, adapter_names=names)
+    for i, n in enumerate(names):
+        assert max_diff(mixed[i], layer(x)[i] if n == dt.BASE else outs[n][i]) < 1e-6
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match=r"block_size=5 must divide both sides of the layer \(8 x 12.*gcd = 4"):
+        inject(nn.Linear(12, 8), "toeplitz", block_size=5)
+    with pytest.raises(ValueError, match="did you mean 'block_size'"):
+        dt.make_config("circulant", blocksize=4)
+    for bad in ({"alpha": 0}, {"block_size": 0}, {"dropout": 1.0}):
+        with pytest.raises(ValueError):
+            dt.make_config("circulant", **bad)
+
+
+def test_minilm_loss_goes_down(make_minilm, minilm_batch):
+    torch.manual_seed(0)
+    dm = dt.inject(make_minilm(), dt.make_config("circulant", targets=["query", "value"]))
+    assert dm.trainable_parameters() == 6 * 2 * 384  # one 384-vector per square layer
+    labels = torch.tensor([1, 0, 0, 1])
+    opt = torch.optim.AdamW([p for p in dm.parameters() if p.requires_grad], lr=1e-2)
+    dm.train()
+    losses = []
+    for _ in range(5):
+        loss = dm(**minilm_batch, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
