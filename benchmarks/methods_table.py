@@ -1,0 +1,259 @@
+"""Every method on MiniLM / Rotten Tomatoes at one step budget: accuracy over seeds, parameters, step cost vs LoRA.
+
+Accuracy: the embedded recipe (all-MiniLM-L6-v2, 2,000 training snippets, one epoch of 63 steps of 32, 1,000
+held-out snippets, warmup + cosine) with its `method` section and learning rate replaced, once per seed. Each
+(method, seed) result is appended to results/methods_table_runs.jsonl when it finishes, and finished runs are
+skipped, so an interrupted run resumes where it stopped and runs add up across sessions.
+
+Cost: one real batch (32 x 64 tokens), a train step (forward, backward, AdamW) per method, interleaved
+round-robin in one process so machine load hits all methods alike; time and step peak memory (resident memory
+above the level before the step, as in train_step.py) as ratios to LoRA's, median over rounds.
+
+    python benchmarks/methods_table.py                       # all methods, seeds 0 1 2, then the table
+    python benchmarks/methods_table.py --methods vera lora_xs --seeds 0
+    python benchmarks/methods_table.py --table-only          # rebuild the Markdown from what has run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_step import PeakRSS, build  # noqa: E402  (same measurement as the LoRA-vs-PEFT benchmark)
+
+import deltatune as dt  # noqa: E402
+from deltatune.training.loop import Trainer  # noqa: E402
+from deltatune.training.recipe import load_recipe  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+RUNS = RESULTS / "methods_table_runs.jsonl"
+QUICK: list[str] = []  # --quick: recipe overrides for a smoke run (its results go to a temporary folder)
+QV = ["query", "value"]
+FFN_DOWN = "re:.*layer\\.\\d+\\.output\\.dense"  # the FFN's second linear (its input is the FFN hidden)
+# label -> (method options, peak learning rate). Every method on query/value (IA3 where its paper puts it, full on
+# every weight layer); one rate per method, from its paper's regime for encoders (methods with few parameters
+# want larger rates); every run has the same 63 steps.
+SPECS: dict[str, tuple[dict, float]] = {
+    "full": ({"name": "full", "targets": ["bert"]}, 5e-5),
+    "lora": ({"name": "lora", "r": 8, "alpha": 16, "targets": QV}, 3e-3),
+    "dora": ({"name": "dora", "r": 8, "alpha": 16, "targets": QV}, 3e-3),
+    "pissa": ({"name": "lora", "r": 8, "alpha": 8, "init": "pissa", "targets": QV}, 3e-3),
+    "sorsa": ({"name": "sorsa", "r": 8, "lr": 3e-3, "targets": QV}, 3e-3),  # its regulariser is scaled by 1/lr
+    "lora_xs": ({"name": "lora_xs", "r": 8, "targets": QV}, 1e-2),
+    "edora": ({"name": "edora", "r": 8, "targets": QV}, 1e-2),
+    "lamda": ({"name": "lamda", "r": 8, "freeze_every": 19, "targets": QV}, 3e-3),  # 0.3 x steps, as the code
+    "vera": ({"name": "vera", "r": 256, "targets": QV}, 1e-2),
+    "nola": ({"name": "nola", "targets": QV}, 1e-2),
+    "vblora": ({"name": "vblora", "targets": QV}, 1e-2),
+    "mos": ({"name": "mos", "targets": QV}, 3e-3),
+    "sharelora": ({"name": "sharelora", "r": 8, "targets": QV}, 3e-3),
+    "flora": ({"name": "flora", "targets": QV}, 3e-3),
+    "loretta_rep": ({"name": "loretta_rep", "targets": QV}, 3e-3),
+    "loretta_adp": ({"name": "loretta_adp", "targets": QV}, 3e-3),
+    "lokr": ({"name": "lokr", "targets": QV}, 3e-3),
+    "loha": ({"name": "loha", "r": 4, "targets": QV}, 3e-3),
+    "circulant": ({"name": "circulant", "targets": QV}, 3e-3),
+    "toeplitz": ({"name": "toeplitz", "targets": QV}, 3e-3),
+    "capaboost": ({"name": "capaboost", "r": 8, "targets": QV}, 3e-3),
+    "sira": ({"name": "sira", "targets": QV}, 3e-3),
+    "dylora": ({"name": "dylora", "r": 8, "targets": QV}, 3e-3),
+    "ia3": ({"name": "ia3", "targets": ["key", "value", FFN_DOWN], "feedforward": [FFN_DOWN]}, 1e-2),
+    "ssf": ({"name": "ssf", "targets": QV}, 1e-2),
+    "ether": ({"name": "ether", "targets": QV}, 3e-3),
+    "ether_plus": ({"name": "ether_plus", "targets": QV}, 3e-3),
+    "oft": ({"name": "oft", "targets": QV}, 3e-3),
+    "boft": ({"name": "boft", "targets": QV}, 3e-3),
+}
+# Claims from the papers that this setting can test: (label, a, b, what "held" means)
+ETHER_RATES = (1e-3, 3e-3, 1e-2)  # ETHER's claim: stable across learning rates (LoRA run at the same rates)
+
+
+def run_key(label: str, seed: int, lr: float) -> str:
+    return f"{label}|seed={seed}|lr={lr:g}"
+
+
+def done_runs() -> dict[str, dict]:
+    if not RUNS.is_file():
+        return {}
+    rows = [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()]
+    return {r["key"]: r for r in rows}
+
+
+def train_once(label: str, seed: int, lr: float) -> dict:
+    options, _ = SPECS[label]
+    with tempfile.TemporaryDirectory() as out:
+        method = json.dumps(options)  # a YAML flow mapping
+        recipe = load_recipe(None, [f"method={method}", f"optimizer.lr={lr}", f"train.seed={seed}",
+                                    f"train.output_dir={out}", *QUICK])
+        trainer = Trainer(recipe)
+        trainer.setup()
+        result = trainer.train()
+    return {"key": run_key(label, seed, lr), "label": label, "seed": seed, "lr": lr,
+            "accuracy": result.after["accuracy"], "before": result.before["accuracy"],
+            "trainable": result.trainable, "steps": result.steps, "seconds": round(result.seconds, 1)}
+
+
+def accuracy_runs(labels: list[str], seeds: list[int]) -> None:
+    jobs = [(label, seed, SPECS[label][1]) for seed in seeds for label in labels]
+    if "ether" in labels and "lora" in labels:
+        jobs += [(m, 0, lr) for lr in ETHER_RATES for m in ("ether", "lora") if lr != SPECS[m][1]]
+    done = done_runs()
+    RESULTS.mkdir(exist_ok=True)
+    for label, seed, lr in jobs:
+        if run_key(label, seed, lr) in done:
+            continue
+        try:
+            row = train_once(label, seed, lr)
+        except Exception as err:  # a method that fails is reported, the others still run
+            row = {"key": run_key(label, seed, lr), "label": label, "seed": seed, "lr": lr,
+                   "error": f"{type(err).__name__}: {err}"}
+        print(json.dumps(row), flush=True)
+        with RUNS.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def step_costs(labels: list[str], rounds: int, warmup: int = 1) -> dict[str, dict]:
+    """Median step time and step peak memory per method, interleaved over rounds, as ratios to LoRA."""
+    base, batch, _ = build("minilm")
+    base.train()
+    steps, trainable = {}, {}
+    for label in labels:
+        options = dict(SPECS[label][0])
+        dm = dt.inject(copy.deepcopy(base), dt.make_config(options.pop("name"), **options),
+                       train_modules=["classifier"])
+        dm.train()
+        opt = torch.optim.AdamW([p for p in dm.parameters() if p.requires_grad], lr=1e-5)
+
+        def step(dm=dm, opt=opt) -> None:
+            dm.on_train_step(0)
+            (dm(**batch).loss + dm.regularization_loss()).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        steps[label], trainable[label] = step, dm.trainable_parameters()
+    times = {k: [] for k in steps}
+    mem = {k: [] for k in steps}
+    for i in range(warmup + rounds):
+        for label, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            if i >= warmup:
+                times[label].append(time.perf_counter() - t0)
+    for _ in range(2):
+        for label, step in steps.items():
+            with PeakRSS() as peak:
+                step()
+            mem[label].append(peak.excess)
+    lora_t, lora_m = statistics.median(times["lora"]), statistics.median(mem["lora"])
+    return {label: {"trainable_with_head": trainable[label], "step_s": statistics.median(times[label]),
+                    "time_vs_lora": statistics.median(times[label]) / lora_t,
+                    "step_mem_mib": statistics.median(mem[label]) / 2**20,
+                    "mem_vs_lora": statistics.median(mem[label]) / lora_m} for label in labels}
+
+
+def markdown(costs: dict[str, dict], meta: dict) -> str:
+    runs = done_runs()
+    lines = ["# Methods on MiniLM / Rotten Tomatoes", "",
+             f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}", "",
+             "Embedded recipe (63 steps of 32, 2,000 training snippets, 1,000 held out), the method and its learning "
+             "rate swapped in; accuracy over the seeds that have run (mean ± population std, n). Trainable parameters "
+             "include the classifier head (1,538 when trained in full: 384 x 2 + 2, the `full` head in every run). "
+             "Step time and step memory are ratios to LoRA's, measured interleaved in one process.", "",
+             "| method | lr | accuracy | n | trainable | time vs LoRA | step memory vs LoRA |",
+             "|---|---|---|---|---|---|---|"]
+    for label, (_, lr) in SPECS.items():
+        rows = [r for r in runs.values() if r["label"] == label and r["lr"] == lr and "accuracy" in r]
+        errors = [r["error"] for r in runs.values() if r["label"] == label and "error" in r]
+        acc = [r["accuracy"] for r in rows]
+        cell = f"{statistics.mean(acc):.3f} ± {statistics.pstdev(acc):.3f}" if acc else \
+            (f"failed: {errors[0][:60]}" if errors else "not run")
+        c = costs.get(label)
+        trainable = f"{rows[0]['trainable']:,}" if rows else (f"{c['trainable_with_head']:,}" if c else "")
+        lines.append(f"| {label} | {lr:g} | {cell} | {len(acc)} | {trainable} | "
+                     f"{c['time_vs_lora']:.2f} | {c['mem_vs_lora']:.2f} |" if c else
+                     f"| {label} | {lr:g} | {cell} | {len(acc)} | {trainable} | | |")
+    lines += ["", "## Claims checked here", ""] + [f"- {c}" for c in claims(runs)]
+    return "\n".join(lines) + "\n"
+
+
+def claims(runs: dict[str, dict]) -> list[str]:
+    def acc(label: str, lr: float | None = None) -> list[float]:
+        lr = SPECS[label][1] if lr is None else lr
+        return [r["accuracy"] for r in runs.values() if r["label"] == label and r["lr"] == lr and "accuracy" in r]
+
+    def params(label: str) -> int | None:
+        rows = [r for r in runs.values() if r["label"] == label and "trainable" in r]
+        return rows[0]["trainable"] - 1538 if rows else None  # without the head
+
+    out = []
+    lora = acc("lora")
+    if not lora:
+        return ["LoRA has not run yet: no claim can be checked"]
+    m_lora, s_lora = statistics.mean(lora), statistics.pstdev(lora)
+    for label in ("lora_xs", "vera"):
+        a = acc(label)
+        if a:
+            m = statistics.mean(a)
+            held = m >= m_lora - max(s_lora, 0.01)
+            out.append(f"{'held' if held else 'did NOT hold'}: {label} matches LoRA with far fewer parameters "
+                       f"({m:.3f} with {params(label):,} vs {m_lora:.3f} with {params('lora'):,}; 'matches' = within "
+                       f"LoRA's spread or 0.01)")
+    for label in ("sorsa", "pissa"):
+        a = acc(label)
+        if a:
+            m = statistics.mean(a)
+            out.append(f"{'held' if m > m_lora else 'did NOT hold'}: {label} ahead of LoRA ({m:.3f} vs {m_lora:.3f})")
+    ether = {lr: acc("ether", lr) for lr in (*ETHER_RATES, SPECS["ether"][1])}
+    lora_lr = {lr: acc("lora", lr) for lr in (*ETHER_RATES, SPECS["lora"][1])}
+    if all(ether.values()) and all(lora_lr.values()):
+        e = [statistics.mean(v) for v in ether.values()]
+        lo = [statistics.mean(v) for v in lora_lr.values()]
+        held = max(e) - min(e) < max(lo) - min(lo)
+        out.append(f"{'held' if held else 'did NOT hold'}: ETHER more stable across learning rates "
+                   f"{', '.join(f'{lr:g}' for lr in ETHER_RATES)} than LoRA (accuracy range "
+                   f"{max(e) - min(e):.3f} vs {max(lo) - min(lo):.3f}, seed 0)")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", choices=list(SPECS), default=list(SPECS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds for the step costs")
+    parser.add_argument("--table-only", action="store_true", help="rebuild the Markdown from the recorded runs")
+    parser.add_argument("--skip-costs", action="store_true", help="keep the step costs already recorded")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 128 training and 64 held-out snippets, "
+                        "results in a temporary folder")
+    args = parser.parse_args()
+    if args.quick:
+        global RESULTS, RUNS
+        QUICK.extend(["data.max_train=128", "data.max_eval=64"])
+        RESULTS = Path(tempfile.mkdtemp(prefix="methods_table_quick_"))
+        RUNS = RESULTS / "methods_table_runs.jsonl"
+    meta = {"command": " ".join(["python", *sys.argv]),
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, CPU"}
+    cost_file = RESULTS / "methods_table_costs.json"
+    RESULTS.mkdir(exist_ok=True)
+    if not args.table_only:
+        if not args.skip_costs:  # first: a short phase, best measured before hours of training heat the machine
+            labels = list(dict.fromkeys(["lora", *args.methods]))
+            old = json.loads(cost_file.read_text())["costs"] if cost_file.is_file() else {}
+            cost_file.write_text(json.dumps({**meta, "costs": {**old, **step_costs(labels, args.rounds)}}, indent=2))
+        accuracy_runs(args.methods, args.seeds)
+    costs = json.loads(cost_file.read_text())["costs"] if cost_file.is_file() else {}
+    (RESULTS / "methods_table.md").write_text(markdown(costs, meta))
+    print((RESULTS / "methods_table.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
