@@ -1,11 +1,11 @@
 """Methods by family; importing this package registers them all (and their PEFT codecs)."""
 
 from .lowrank import (  # noqa: F401
-    capaboost, dylora, edora, lamda, lora_xs, mos, nola, sharelora, sira, sorsa, vblora, vera)
+    capaboost, dylora, edora, lamda, lora_mini, lora_xs, mos, nola, sharelora, sira, sorsa, vblora, vera)
 from .lowrank.dora import DoRA, DoRAConfig
 from .lowrank.lora import LoRA, LoRAConfig
 from .lowrank.masked_lora import MaskedLoRA, MaskedLoRAConfig  # noqa: F401
-from .multiplicative import boft, ether, ia3, oft, ssf  # noqa: F401
+from .multiplicative import boft, ether, ia3, oft, qgoft, ssf  # noqa: F401
 from .selective.full import Full, FullConfig
 from .structured import flora, loha, lokr, loretta, surm  # noqa: F401
 

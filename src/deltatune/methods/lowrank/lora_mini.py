@@ -1,0 +1,98 @@
+"""LoRA-Mini: Adaptation Matrices Decomposition and Selective Training (Aher et al., arXiv:2411.15804):
+
+    y = W0 x + (alpha / r) · B_aux B_train A_train A_aux x
+
+A_aux (a x d_in) and B_aux (d_out x b) frozen, standard normal; A_train (r x a) and B_train (b x r) trained,
+so P = r(a + b), independent of the layer's width. Defaults r = 16, a = b = 32, alpha = 16.
+
+[verify] items, checked against the official code (RajdeepAher/initial_it, HEAD b8185a8; the README names it
+the official implementation):
+- factors and shapes: `lora_A_aux` (lora_a, in), `lora_A_train` (r, lora_a), `lora_B_aux` (out, lora_b),
+  `lora_B_train` (lora_b, r), scaling lora_alpha / r; forward x (A_train A_aux)ᵀ (B_aux B_train)ᵀ · scaling
+  (lidb.py, Kaiming_init/lidb_but_train_is_small_randn.py `Linear`). Only names containing "train" get
+  gradients (Kaiming_init/train_script_randn.py `merge_l`).
+- init: the root lidb.py zeros both trained matrices, which cannot train (dL/dA_train and dL/dB_train are both
+  zero). The training script imports lidb_but_train_is_small_randn, whose `reset_parameters` draws the aux
+  matrices `normal_` and A_train `kaiming_uniform_(a=sqrt(5))` (twice) and never touches B_train, so B_train
+  stays zero (`new_zeros`). We follow that variant: A_train Kaiming-uniform, B_train 0, so Init ΔW = 0.
+- defaults: train_script_randn.py hard-codes lora_alpha=16 and takes r, a, b as required arguments; the
+  notebooks' `apply_lora_to_bert(r=16, lora_a=32, lora_b=32, lora_alpha=16)` give r, a, b.
+Deviation (storage only): the frozen A_aux, B_aux are regenerated from a seed (layer n of an adapter uses the
+CPU generator (seed, n), `_sharing.generator`) as non-persistent buffers, not saved as the official parameters,
+so a saved adapter holds only the r(a + b) trained numbers per layer. The forward forms the two rank-r factors
+A_train A_aux (r x d_in) and B_aux B_train (d_out x r), as the official code, and applies them to x (cheaper per
+token than passing x through the a- and b-wide aux spaces when r < a, b; the same product).
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from ...engine.kinds import kaiming_uniform_
+from ...engine.layer import Delta, DeltaLayer
+from ...engine.registry import DeltaConfig, register
+from ._sharing import LayerShared, generator
+from .lora import adapter_dtype
+
+
+class LoRAMiniConfig(DeltaConfig):
+    r: int = Field(16, ge=1, description="rank r of the trained inner pair A_train (r x a), B_train (b x r)")
+    a: int = Field(32, ge=1, description="inner width of A: frozen A_aux is a x d_in")
+    b: int = Field(32, ge=1, description="inner width of B: frozen B_aux is d_out x b")
+    alpha: float = Field(16.0, gt=0, description="scale numerator: s = alpha / r")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input")
+    seed: int = Field(0, ge=0, description="seed of the frozen A_aux, B_aux (layer n uses the stream (seed, n))")
+
+    @model_validator(mode="after")
+    def _rank_fits(self):
+        if self.r > min(self.a, self.b):
+            raise ValueError(f"lora_mini rank r={self.r} exceeds the inner widths a={self.a}, b={self.b}: "
+                             "the product has rank <= min(a, b); use r <= min(a, b)")
+        return self
+
+
+@register("lora_mini", config=LoRAMiniConfig, family="low-rank", formula="r*(a + b)", paper="arXiv:2411.15804",
+          summary="LoRA-Mini: each LoRA factor split in a frozen random outer and a trained inner matrix")
+class LoRAMini(Delta):
+    def __init__(self, config: LoRAMiniConfig, layer: DeltaLayer, initialize: bool = True,
+                 shared: LayerShared | None = None):
+        super().__init__(config, layer, shared=shared)
+        d_out, d_in = layer.matrix().shape
+        if config.a > d_in or config.b > d_out:
+            raise ValueError(f"lora_mini inner widths a={config.a}, b={config.b} are larger than the layer "
+                             f"({d_out} x {d_in}, {type(layer.base_layer).__name__}); use a <= {d_in}, b <= {d_out}")
+        if getattr(layer.base_layer, "groups", 1) != 1:
+            raise ValueError(f"lora_mini cannot adapt a grouped convolution (groups={layer.base_layer.groups})")
+        kw = {"dtype": adapter_dtype(layer), "device": layer.weight.device}
+        self.scale = config.alpha / config.r
+        g = generator(config.seed, shared.position(layer))
+        A_aux = torch.randn(config.a, d_in, generator=g)  # (a, d_in), standard normal as the official normal_
+        B_aux = torch.randn(d_out, config.b, generator=g)  # (d_out, b)
+        self.register_buffer("lora_A_aux", A_aux.to(**kw), persistent=False)
+        self.register_buffer("lora_B_aux", B_aux.to(**kw), persistent=False)
+        self.lora_A_train = nn.Parameter(torch.zeros(config.r, config.a, **kw))  # (r, a)
+        self.lora_B_train = nn.Parameter(torch.zeros(config.b, config.r, **kw))  # (b, r), zero: Init ΔW = 0
+        if initialize:
+            with torch.no_grad():
+                kaiming_uniform_(self.lora_A_train)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+
+    @classmethod
+    def build_shared(cls, config: LoRAMiniConfig, layers: list[DeltaLayer]) -> LayerShared:
+        return LayerShared(layers)  # only each layer's position (its seed stream); no tensors
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """(A (r, d_in), B (d_out, r)) = (A_train A_aux, B_aux B_train)."""
+        return self.lora_A_train @ self.lora_A_aux, self.lora_B_aux @ self.lora_B_train
+
+    def delta_weight(self, layer: DeltaLayer) -> Tensor:
+        A, B = self.factors()
+        return self.scale * (B @ A)  # (d_out, d_in)
+
+    def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
+        A, B = self.factors()
+        x = self.dropout(x).to(A.dtype) if x.is_floating_point() else x  # embeddings take ids
+        y = layer.mix(layer.apply_matrix(x, A), B) * self.scale
+        return out + y.to(out.dtype)

@@ -1,0 +1,132 @@
+"""LoRA-Mini: parameter count r(a + b), init, gradients only to the inner pair, merge, save/load with regenerated
+frozen matrices, mixed batches, bad options and a MiniLM run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import Holder, max_diff, perturb
+from safetensors.torch import load_file
+from torch import nn
+
+import deltatune as dt
+import deltatune.methods.lowrank.lora_mini  # noqa: F401
+
+OPTS = {"r": 2, "a": 4, "b": 3, "alpha": 4.0}
+
+
+class Two(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(8, 6)
+        self.b = nn.Linear(6, 10)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+X = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+
+
+def mini(model, **options):
+    return dt.inject(model, dt.make_config("lora_mini", **{**OPTS, "targets": ["a", "b"], **options}))
+
+
+def make(kind):
+    torch.manual_seed(0)
+    if kind == "linear":
+        return nn.Linear(12, 10), torch.randn(3, 12)
+    return nn.Conv2d(3, 6, 3, padding=1), torch.randn(2, 3, 7, 7)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_count_init_merge(kind):
+    layer, x = make(kind)
+    W0, base = layer.weight.detach().clone(), layer(x).detach()
+    dm = dt.inject(Holder(layer), dt.make_config("lora_mini", targets=["layer"], **OPTS))
+    assert dm.trainable_parameters() == 2 * (4 + 3) == eval(dt.get_method("lora_mini").formula, {}, OPTS)
+    assert max_diff(dm(x), base) == 0  # B_train = 0
+    d = dm.model.layer.deltas["default"]
+    assert torch.count_nonzero(d.lora_B_train) == 0 and torch.count_nonzero(d.lora_A_train) == d.lora_A_train.numel()
+    assert d.lora_A_train.abs().max() <= 1 / 2  # kaiming_uniform(a=sqrt(5)) on (r, a): bound 1/sqrt(a)
+    perturb(dm, std=0.5)
+    y = dm(x).detach()
+    assert max_diff(y, base) > 1e-3
+    dW = (4.0 / 2) * d.lora_B_aux @ d.lora_B_train @ d.lora_A_train @ d.lora_A_aux
+    assert max_diff(d.delta_weight(dm.model.layer), dW) < 1e-5
+    dm.merge()
+    assert max_diff(dm(x), y) < 1e-5
+    dm.unmerge()
+    assert max_diff(layer.weight, W0) < 1e-6
+
+
+def test_gradients_only_to_inner_pair():
+    dm = mini(Two())
+    dm(X).sum().backward()
+    for name, p in dm.named_parameters():
+        assert (p.grad is not None) == ("lora_A_train" in name or "lora_B_train" in name), name
+    assert dm.model.a.deltas["default"].lora_B_train.grad.abs().sum() > 0  # A_train ≠ 0: training starts
+    assert not any(b.requires_grad for b in dm.model.a.deltas["default"].buffers())
+
+
+def test_save_load_regenerates_frozen_matrices(tmp_path):
+    dm = mini(Two(), seed=7)
+    perturb(dm)
+    y = dm(X).detach()
+    dm.save(tmp_path)
+    keys = sorted(load_file(str(tmp_path / "adapter.safetensors")))
+    assert keys == ["a.lora_A_train", "a.lora_B_train", "b.lora_A_train", "b.lora_B_train"]
+    torch.manual_seed(999)  # the global RNG must not matter
+    fresh = dt.load(Two(), tmp_path)
+    assert max_diff(fresh(X), y) == 0
+    for p in ("a", "b"):
+        ours, theirs = dm.model.get_submodule(p).deltas["default"], fresh.model.get_submodule(p).deltas["default"]
+        assert torch.equal(ours.lora_A_aux, theirs.lora_A_aux) and torch.equal(ours.lora_B_aux, theirs.lora_B_aux)
+    other = mini(Two(), seed=8).model.a.deltas["default"]
+    assert not torch.equal(other.lora_A_aux, dm.model.a.deltas["default"].lora_A_aux)
+    assert not torch.equal(dm.model.a.deltas["default"].lora_B_aux[:, :3], dm.model.b.deltas["default"].lora_B_aux[:6])
+
+
+def test_mixed_batch():
+    dm = mini(Two(), seed=1)
+    dm.add_adapter("other", dt.make_config("lora_mini", **OPTS, targets=["a", "b"], seed=2))
+    dm.set_active(["default", "other"])
+    perturb(dm)
+    names = ["other", "default", dt.BASE, "default", "other"]
+    mixed = dm(X, adapter_names=names).detach()
+    alone = {}
+    for n in ("default", "other"):
+        dm.set_active(n)
+        alone[n] = dm(X).detach()
+    with dm.disabled():
+        alone[dt.BASE] = dm(X).detach()
+    for i, n in enumerate(names):
+        assert max_diff(mixed[i], alone[n][i]) < 1e-6
+
+
+def test_bad_options():
+    for bad in ({"r": 0}, {"a": 0}, {"alpha": 0}, {"r": 5, "a": 4, "b": 8}):
+        with pytest.raises(ValueError):
+            dt.make_config("lora_mini", **bad)
+    with pytest.raises(ValueError, match="a=13"):
+        dt.inject(Holder(nn.Linear(12, 10)), dt.make_config("lora_mini", r=2, a=13, b=3, targets=["layer"]))
+    with pytest.raises(ValueError, match="b=11"):
+        dt.inject(Holder(nn.Linear(12, 10)), dt.make_config("lora_mini", r=2, a=3, b=11, targets=["layer"]))
+
+
+def test_minilm_lora_mini_trains(make_minilm, minilm_batch):
+    torch.manual_seed(0)
+    dm = dt.inject(make_minilm(), dt.make_config("lora_mini", targets=["query", "value"]))
+    assert dm.trainable_parameters() == 12 * 16 * (32 + 32)  # defaults r=16, a=b=32
+    opt = torch.optim.AdamW([p for p in dm.parameters() if p.requires_grad], lr=1e-3)
+    labels = torch.tensor([1, 0, 0, 1])
+    dm.train()
+    losses = []
+    for _ in range(5):
+        loss = dm(**minilm_batch, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
