@@ -1,7 +1,20 @@
 """Methods by family; importing this package registers them all (and their PEFT codecs)."""
 
 from .lowrank import (  # noqa: F401
-    capaboost, dylora, edora, lamda, lora_mini, lora_xs, mos, nola, sharelora, sira, sorsa, vblora, vera)
+    capaboost,
+    dylora,
+    edora,
+    lamda,
+    lora_mini,
+    lora_xs,
+    mos,
+    nola,
+    sharelora,
+    sira,
+    sorsa,
+    vblora,
+    vera,
+)
 from .lowrank.dora import DoRA, DoRAConfig
 from .lowrank.lora import LoRA, LoRAConfig
 from .lowrank.masked_lora import MaskedLoRA, MaskedLoRAConfig  # noqa: F401
