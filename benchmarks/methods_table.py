@@ -65,6 +65,7 @@ SPECS: dict[str, tuple[dict, float]] = {
     "circulant": ({"name": "circulant", "targets": QV}, 3e-3),
     "toeplitz": ({"name": "toeplitz", "targets": QV}, 3e-3),
     "lora_mini": ({"name": "lora_mini", "targets": QV}, 3e-3),
+    "monteclora": ({"name": "monteclora", "r": 8, "alpha": 16, "targets": QV}, 3e-3),
     "capaboost": ({"name": "capaboost", "r": 8, "targets": QV}, 3e-3),
     "sira": ({"name": "sira", "targets": QV}, 3e-3),
     "dylora": ({"name": "dylora", "r": 8, "targets": QV}, 3e-3),

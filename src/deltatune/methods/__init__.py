@@ -7,6 +7,7 @@ from .lowrank import (  # noqa: F401
     lamda,
     lora_mini,
     lora_xs,
+    monteclora,
     mos,
     nola,
     sharelora,

@@ -1,4 +1,4 @@
-"""Helpers for the low-rank methods whose layers share adapter-wide state (VB-LoRA, MoS, CapaBoost)."""
+"""Helpers for the low-rank methods whose layers share adapter-wide state (VB-LoRA, MoS, CapaBoost, SORSA...)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,11 @@ class LayerShared(nn.Module):
 
     def position(self, layer: DeltaLayer) -> int:
         return self._position[id(layer)]
+
+    @property
+    def layer_count(self) -> int:
+        """How many layers the adapter has (for losses that are a mean over its layers)."""
+        return len(self._position)
 
 
 def generator(seed: int, stream: int = 0) -> torch.Generator:

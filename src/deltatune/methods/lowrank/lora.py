@@ -74,8 +74,8 @@ def adapter_dtype(layer: DeltaLayer) -> torch.dtype:
 @register("lora", config=LoRAConfig, family="low-rank", formula="r(d_in + d_out)",
           paper="arXiv:2106.09685", summary="LoRA: W0 + (alpha/r) B A; rsLoRA and PiSSA via rslora/init")
 class LoRA(Delta):
-    def __init__(self, config: LoRAConfig, layer: DeltaLayer, initialize: bool = True):
-        super().__init__(config, layer)
+    def __init__(self, config: LoRAConfig, layer: DeltaLayer, initialize: bool = True, shared: nn.Module | None = None):
+        super().__init__(config, layer, shared=shared)
         d_out, d_in = check_rank(config.r, layer, self.method)
         kw = {"dtype": adapter_dtype(layer), "device": layer.weight.device}
         self.scale = config.scaling

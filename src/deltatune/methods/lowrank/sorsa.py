@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ...engine.layer import Delta, DeltaLayer
 from ...engine.registry import register
+from ._sharing import LayerShared
 from ._svd import SVDConfig, dropped, top_svd
 from .lora import adapter_dtype, check_rank
 
@@ -40,14 +41,6 @@ class SORSAConfig(SVDConfig):
     gamma: float = Field(4e-4, ge=0, description="orthonormal regulariser weight (official run.py default)")
     lr: float = Field(3e-5, gt=0, description="the optimizer's learning rate: the official trainer weights "
                                               "the regulariser by gamma/lr")
-
-
-class _LayerCount(nn.Module):
-    """No tensors: tells each layer how many SORSA layers the adapter has, for the official mean."""
-
-    def __init__(self, n: int):
-        super().__init__()
-        self.n = n
 
 
 @register("sorsa", config=SORSAConfig, family="low-rank", formula="r(d_in + d_out + 1)",
@@ -74,7 +67,7 @@ class SORSA(Delta):
 
     @classmethod
     def build_shared(cls, config: SORSAConfig, layers: Sequence[DeltaLayer]) -> nn.Module:
-        return _LayerCount(len(layers))
+        return LayerShared(layers)  # no tensors: the layer count, for the official mean
 
     def _product(self, suffix: str) -> tuple[Tensor, Tensor]:
         """(diag(S) V^T (r, d_in), U (d_out, r)) of the trainable ('') or initial ('0') triplets."""
@@ -99,5 +92,5 @@ class SORSA(Delta):
     def regularizer(self, layer: DeltaLayer) -> Tensor | None:
         if self.config.gamma == 0:
             return None
-        n = self.shared.n if self.shared is not None else 1
+        n = self.shared.layer_count if self.shared is not None else 1
         return self.config.gamma / self.config.lr * self.orthonormality() / (2 * n)
