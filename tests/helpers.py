@@ -1,7 +1,11 @@
 """Small helpers shared by the tests."""
 
+from __future__ import annotations
+
 import torch
 from torch import nn
+
+import deltatune as dt
 
 
 def perturb(module: nn.Module, std: float = 0.1, seed: int = 123) -> None:
@@ -26,3 +30,75 @@ class Holder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)
+
+
+def train_losses(dm, batch: dict, steps: int = 5, lr: float = 1e-2, eval_mode: bool = False,
+                 **forward_kwargs) -> list[float]:
+    """Run `steps` AdamW steps on one batch as the trainer does and return each step's task loss.
+
+    Trains the requires_grad parameters; calls dm.on_train_step(step) before each forward and minimises
+    loss + dm.regularization_loss(). dm.train() by default; eval_mode=True turns dropout off (gradients
+    still flow). forward_kwargs (e.g. labels=...) go to every forward.
+    """
+    opt = torch.optim.AdamW([p for p in dm.parameters() if p.requires_grad], lr=lr)
+    dm.train(not eval_mode)
+    losses = []
+    for step in range(steps):
+        dm.on_train_step(step)
+        loss = dm(**batch, **forward_kwargs).loss
+        opt.zero_grad()
+        (loss + dm.regularization_loss()).backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _output_with(dm, name: str, x: torch.Tensor) -> torch.Tensor:
+    """dm(x) with only adapter `name` active, or with every adapter off for dt.BASE."""
+    if name == dt.BASE:
+        with dm.disabled():
+            return dm(x).detach()
+    dm.set_active(name)
+    return dm(x).detach()
+
+
+def assert_rows_match_each_adapter(dm, x: torch.Tensor, names: list[str], atol: float = 1e-6,
+                                   rows_alone: bool = False, base: torch.Tensor | None = None
+                                   ) -> dict[str, torch.Tensor]:
+    """Row i of dm(x, adapter_names=names) must be within atol of adapter names[i] run alone.
+
+    The reference runs on the whole batch (row i taken), or on row i by itself with rows_alone=True.
+    `base`, if given, is the expected whole-batch output for dt.BASE rows instead of dm.disabled().
+    Returns the whole-batch outputs per name (empty with rows_alone).
+    """
+    mixed = dm(x, adapter_names=names).detach()
+    alone: dict[str, torch.Tensor] = {}
+    for i, n in enumerate(names):
+        if n == dt.BASE and base is not None:
+            ref = base[i:i + 1]
+        elif rows_alone:
+            ref = _output_with(dm, n, x[i:i + 1])
+        else:
+            if n not in alone:
+                alone[n] = _output_with(dm, n, x)
+            ref = alone[n][i:i + 1]
+        assert max_diff(mixed[i:i + 1], ref) < atol, (i, n)
+    return alone
+
+
+def assert_round_trip(dm, fresh: nn.Module, x: torch.Tensor, tmp_path, name: str | None = None,
+                      atol: float = 0.0):
+    """dm.save(tmp_path, name), then dt.load(fresh, tmp_path) must reproduce that adapter's output on x
+    (exactly by default, else within atol). Returns the loaded model."""
+    if name is not None:
+        dm.set_active(name)
+    expected = dm(x).detach()
+    dm.save(tmp_path, name)
+    loaded = dt.load(fresh, tmp_path)
+    got = loaded(x)
+    if atol == 0:
+        assert torch.equal(got, expected), max_diff(got, expected)
+    else:
+        assert max_diff(got, expected) < atol
+    return loaded
+

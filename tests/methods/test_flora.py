@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import Holder, max_diff, perturb
+from helpers import Holder, assert_round_trip, assert_rows_match_each_adapter, max_diff, perturb, train_losses
 from torch import nn
 from torch.func import functional_call
 
@@ -133,11 +133,7 @@ def test_save_load_round_trip(tmp_path):
     layer, x = make("conv2d")
     dm = inject(layer, r=4, scale=3.0)
     perturb(dm)
-    y = dm(x).detach()
-    dm.save(tmp_path)
-    fresh, _ = make("conv2d")
-    loaded = dt.load(Holder(fresh), tmp_path)
-    assert torch.equal(loaded(x), y)
+    assert_round_trip(dm, Holder(make("conv2d")[0]), x, tmp_path)
 
 
 def test_mixed_adapter_batch():
@@ -145,16 +141,7 @@ def test_mixed_adapter_batch():
     dm = inject(layer, r=2)
     dm.add_adapter("other", dt.make_config("flora", r=3, targets=["layer"]))
     perturb(dm)
-    names = ["default", "other", dt.BASE, "other"]
-    mixed = dm(x, adapter_names=names)
-    for i, name in enumerate(names):
-        if name == dt.BASE:
-            with dm.disabled():
-                alone = dm(x)
-        else:
-            dm.set_active(name)
-            alone = dm(x)
-        assert max_diff(mixed[i], alone[i]) < 1e-6
+    assert_rows_match_each_adapter(dm, x, ["default", "other", dt.BASE, "other"])
 
 
 def test_bad_options():
@@ -171,14 +158,6 @@ def test_minilm_loss_goes_down(make_minilm, minilm_batch):
     dm = dt.inject(model, dt.make_config("flora", r=8, scale=4.0, targets=["query", "value"]))
     n_layers = len(model.bert.encoder.layer)
     assert dm.trainable_parameters() == 2 * n_layers * (8 * 8 + 8 * 384 + 8 * 384)
-    labels = torch.tensor([1, 0, 0, 1])
-    opt = torch.optim.AdamW([p for p in dm.parameters() if p.requires_grad], lr=5e-3)
-    dm.eval()  # no dropout: the loss curve is deterministic, gradients still flow
-    losses = []
-    for _ in range(5):
-        loss = dm(**minilm_batch, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    # eval mode: no dropout, so the loss curve is deterministic; gradients still flow
+    losses = train_losses(dm, minilm_batch, lr=5e-3, eval_mode=True, labels=torch.tensor([1, 0, 0, 1]))
     assert all(b < a for a, b in zip(losses, losses[1:])), losses

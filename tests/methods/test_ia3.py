@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import max_diff, perturb
+from helpers import assert_round_trip, assert_rows_match_each_adapter, max_diff, perturb, train_losses
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -113,22 +113,9 @@ def test_save_load_and_mixed_batch(tmp_path):
     dm.add_adapter("other", dt.make_config("ia3", targets=["k", "ff"], feedforward=["ff"]))
     dm.set_active("other")
     perturb(dm, seed=7)
-    dm.set_active("default")
-    dm.save(tmp_path / "a", "default")
-    y = dm(X).detach()
-    loaded = dt.load(Net(), tmp_path / "a")
-    assert max_diff(loaded(X), y) == 0
+    loaded = assert_round_trip(dm, Net(), X, tmp_path / "a", name="default")
     assert loaded.model.ff.deltas["default"].feedforward and not loaded.model.k.deltas["default"].feedforward
-    names = ["default", "other", dt.BASE]
-    mixed = dm(X, adapter_names=names)
-    for i, n in enumerate(names):
-        if n == dt.BASE:
-            with dm.disabled():
-                ref = dm(X)
-        else:
-            dm.set_active(n)
-            ref = dm(X)
-        assert max_diff(mixed[i], ref[i]) < 1e-6, n
+    assert_rows_match_each_adapter(dm, X, ["default", "other", dt.BASE])
 
 
 def test_bad_options():
@@ -183,14 +170,5 @@ def test_minilm_loss_goes_down(make_minilm, minilm_batch):
                    train_modules=["classifier"])
     # 6 layers x (key 384 + value 384 + FFN output input side 1536) + classifier 384*2+2
     assert dm.trainable_parameters() == 6 * (384 + 384 + 1536) + 770
-    labels = torch.tensor([1, 0, 1, 1])
-    opt = torch.optim.AdamW([p for p in dm.parameters() if p.requires_grad], lr=1e-2)
-    dm.train()
-    losses = []
-    for _ in range(5):
-        loss = dm(**minilm_batch, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(dm, minilm_batch, labels=torch.tensor([1, 0, 1, 1]))
     assert losses[-1] < losses[0], losses

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import Holder, max_diff, perturb
+from helpers import Holder, assert_round_trip, assert_rows_match_each_adapter, max_diff, perturb, train_losses
 from torch import nn
 
 import deltatune as dt
@@ -105,13 +105,8 @@ def test_save_load_and_mixed_batch(tmp_path):
     dm.add_adapter("t", dt.make_config("loha", r=2, targets=["lin", "conv"], effective_conv=True))
     dm.set_active("t")
     perturb(dm, seed=9)
-    dm.save(tmp_path, "t")
-    yt = dm(X).detach()
-    assert max_diff(dt.load(Net(), tmp_path)(X), yt) == 0
-    dm.set_active("default")
-    ya = dm(X).detach()
-    mixed = dm(X, adapter_names=["t", "default"])
-    assert max_diff(mixed[0], yt[0]) < 1e-6 and max_diff(mixed[1], ya[1]) < 1e-6
+    assert_round_trip(dm, Net(), X, tmp_path, name="t")
+    assert_rows_match_each_adapter(dm, X, ["t", "default"])
 
 
 def test_bad_options():
@@ -157,14 +152,5 @@ def test_minilm_loss_goes_down(make_minilm, minilm_batch):
     dm = dt.inject(make_minilm(), dt.make_config("loha", r=4, alpha=4, targets=["query", "value"]),
                    train_modules=["classifier"])
     assert dm.trainable_parameters() == 6 * 2 * (2 * 4 * (384 + 384)) + 770
-    labels = torch.tensor([1, 0, 1, 1])
-    opt = torch.optim.AdamW([p for p in dm.parameters() if p.requires_grad], lr=5e-3)
-    dm.train()
-    losses = []
-    for _ in range(5):
-        loss = dm(**minilm_batch, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(dm, minilm_batch, lr=5e-3, labels=torch.tensor([1, 0, 1, 1]))
     assert losses[-1] < losses[0], losses

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import Holder, max_diff, perturb
+from helpers import Holder, assert_round_trip, assert_rows_match_each_adapter, max_diff, perturb, train_losses
 from torch import nn
 from torch.func import functional_call
 
@@ -142,9 +142,7 @@ def test_vec_trick_equals_materialised_kron(opts):
 def test_save_load_round_trip(tmp_path):
     dm = dt.inject(make_net(), dt.make_config("lokr", r=1, targets=["lin", "conv", "conv1"]))
     perturb(dm, std=0.3)
-    dm.save(tmp_path)
-    again = dt.load(make_net(), tmp_path)
-    assert max_diff(again(X), dm(X)) == 0
+    assert_round_trip(dm, make_net(), X, tmp_path)
 
 
 def test_mixed_adapter_batch():
@@ -153,16 +151,7 @@ def test_mixed_adapter_batch():
     perturb(dm, std=0.3)
     dm.set_active("b")
     perturb(dm, std=0.3, seed=7)
-    outs = {}
-    for name in ("a", "b"):
-        dm.set_active(name)
-        outs[name] = dm(X).detach()
-    with dm.disabled():
-        outs[dt.BASE] = dm(X).detach()
-    names = ["a", dt.BASE, "b"]
-    mixed = dm(X, adapter_names=names)
-    for i, n in enumerate(names):
-        assert max_diff(mixed[i], outs[n][i]) < 1e-6
+    assert_rows_match_each_adapter(dm, X, ["a", dt.BASE, "b"])
 
 
 def test_bad_options():
@@ -240,14 +229,5 @@ def test_minilm_loss_goes_down(make_minilm, minilm_batch):
     dm = dt.inject(make_minilm(), dt.make_config("lokr", r=8, alpha=8.0, targets=["query", "value"]))
     # 384 = 16·24 both ways: A (16 x 16) dense, B (24 x 24) low-rank since r = 8 < 24/2; 6 layers x 2 targets
     assert dm.trainable_parameters() == 6 * 2 * (16 * 16 + 8 * (24 + 24))
-    labels = torch.tensor([1, 0, 0, 1])
-    opt = torch.optim.AdamW([p for p in dm.parameters() if p.requires_grad], lr=1e-2)
-    dm.train()
-    losses = []
-    for _ in range(5):
-        loss = dm(**minilm_batch, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(dm, minilm_batch, labels=torch.tensor([1, 0, 0, 1]))
     assert losses[-1] < losses[0], losses

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import Holder, max_diff, perturb
+from helpers import Holder, assert_round_trip, assert_rows_match_each_adapter, max_diff, perturb, train_losses
 from torch import nn
 from torch.func import functional_call
 
@@ -169,10 +169,7 @@ def test_save_load_round_trip(tmp_path, method):
     layer, x = make("conv2d")
     dm = inject(layer, method)
     perturb(dm)
-    y = dm(x).detach()
-    dm.save(tmp_path)
-    fresh, _ = make("conv2d")
-    assert torch.equal(dt.load(Holder(fresh), tmp_path)(x), y)
+    assert_round_trip(dm, Holder(make("conv2d")[0]), x, tmp_path)
 
 
 def test_mixed_adapter_batch():
@@ -180,16 +177,7 @@ def test_mixed_adapter_batch():
     dm = inject(layer, "loretta_rep", r=4)
     dm.add_adapter("adp", dt.make_config("loretta_adp", bottleneck=4, targets=["layer"]))
     perturb(dm)
-    names = ["default", "adp", dt.BASE, "adp"]
-    mixed = dm(x, adapter_names=names)
-    for i, name in enumerate(names):
-        if name == dt.BASE:
-            with dm.disabled():
-                alone = dm(x)
-        else:
-            dm.set_active(name)
-            alone = dm(x)
-        assert max_diff(mixed[i], alone[i]) < 1e-6
+    assert_rows_match_each_adapter(dm, x, ["default", "adp", dt.BASE, "adp"])
 
 
 def test_bad_options():
@@ -212,14 +200,6 @@ def test_minilm_loss_goes_down(make_minilm, minilm_batch, method, opts):
     n = len(model.bert.encoder.layer)
     per_layer = (tt_count(384, 8, 5, 16) + tt_count(8, 384, 5, 16)) + (8 + 384 if method == "loretta_adp" else 0)
     assert dm.trainable_parameters() == 2 * n * per_layer
-    labels = torch.tensor([1, 0, 0, 1])
-    opt = torch.optim.AdamW([p for p in dm.parameters() if p.requires_grad], lr=1e-2)
-    dm.eval()  # no dropout: the loss curve is deterministic, gradients still flow
-    losses = []
-    for _ in range(5):
-        loss = dm(**minilm_batch, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    # eval mode: no dropout, so the loss curve is deterministic; gradients still flow
+    losses = train_losses(dm, minilm_batch, eval_mode=True, labels=torch.tensor([1, 0, 0, 1]))
     assert all(b < a for a, b in zip(losses, losses[1:])), losses

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import Holder, max_diff, perturb
+from helpers import Holder, assert_round_trip, assert_rows_match_each_adapter, max_diff, perturb, train_losses
 from torch import nn
 
 import deltatune as dt
@@ -93,12 +93,9 @@ def test_merge_equals_unmerged_and_unmerge_restores():
 def test_save_load_round_trip(tmp_path):
     dm = inject()
     perturb(dm)
-    x = x_in(3, 8)
-    dm.save(tmp_path)
     state = dm.adapter_state_dict()
     assert {"__shared__.mos_A.8x8", "__shared__.mos_B.8x8", "__shared__.mos_A.12x8", "l.0.mos_index_A"} <= set(state)
-    back = dt.load(Stack(), tmp_path)
-    assert max_diff(back(x), dm(x)) == 0
+    assert_round_trip(dm, Stack(), x_in(3, 8), tmp_path)
 
 
 def test_shard_construction():
@@ -143,17 +140,7 @@ def test_mixed_adapter_batch():
     dm.add_adapter("other", dt.make_config("mos", targets=["re:l\\.\\d"], **{**OPTS, "seed": 3}))
     dm.set_active(["default", "other"])
     perturb(dm)
-    x = x_in(3, 8)
-    names = ["other", dt.BASE, "default"]
-    mixed = dm(x, adapter_names=names)
-    for i, n in enumerate(names):
-        if n == dt.BASE:
-            with dm.disabled():
-                ref = dm(x[i:i + 1])
-        else:
-            dm.set_active(n)
-            ref = dm(x[i:i + 1])
-        assert max_diff(mixed[i:i + 1], ref) < 1e-6
+    assert_rows_match_each_adapter(dm, x_in(3, 8), ["other", dt.BASE, "default"], rows_alone=True)
 
 
 def test_bad_options():
@@ -172,13 +159,5 @@ def test_minilm_trains(make_minilm, minilm_batch):
     dm = dt.inject(make_minilm(), dt.make_config("mos", targets=["query", "value"], r=8, pool_r=2, private_r=1,
                                                 shards=2))
     assert dm.trainable_parameters() == 12 * 2 * (384 + 384)  # one 384 x 384 pool for all 12 layers
-    opt = torch.optim.AdamW([p for p in dm.parameters() if p.requires_grad], lr=1e-2)
-    labels = torch.tensor([1, 0, 0, 1])
-    losses = []
-    for _ in range(5):
-        loss = dm(**minilm_batch, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(dm, minilm_batch, eval_mode=True, labels=torch.tensor([1, 0, 0, 1]))
     assert losses[-1] < losses[0], losses

@@ -6,7 +6,7 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from helpers import Holder, max_diff, perturb
+from helpers import Holder, assert_round_trip, assert_rows_match_each_adapter, max_diff, perturb, train_losses
 from torch import nn
 
 import deltatune as dt
@@ -104,17 +104,8 @@ def test_save_load_and_mixed_batch(tmp_path):
     perturb(dm)
     dm.set_active("b")
     perturb(dm, seed=7)
-    ya = (dm.set_active("default"), dm(x).detach())[1]
-    yb = (dm.set_active("b"), dm(x).detach())[1]
-    names = ["default", "b", dt.BASE, "b"]
-    mixed = dm(x, adapter_names=names)
-    with dm.disabled():
-        base = dm(x).detach()
-    for i, n in enumerate(names):
-        assert max_diff(mixed[i], {"default": ya, "b": yb, dt.BASE: base}[n][i]) < 1e-5
-    dm.save(tmp_path, "b")
-    again = dt.load(Holder(make_layer("linear")[0]), tmp_path)
-    assert max_diff(again(x), yb) < 1e-6
+    assert_rows_match_each_adapter(dm, x, ["default", "b", dt.BASE, "b"], atol=1e-5)
+    assert_round_trip(dm, Holder(make_layer("linear")[0]), x, tmp_path, name="b", atol=1e-6)
 
 
 def test_bad_options():
@@ -204,14 +195,5 @@ def test_oft_minilm_trains(make_minilm, minilm_batch):
     dm = dt.inject(make_minilm(), dt.make_config("oft", block_size=32, targets=["query", "value"]),
                    train_modules=["classifier"])
     assert dm.trainable_parameters() == 6 * 2 * 384 * 31 // 2 + 770  # 6 layers x (q, v) x d_in(b-1)/2 + head
-    opt = torch.optim.AdamW([p for p in dm.parameters() if p.requires_grad], lr=3e-3)
-    labels = torch.tensor([1, 0, 1, 1])
-    losses = []
-    dm.train()
-    for _ in range(5):
-        loss = dm(**minilm_batch, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(dm, minilm_batch, lr=3e-3, labels=torch.tensor([1, 0, 1, 1]))
     assert losses[-1] < losses[0]

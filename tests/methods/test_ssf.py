@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import Holder, max_diff, perturb
+from helpers import Holder, assert_round_trip, assert_rows_match_each_adapter, max_diff, perturb, train_losses
 from torch import nn
 
 import deltatune as dt
@@ -84,18 +84,8 @@ def test_save_load_and_mixed_batch(tmp_path):
     dm.add_adapter("b", cfg)
     dm.set_active("b")
     perturb(dm, seed=5)
-    dm.save(tmp_path, "b")
-    yb = dm(x).detach()
-    fresh, _, _, _ = make("linear")
-    assert max_diff(dt.load(Holder(fresh), tmp_path)(x), yb) == 0
-    names = ["default", "b", dt.BASE, "b"]
-    mixed = dm(x, adapter_names=names)
-    dm.set_active("default")
-    ya = dm(x)
-    with dm.disabled():
-        y0 = dm(x)
-    for i, ref in enumerate([ya, yb, y0, yb]):
-        assert max_diff(mixed[i], ref[i]) < 1e-6
+    assert_round_trip(dm, Holder(make("linear")[0]), x, tmp_path, name="b")
+    assert_rows_match_each_adapter(dm, x, ["default", "b", dt.BASE, "b"])
 
 
 def test_layernorm_delta_forward_and_merge():
@@ -157,14 +147,5 @@ def test_minilm_loss_goes_down(make_minilm, minilm_batch):
     torch.manual_seed(0)
     dm = dt.inject(make_minilm(), dt.make_config("ssf", targets=["query", "value"]), train_modules=["classifier"])
     assert dm.trainable_parameters() == 6 * 2 * (2 * 384) + 770
-    labels = torch.tensor([1, 0, 1, 1])
-    opt = torch.optim.AdamW([p for p in dm.parameters() if p.requires_grad], lr=1e-2)
-    dm.train()
-    losses = []
-    for _ in range(5):
-        loss = dm(**minilm_batch, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(dm, minilm_batch, labels=torch.tensor([1, 0, 1, 1]))
     assert losses[-1] < losses[0], losses

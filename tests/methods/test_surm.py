@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import Holder, max_diff, perturb
+from helpers import Holder, assert_round_trip, assert_rows_match_each_adapter, max_diff, perturb, train_losses
 from torch import nn
 from torch.func import functional_call
 
@@ -119,9 +119,7 @@ def test_save_load_round_trip(method, tmp_path):
     layer, x = layer_and_input("conv2d")
     dm = inject(layer, method)
     perturb(dm, std=0.3)
-    dm.save(tmp_path)
-    again = dt.load(Holder(layer_and_input("conv2d")[0]), tmp_path)
-    assert max_diff(again(x), dm(x)) == 0
+    again = assert_round_trip(dm, Holder(layer_and_input("conv2d")[0]), x, tmp_path)
     assert type(again.adapters["default"].config).method == method
 
 
@@ -132,14 +130,7 @@ def test_mixed_adapter_batch():
     for name in ("default", "toep"):
         dm.set_active(name)
         perturb(dm, std=0.3, seed=len(name))
-    outs = {}
-    for name in ("default", "toep"):
-        dm.set_active(name)
-        outs[name] = dm(x).detach()
-    names = ["toep", dt.BASE, "default", "toep"]
-    mixed = dm(x, adapter_names=names)
-    for i, n in enumerate(names):
-        assert max_diff(mixed[i], layer(x)[i] if n == dt.BASE else outs[n][i]) < 1e-6
+    assert_rows_match_each_adapter(dm, x, ["toep", dt.BASE, "default", "toep"], base=layer(x))
 
 
 def test_bad_options():
@@ -156,14 +147,5 @@ def test_minilm_loss_goes_down(make_minilm, minilm_batch):
     torch.manual_seed(0)
     dm = dt.inject(make_minilm(), dt.make_config("circulant", targets=["query", "value"]))
     assert dm.trainable_parameters() == 6 * 2 * 384  # one 384-vector per square layer
-    labels = torch.tensor([1, 0, 0, 1])
-    opt = torch.optim.AdamW([p for p in dm.parameters() if p.requires_grad], lr=1e-2)
-    dm.train()
-    losses = []
-    for _ in range(5):
-        loss = dm(**minilm_batch, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(dm, minilm_batch, labels=torch.tensor([1, 0, 0, 1]))
     assert losses[-1] < losses[0], losses

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import Holder, max_diff, perturb
+from helpers import Holder, assert_round_trip, assert_rows_match_each_adapter, max_diff, perturb, train_losses
 from torch import nn
 
 import deltatune as dt
@@ -96,11 +96,8 @@ def test_merge_equals_unmerged_and_unmerge_restores():
 def test_save_load_round_trip_with_shared_bank(tmp_path):
     dm = inject(Two())
     perturb(dm)
-    x = x_in(3, 8)
-    dm.save(tmp_path)
-    back = dt.load(Two(), tmp_path)
+    back = assert_round_trip(dm, Two(), x_in(3, 8), tmp_path)
     assert torch.equal(back.shared["default"].vblora_vector_bank, dm.shared["default"].vblora_vector_bank)
-    assert max_diff(back(x), dm(x)) == 0
 
 
 def test_one_bank_drives_every_layer_and_only_topk_logits_matter():
@@ -130,17 +127,7 @@ def test_mixed_adapter_batch():
     dm.add_adapter("other", dt.make_config("vblora", targets=["a"], **OPTS))
     dm.set_active(["default", "other"])
     perturb(dm)
-    x = x_in(4, 8)
-    names = ["default", "other", dt.BASE, "default"]
-    mixed = dm(x, adapter_names=names)
-    for i, n in enumerate(names):
-        if n == dt.BASE:
-            with dm.disabled():
-                ref = dm(x[i:i + 1])
-        else:
-            dm.set_active(n)
-            ref = dm(x[i:i + 1])
-        assert max_diff(mixed[i:i + 1], ref) < 1e-6
+    assert_rows_match_each_adapter(dm, x_in(4, 8), ["default", "other", dt.BASE, "default"], rows_alone=True)
 
 
 def test_bad_options():
@@ -210,13 +197,5 @@ def test_minilm_loss_goes_down(make_minilm, minilm_batch):
     dm = dt.inject(make_minilm(), dt.make_config("vblora", targets=["query", "value"], r=4, num_vectors=32,
                                                 vector_length=128))
     assert dm.trainable_parameters() == 12 * 4 * (384 + 384) // 128 * 32 + 32 * 128
-    opt = torch.optim.AdamW([p for p in dm.parameters() if p.requires_grad], lr=5e-3)
-    labels = torch.tensor([1, 0, 0, 1])
-    losses = []
-    for _ in range(5):
-        loss = dm(**minilm_batch, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_losses(dm, minilm_batch, lr=5e-3, eval_mode=True, labels=torch.tensor([1, 0, 0, 1]))
     assert losses[-1] < losses[0], losses

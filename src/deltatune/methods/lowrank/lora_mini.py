@@ -31,8 +31,9 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from ...engine.kinds import kaiming_uniform_
-from ...engine.layer import Delta, DeltaLayer
+from ...engine.layer import DeltaLayer
 from ...engine.registry import DeltaConfig, register
+from ._factored import Factored
 from ._sharing import LayerShared, generator
 from .lora import adapter_dtype
 
@@ -55,7 +56,7 @@ class LoRAMiniConfig(DeltaConfig):
 
 @register("lora_mini", config=LoRAMiniConfig, family="low-rank", formula="r*(a + b)", paper="arXiv:2411.15804",
           summary="LoRA-Mini: each LoRA factor split in a frozen random outer and a trained inner matrix")
-class LoRAMini(Delta):
+class LoRAMini(Factored):
     def __init__(self, config: LoRAMiniConfig, layer: DeltaLayer, initialize: bool = True,
                  shared: LayerShared | None = None):
         super().__init__(config, layer, shared=shared)
@@ -86,13 +87,3 @@ class LoRAMini(Delta):
     def factors(self) -> tuple[Tensor, Tensor]:
         """(A (r, d_in), B (d_out, r)) = (A_train A_aux, B_aux B_train)."""
         return self.lora_A_train @ self.lora_A_aux, self.lora_B_aux @ self.lora_B_train
-
-    def delta_weight(self, layer: DeltaLayer) -> Tensor:
-        A, B = self.factors()
-        return self.scale * (B @ A)  # (d_out, d_in)
-
-    def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
-        A, B = self.factors()
-        x = self.dropout(x).to(A.dtype) if x.is_floating_point() else x  # embeddings take ids
-        y = layer.mix(layer.apply_matrix(x, A), B) * self.scale
-        return out + y.to(out.dtype)

@@ -33,8 +33,9 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from ...engine.layer import Delta, DeltaLayer
+from ...engine.layer import DeltaLayer
 from ...engine.registry import DeltaConfig, register
+from ._factored import Factored
 from ._sharing import LayerShared, generator
 from .lora import adapter_dtype
 
@@ -91,7 +92,7 @@ class MoSPools(LayerShared):
 @register("mos", config=MoSConfig, family="low-rank", formula="pool_r(d_in + d_out) (global pools)",
           paper="arXiv:2410.00938",
           summary="MoS: A and B rows concatenated from fixed random shards of global pools, some shards private")
-class MoS(Delta):
+class MoS(Factored):
     def __init__(self, config: MoSConfig, layer: DeltaLayer, initialize: bool = True,
                  shared: MoSPools | None = None):
         super().__init__(config, layer, shared=shared)
@@ -110,12 +111,3 @@ class MoS(Delta):
         A = self.shared.mos_A[self.pool][self.mos_index_A].reshape(r, -1)  # (r·l, d_in/l) -> (r, d_in)
         B = self.shared.mos_B[self.pool][self.mos_index_B].reshape(r, -1).t()  # (r·l, d_out/l) -> (d_out, r)
         return A, B
-
-    def delta_weight(self, layer: DeltaLayer) -> Tensor:
-        A, B = self.factors()
-        return self.scale * (B @ A)  # (d_out, d_in)
-
-    def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
-        A, B = self.factors()
-        x = self.dropout(x).to(A.dtype) if x.is_floating_point() else x
-        return out + (layer.mix(layer.apply_matrix(x, A), B) * self.scale).to(out.dtype)

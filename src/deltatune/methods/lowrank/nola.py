@@ -26,8 +26,9 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from ...engine.layer import Delta, DeltaLayer
+from ...engine.layer import DeltaLayer
 from ...engine.registry import DeltaConfig, register
+from ._factored import Factored
 from ._sharing import LayerShared, generator
 from .lora import adapter_dtype, check_rank
 
@@ -42,7 +43,7 @@ class NOLAConfig(DeltaConfig):
 
 @register("nola", config=NOLAConfig, family="low-rank", formula="k + l", paper="arXiv:2310.02556",
           summary="NOLA: LoRA factors as trained mixtures of frozen random bases regenerated from a seed")
-class NOLA(Delta):
+class NOLA(Factored):
     def __init__(self, config: NOLAConfig, layer: DeltaLayer, initialize: bool = True,
                  shared: LayerShared | None = None):
         super().__init__(config, layer, shared=shared)
@@ -72,13 +73,3 @@ class NOLA(Delta):
         A = self.nola_A0 + (self.nola_alpha @ self.nola_bases_A).view(r, d_in)
         B = (self.nola_beta @ self.nola_bases_B).view(d_out, r)
         return A, B
-
-    def delta_weight(self, layer: DeltaLayer) -> Tensor:
-        A, B = self.factors()
-        return self.scale * (B @ A)  # (d_out, d_in)
-
-    def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
-        A, B = self.factors()
-        x = x.to(A.dtype) if x.is_floating_point() else x  # embeddings take ids
-        y = layer.mix(layer.apply_matrix(x, A), B) * self.scale
-        return out + y.to(out.dtype)

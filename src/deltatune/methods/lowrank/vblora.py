@@ -29,10 +29,11 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from ...engine.kinds import CONV1D, LINEAR
-from ...engine.layer import Delta, DeltaLayer
+from ...engine.layer import DeltaLayer
 from ...engine.peft_format import PeftCodec, layer_tensors, register_peft
 from ...engine.registry import DeltaConfig, make_config, register
 from ...engine.targeting import require_layers
+from ._factored import Factored
 from .lora import adapter_dtype
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ class VectorBank(nn.Module):
 
 @register("vblora", config=VBLoRAConfig, family="low-rank", formula="r(d_in + d_out)/b*h + h*b (h*b: the bank, global)",
           paper="arXiv:2405.15179", summary="VB-LoRA: A, B sub-vectors as top-k mixtures of one global vector bank")
-class VBLoRA(Delta):
+class VBLoRA(Factored):
     def __init__(self, config: VBLoRAConfig, layer: DeltaLayer, initialize: bool = True,
                  shared: VectorBank | None = None):
         super().__init__(config, layer, shared=shared)
@@ -97,15 +98,6 @@ class VBLoRA(Delta):
         A = self.mixture(self.vblora_logits_A).reshape(r, -1)  # (r, d_in/b, b) -> (r, d_in)
         B = self.mixture(self.vblora_logits_B).transpose(1, 2).reshape(-1, r)  # (d_out/b, b, r) -> (d_out, r)
         return A, B
-
-    def delta_weight(self, layer: DeltaLayer) -> Tensor:
-        A, B = self.factors()
-        return B @ A  # (d_out, d_in)
-
-    def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
-        A, B = self.factors()  # small: r x d_in and d_out x r, never d_out x d_in
-        x = self.dropout(x).to(A.dtype) if x.is_floating_point() else x
-        return out + layer.mix(layer.apply_matrix(x, A), B).to(out.dtype)
 
 
 def stored_parameters(dm: DeltaModel, name: str | None = None) -> int:

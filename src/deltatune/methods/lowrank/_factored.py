@@ -1,0 +1,28 @@
+"""The shared half of every method whose update is a product of two thin factors built from something else.
+
+ΔW = scale · B A with A (r, d_in) and B (d_out, r) produced by `factors()` (from random bases, shards, a
+vector bank, frozen outer matrices...). Forward applies them to x, never forming the d_out x d_in matrix.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from ...engine.layer import Delta, DeltaLayer
+
+
+class Factored(Delta):
+    scale: float = 1.0
+    dropout: nn.Module = nn.Identity()  # subclasses with a dropout option set their own
+
+    def factors(self) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def delta_weight(self, layer: DeltaLayer) -> Tensor:
+        A, B = self.factors()
+        return self.scale * (B @ A)  # (d_out, d_in)
+
+    def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
+        A, B = self.factors()
+        x = self.dropout(x).to(A.dtype) if x.is_floating_point() else x  # embeddings take ids
+        return out + (layer.mix(layer.apply_matrix(x, A), B) * self.scale).to(out.dtype)
