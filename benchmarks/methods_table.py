@@ -75,8 +75,8 @@ SPECS: dict[str, tuple[dict, float]] = {
     "ether_plus": ({"name": "ether_plus", "targets": QV}, 3e-2),
     "oft": ({"name": "oft", "targets": QV}, 3e-3),
     "boft": ({"name": "boft", "targets": QV}, 3e-2),
-    "goft": ({"name": "goft", "targets": QV}, 3e-3),
-    "qgoft": ({"name": "qgoft", "targets": QV}, 3e-3),
+    "goft": ({"name": "goft", "targets": QV}, 3e-2),
+    "qgoft": ({"name": "qgoft", "targets": QV}, 3e-2),
 }
 # Claims from the papers that this setting can test: (label, a, b, what "held" means)
 ETHER_RATES = (3e-3, 1e-2, 3e-2)  # ETHER's claim: stable across learning rates (LoRA run at the same rates)
