@@ -102,3 +102,16 @@ def assert_round_trip(dm, fresh: nn.Module, x: torch.Tensor, tmp_path, name: str
         assert max_diff(got, expected) < atol
     return loaded
 
+
+
+class TwoLinears(nn.Module):
+    """Two seeded linears of different shapes, 8 -> 6 -> 10 (shared bases are sized for the largest and sliced)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = nn.Linear(8, 6)
+        self.b = nn.Linear(6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import Holder, max_diff, perturb
+from helpers import Holder, TwoLinears, max_diff, perturb
 from safetensors.torch import load_file
 from torch import nn
 
@@ -15,15 +15,7 @@ import deltatune.methods.lowrank.lora_mini  # noqa: F401
 OPTS = {"r": 2, "a": 4, "b": 3, "alpha": 4.0}
 
 
-class Two(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.a = nn.Linear(8, 6)
-        self.b = nn.Linear(6, 10)
-
-    def forward(self, x):
-        return self.b(torch.tanh(self.a(x)))
+Two = TwoLinears
 
 
 X = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))

@@ -7,7 +7,15 @@ import math
 
 import pytest
 import torch
-from helpers import Holder, assert_round_trip, assert_rows_match_each_adapter, max_diff, perturb, train_losses
+from helpers import (
+    Holder,
+    TwoLinears,
+    assert_round_trip,
+    assert_rows_match_each_adapter,
+    max_diff,
+    perturb,
+    train_losses,
+)
 from safetensors.torch import load_file
 from torch import nn
 
@@ -17,15 +25,7 @@ import deltatune.methods.lowrank.nola  # noqa: F401
 OPTS = {"r": 2, "k": 5, "l": 7}
 
 
-class Two(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.a = nn.Linear(8, 6)
-        self.b = nn.Linear(6, 10)
-
-    def forward(self, x):
-        return self.b(torch.tanh(self.a(x)))
+Two = TwoLinears
 
 
 X = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))

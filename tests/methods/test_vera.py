@@ -10,7 +10,15 @@ import math
 import peft
 import pytest
 import torch
-from helpers import Holder, assert_round_trip, assert_rows_match_each_adapter, max_diff, perturb, train_losses
+from helpers import (
+    Holder,
+    TwoLinears,
+    assert_round_trip,
+    assert_rows_match_each_adapter,
+    max_diff,
+    perturb,
+    train_losses,
+)
 from peft.tuners.vera.model import _kaiming_init
 from safetensors.torch import load_file
 from torch import nn
@@ -22,17 +30,7 @@ from deltatune.methods.lowrank.vera import kaiming_bases
 R = 4
 
 
-class Two(nn.Module):
-    """Two linears of different shapes (the shared bases are sized for the largest and sliced)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.a = nn.Linear(8, 6)
-        self.b = nn.Linear(6, 10)
-
-    def forward(self, x):
-        return self.b(torch.tanh(self.a(x)))
+Two = TwoLinears
 
 
 X = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
