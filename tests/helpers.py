@@ -62,7 +62,7 @@ def _output_with(dm, name: str, x: torch.Tensor) -> torch.Tensor:
     return dm(x).detach()
 
 
-def assert_rows_match_each_adapter(dm, x: torch.Tensor, names: list[str], atol: float = 1e-6,
+def assert_rows_match_each_adapter(dm, x: torch.Tensor, names: list[str], atol: float = 1e-5,
                                    rows_alone: bool = False, base: torch.Tensor | None = None
                                    ) -> dict[str, torch.Tensor]:
     """Row i of dm(x, adapter_names=names) must be within atol of adapter names[i] run alone.
@@ -82,7 +82,7 @@ def assert_rows_match_each_adapter(dm, x: torch.Tensor, names: list[str], atol: 
             if n not in alone:
                 alone[n] = _output_with(dm, n, x)
             ref = alone[n][i:i + 1]
-        assert max_diff(mixed[i:i + 1], ref) < atol, (i, n)
+        assert max_diff(mixed[i:i + 1], ref) < atol, (i, n, max_diff(mixed[i:i + 1], ref))
     return alone
 
 

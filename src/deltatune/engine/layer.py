@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .kinds import LayerKind, apply_weight, is_stock, mix_channels, per_channel
+from .fused import LowRank, lowrank_linear, mixed_lowrank
+from .kinds import LINEAR, LayerKind, apply_weight, is_stock, mix_channels, per_channel
 
 BASE = "__base__"  # the adapter name that means "no adapter" in a mixed batch
 
@@ -62,6 +63,15 @@ class Delta(nn.Module):
     def delta_weight(self, layer: DeltaLayer) -> Tensor:
         raise TypeError(f"{type(self).__name__} has no weight delta")
 
+    def low_rank(self) -> LowRank | None:
+        """(A, B, scale, dropout) when this delta's forward is exactly out + scale · B A dropout(x).
+
+        Returning them lets the engine run its fused paths on linear layers (engine/fused.py): one
+        autograd node for the layer and all its low-rank terms, and mixed-adapter batches by batched
+        matmuls. None (the default) keeps the method's own forward.
+        """
+        return None
+
     def bias_delta(self) -> Tensor | None:
         """A change to the layer's bias, merged with the weight delta (None: no change)."""
         return None
@@ -102,6 +112,14 @@ class Routing:
         key = (name, device)
         if key not in self._on:
             self._on[key] = self.groups[name].to(device)
+        return self._on[key]
+
+    def index(self, names: Sequence[str], device: torch.device) -> Tensor:
+        """Per row, the position of its adapter in `names`, or len(names) for rows of any other."""
+        key = (tuple(names), device)
+        if key not in self._on:
+            slot = {n: i for i, n in enumerate(names)}
+            self._on[key] = torch.tensor([slot.get(n, len(names)) for n in self.names], device=device)
         return self._on[key]
 
 
@@ -169,6 +187,10 @@ class DeltaLayer(nn.Module):
                                f"'{type(self.base_layer).__name__}': a non-additive delta (DoRA, full) rescales or "
                                "replaces the whole layer; merge the others first or activate it alone")
         mask = self.token_mask
+        if mask is None and not args and not kwargs and self.kind is LINEAR and self.stock:
+            terms = [d.low_rank() if d.additive else None for d in pending]
+            if all(t is not None and t.A.dtype == x.dtype for t in terms):
+                return lowrank_linear(x, self.base_layer.weight, self.base_layer.bias, terms)
         base = self.base_layer(x, *args, **kwargs) if pending[0].uses_base_output or mask is not None else None
         out = base
         for delta in pending:
@@ -191,14 +213,22 @@ class DeltaLayer(nn.Module):
             raise ValueError(f"adapter_names has {len(route.names)} entries but the batch has {x.shape[0]} rows")
         out = self.base_layer(x, *args, **kwargs)
         mask = self.token_mask
-        for name in route.groups:
-            if name == BASE or name not in self.deltas:
-                continue  # rows of an adapter that does not touch this layer see the base layer
+        names = [n for n in route.groups if n != BASE and n in self.deltas]  # other rows see the base layer
+        if not names:
+            return out
+        if mask is None and self.kind is LINEAR:
+            terms = [self.deltas[n].low_rank() if self.deltas[n].additive else None for n in names]
+            if all(t is not None and t.dropout == 0 and t.A.dtype == x.dtype for t in terms):
+                return mixed_lowrank(x, out, route.index(names, x.device), terms)
+        # Rows are written in place, each group's cost in its own rows, where nothing saved `out` for
+        # backward: a stock layer's output, or any output when no gradient is recorded.
+        in_place = self.stock or not torch.is_grad_enabled()
+        for name in names:
             rows = route.rows(name, x.device)
             y = self.deltas[name](self, x[rows], out[rows]).to(out.dtype)
             if mask is not None:
                 y = self._masked(out[rows], y, mask[rows])
-            out = out.index_copy(0, rows, y)
+            out = out.index_copy_(0, rows, y) if in_place else out.index_copy(0, rows, y)
         return out
 
     # --- merge -----------------------------------------------------------------------------

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ...engine.fused import LowRank
 from ...engine.layer import Delta, DeltaLayer
+from .lora import dropout_p
 
 
 class Factored(Delta):
@@ -21,6 +23,12 @@ class Factored(Delta):
     def delta_weight(self, layer: DeltaLayer) -> Tensor:
         A, B = self.factors()
         return self.scale * (B @ A)  # (d_out, d_in)
+
+    def low_rank(self) -> LowRank | None:
+        if type(self).forward is not Factored.forward:
+            return None
+        A, B = self.factors()
+        return LowRank(A, B, self.scale, dropout_p(self.dropout, self.training))
 
     def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
         A, B = self.factors()

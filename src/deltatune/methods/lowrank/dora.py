@@ -6,6 +6,9 @@ with ||·|| the L2 norm of each output channel (a row of the d_out x d_in matrix
 orientation) and m (d_out) starting at ||W0||, so W' = W0 at step 0. As in the paper (Sec. 4.3) the
 norm is a constant in backward. It is computed from W0, A and B without forming V:
     ||V_i||^2 = ||W0_i||^2 + 2s <B_i, (W0 A^T)_i> + s^2 <B_i, (B A A^T)_i>.
+On a stock linear layer (without dropout in training) the forward is g · (W0 x + b + s B A x) + (1 - g) b
+with g = m / ||V||: the engine's fused low-rank linear, then one multiply-add, so DoRA costs one
+elementwise pass more than LoRA.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ...engine.kinds import EMBEDDING
+from ...engine.fused import LowRank, lowrank_linear
+from ...engine.kinds import EMBEDDING, LINEAR
 from ...engine.layer import DeltaLayer
 from ...engine.registry import register
 from .lora import LoRA, LoRAConfig
@@ -34,6 +38,14 @@ class DoRA(LoRA):
         # At init ΔW = 0 (B = 0, or PiSSA's B A - B0 A0 = 0), so the effective weight is W0.
         norm = torch.linalg.vector_norm(layer.matrix().detach().to(self.lora_A.dtype), dim=1)
         self.lora_magnitude = nn.Parameter(norm if initialize else torch.zeros_like(norm))
+        self._stock_linear = layer.kind is LINEAR and layer.stock
+
+    def _fused(self) -> bool:
+        return self._stock_linear and not (self.training and self.config.dropout > 0)
+
+    @property
+    def uses_base_output(self) -> bool:  # the fused form computes the base output itself
+        return not self._fused()
 
     @torch.no_grad()
     def weight_norm(self, layer: DeltaLayer) -> Tensor:
@@ -45,8 +57,17 @@ class DoRA(LoRA):
               + s * s * ((B @ (A @ A.t())) * B).sum(1))
         return sq.clamp_min(0).sqrt()
 
-    def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
-        g = layer.per_channel(self.lora_magnitude / self.weight_norm(layer), out)  # m / ||V||
+    def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor | None) -> Tensor:
+        g = self.lora_magnitude / self.weight_norm(layer)  # m / ||V||, (d_out,)
+        if self._fused() and x.dtype == self.lora_A.dtype:
+            A, B = self.factors()
+            bias = layer.base_layer.bias
+            z = lowrank_linear(x, layer.weight, bias, [LowRank(A, B, self.scale)])  # W0 x + b + s B A x
+            y = z * g if bias is None else torch.addcmul(bias * (1 - g), z, g)
+            return y if self.lora_bias is None else y + self.lora_bias
+        if out is None:
+            out = layer.base_layer(x)
+        g = layer.per_channel(g, out)
         dx = self.drop(x)
         if (self.training and not isinstance(self.dropout, nn.Identity)) or not layer.stock:
             # The base term must see the same dropped input as the low-rank term (as PEFT does); a custom

@@ -26,9 +26,10 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
+from ...engine.fused import LowRank
 from ...engine.layer import DeltaLayer
 from ...engine.registry import register
-from .lora import LoRA, LoRAConfig
+from .lora import LoRA, LoRAConfig, dropout_p
 
 
 class DyLoRAConfig(LoRAConfig):
@@ -88,6 +89,13 @@ class DyLoRA(LoRA):
         b = self.rank
         A, B = self.factors(b)
         return layer.mix(layer.apply_matrix(x, A), B) * (self.config.alpha / b)
+
+    def low_rank(self) -> LowRank | None:
+        if self.lora_bias is not None:
+            return None
+        b = self.rank
+        A, B = self.factors(b)
+        return LowRank(A, B, self.config.alpha / b, dropout_p(self.dropout, self.training))
 
     # The merged rank is remembered, so unmerge subtracts exactly what merge added even if the rank changed.
     @torch.no_grad()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...engine.kinds import EMBEDDING
+from ...engine.kinds import EMBEDDING, LINEAR
 from ...engine.layer import DeltaLayer
 from ...engine.registry import register
 from .dora import DoRA
@@ -36,6 +36,8 @@ class EDoRA(LoRAXS):
     additive = False
     # DoRA's methods only use factors(), lora_out(), drop(), scale, lora_magnitude and lora_bias
     weight_norm = DoRA.weight_norm
+    _fused = DoRA._fused
+    uses_base_output = DoRA.uses_base_output
     forward = DoRA.forward
     merge = DoRA.merge
     unmerge = DoRA.unmerge
@@ -46,3 +48,4 @@ class EDoRA(LoRAXS):
         super().__init__(config, layer, initialize)
         norm = torch.linalg.vector_norm(layer.matrix().detach().to(self.lora_R.dtype), dim=1)  # (d_out,)
         self.lora_magnitude = nn.Parameter(norm if initialize else torch.zeros_like(norm))
+        self._stock_linear = layer.kind is LINEAR and layer.stock

@@ -23,6 +23,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
+from ...engine.fused import LowRank
 from ...engine.kinds import kaiming_uniform_
 from ...engine.layer import Delta, DeltaLayer
 from ...engine.registry import DeltaConfig, register
@@ -114,6 +115,13 @@ class LoRA(Delta):
     def bias_delta(self) -> Tensor | None:
         return self.lora_bias
 
+    def low_rank(self) -> LowRank | None:
+        cls = type(self)
+        if self.lora_bias is not None or cls.forward is not LoRA.forward or cls.lora_out is not LoRA.lora_out:
+            return None  # a bias term, or a subclass with its own arithmetic
+        A, B = self.factors()
+        return LowRank(A, B, self.scale, dropout_p(self.dropout, self.training))
+
     def drop(self, x: Tensor) -> Tensor:
         return self.dropout(x).to(self.lora_A.dtype) if x.is_floating_point() else x  # embeddings take ids
 
@@ -127,6 +135,10 @@ class LoRA(Delta):
         if self.lora_bias is not None:
             y = y + layer.per_channel(self.lora_bias, y)
         return out + y.to(out.dtype)
+
+
+def dropout_p(dropout: nn.Module, training: bool) -> float:
+    return dropout.p if training and isinstance(dropout, nn.Dropout) else 0.0
 
 
 def pissa_factors(W: Tensor, r: int, scale: float, init: str) -> tuple[Tensor, Tensor]:
