@@ -169,3 +169,27 @@ def test_minilm_goft_trains(make_minilm, minilm_batch):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("method", ["goft", "qgoft"])
+def test_weight_form_for_many_tokens_equals_rotating_every_token(method, monkeypatch):
+    """With >= d_in tokens the layer rotates W0 once; outputs and gradients are those of the per-token levels."""
+    torch.manual_seed(0)
+    dm = dt.inject(Holder(nn.Linear(12, 5)), dt.make_config(method, targets=["layer"]))
+    perturb(dm, std=0.3)
+    x = torch.randn(4, 6, 12)  # 24 tokens >= d_in = 12
+
+    def run():
+        dm.zero_grad()
+        y = dm(x)
+        y.square().sum().backward()
+        return y.detach(), [p.grad.clone() for p in dm.parameters() if p.requires_grad]
+
+    y_weight, g_weight = run()
+    delta = dm.model.layer.deltas["default"]
+    monkeypatch.setattr(type(delta), "weight_form", False)
+    y_tokens, g_tokens = run()
+    torch.testing.assert_close(y_weight, y_tokens)
+    for a, b in zip(g_weight, g_tokens):
+        torch.testing.assert_close(a, b)
+    assert max_diff(y_weight, dm.model.layer.base_layer(x)) > 1e-3  # the rotation acts

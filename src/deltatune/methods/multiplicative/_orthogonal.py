@@ -13,9 +13,10 @@ Also the Cayley transform and block helpers OFT and BOFT share.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from ...engine.kinds import CONV, EMBEDDING
+from ...engine.kinds import CONV, EMBEDDING, LINEAR
 from ...engine.layer import Delta, DeltaLayer
 from ..lowrank.lora import adapter_dtype
 
@@ -69,6 +70,9 @@ class Orthogonal(Delta):
     additive = False
     has_in = True
     has_out = False
+    # True: on a stock linear layer with at least d_in tokens, rotate the weight once (W0 M) instead of every
+    # token, for maps made of many small memory-bound ops (GOFT's log2(d) gather-rotate-scatter levels)
+    weight_form = False
 
     def __init__(self, config, layer: DeltaLayer, initialize: bool = True, shared=None):
         super().__init__(config, layer)
@@ -102,6 +106,9 @@ class Orthogonal(Delta):
         return self.rotated_weight(layer) - layer.matrix().to(self.kw["dtype"])
 
     def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor | None) -> Tensor:
+        if (self.weight_form and not self.has_out and layer.kind is LINEAR and layer.stock
+                and x.numel() >= self.d_in * self.d_in):  # at least d_in tokens
+            return F.linear(x, self.rotated_weight(layer).to(x.dtype), layer.base_layer.bias)
         if layer.kind is CONV:
             return out + layer.apply_matrix(x, self.delta_weight(layer).to(x.dtype)).to(out.dtype)
         h = self.map_in(x.to(self.kw["dtype"])).to(x.dtype) if self.has_in else x

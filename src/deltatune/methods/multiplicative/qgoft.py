@@ -9,8 +9,9 @@ GOFT: block [[cos t, -sin t], [sin t, cos t]], t = pi·tanh(p), p starts at 0 (R
 (option `scaling`: R = P_L ··· P_1 S with a trained diagonal S, ones at init, +d_in).
 qGOFT: each block a free 2x2 matrix (α_i, β_i) (identity init), P = 4(d_in - 1), trained with the soft
 orthogonality penalty λ Σ_i <α_i, β_i>² over all blocks and layers (`regularizer`, a sum; default λ = 0.01).
-The forward applies the levels to x (gather pairs, 2x2 mix, scatter), O(d log d) per token, never forming R;
-R is materialised only for merge/unmerge and conv layers (by the Orthogonal base, from map_in).
+The forward applies the levels to x (gather pairs, 2x2 mix, scatter), O(d log d) per token, never forming R,
+when a batch has fewer than d_in tokens; with more (training batches) it rotates W0 once, W0 Rᵀ, which replaces
+2 log2(d) small memory-bound passes over the activations by the same ops on d_in rows and one matmul.
 Note: the d_in - 1 rotations form a tree rooted at coordinate 0, so output 0 mixes every input, but R is not
 dense and d_in - 1 angles do not span SO(d_in) (dimension d_in(d_in-1)/2); Theorem 4.1 of the paper only says
 d - 1 rotations can move any given vector to any other, though its text calls this equivalent to any rotation.
@@ -66,6 +67,7 @@ def givens_levels(d: int) -> list[tuple[Tensor, Tensor]]:
 @register("goft", config=GOFTConfig, family="multiplicative", formula="d_in - 1", paper="arXiv:2404.04316",
           summary="GOFT: W0 rotated on the input side by d_in - 1 Givens rotations in log2(d_in) parallel levels")
 class GOFT(Orthogonal):
+    weight_form = True  # 9 levels on 384 rows of the identity, not on every token (2.2x -> see README)
     def __init__(self, config, layer: DeltaLayer, initialize: bool = True, shared=None):
         super().__init__(config, layer)
         if self.d_in < 2:
@@ -89,18 +91,28 @@ class GOFT(Orthogonal):
         c, s = torch.cos(t), torch.sin(t)
         return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
 
-    def map_in(self, z: Tensor) -> Tensor:
-        """z @ R = z P_L ··· P_1 S on row vectors: the last level first, the scale last."""
+    def map_in(self, z: Tensor, transpose: bool = False) -> Tensor:
+        """z @ R = z P_L ··· P_1 S on row vectors: the last level first, the scale last.
+
+        transpose=True: z @ Rᵀ = z S P_1ᵀ ··· P_Lᵀ (the scale first, level 1 first, each block transposed).
+        """
         G = self.blocks()
-        for a, b in reversed(self.slices):
+        scale = getattr(self, "givens_scale", None)
+        if transpose:
+            G = G.transpose(1, 2)
+            z = z * scale if scale is not None else z
+        for a, b in (self.slices if transpose else reversed(self.slices)):
             i, j, g = self.pair_i[a:b], self.pair_j[a:b], G[a:b]
             zi, zj = z[..., i], z[..., j]  # (..., n) each
             # [z_i, z_j] @ G: (z P)_i = z_i P_ii + z_j P_ji, (z P)_j = z_i P_ij + z_j P_jj
             new_i = zi * g[:, 0, 0] + zj * g[:, 1, 0]
             new_j = zi * g[:, 0, 1] + zj * g[:, 1, 1]
             z = z.index_copy(-1, i, new_i).index_copy(-1, j, new_j)
-        scale = getattr(self, "givens_scale", None)
-        return z * scale if scale is not None else z
+        return z * scale if scale is not None and not transpose else z
+
+    def rotated_weight(self, layer: DeltaLayer) -> Tensor:
+        """W0 Rᵀ, by the levels on W0's rows (no d_in x d_in matrix, no dense product)."""
+        return self.map_in(layer.matrix().to(self.kw["dtype"]), transpose=True)
 
 
 @register("qgoft", config=QGOFTConfig, family="multiplicative", formula="4*(d_in - 1)", paper="arXiv:2404.04316",
