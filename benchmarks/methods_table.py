@@ -7,7 +7,7 @@ skipped, so an interrupted run resumes where it stopped and runs add up across s
 
 Cost: one real batch (32 x 64 tokens), a train step (forward, backward, AdamW) per method, interleaved
 round-robin in one process so machine load hits all methods alike; time and step peak memory (resident memory
-above the level before the step, as in train_step.py) as ratios to LoRA's, median over rounds.
+above the level before the step, as in `deltatune bench`) as ratios to LoRA's, median over rounds.
 
     python benchmarks/methods_table.py                       # all methods, seeds 0 1 2, then the table
     python benchmarks/methods_table.py --methods vera lora_xs --seeds 0
@@ -28,12 +28,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from train_step import PeakRSS, build  # noqa: E402  (same measurement as the LoRA-vs-PEFT benchmark)
-
-import deltatune as dt  # noqa: E402
-from deltatune.training.loop import Trainer  # noqa: E402
-from deltatune.training.recipe import load_recipe  # noqa: E402
+import deltatune as dt
+from deltatune.bench import cases
+from deltatune.bench.measure import PeakRSS  # the same measurement as `deltatune bench`
+from deltatune.training.loop import Trainer
+from deltatune.training.recipe import load_recipe
 
 RESULTS = Path(__file__).parent / "results"
 RUNS = RESULTS / "methods_table_runs.jsonl"
@@ -129,7 +128,8 @@ def accuracy_runs(labels: list[str], seeds: list[int], lrs: list[float] | None =
 
 def step_costs(labels: list[str], rounds: int, warmup: int = 1) -> dict[str, dict]:
     """Median step time and step peak memory per method, interleaved over rounds, as ratios to LoRA."""
-    base, batch, _ = build("minilm")
+    case = cases.load("minilm")
+    base, batch = case.model, case.batch
     base.train()
     steps, trainable = {}, {}
     for label in labels:

@@ -14,6 +14,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 import deltatune as dt
+from deltatune.cli import bench as bench_cli
 from deltatune.cli import compress as compress_cli
 from deltatune.cli import merge as merge_cli
 from deltatune.training.loop import ADAPTER, RECIPE, Trainer, build_model, evaluate, load_data, make_task
@@ -199,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("items", nargs="+", metavar="RECIPE|key=value", help=RECIPE_HELP)
     p.set_defaults(handler=cmd_validate)
     compress_cli.add_parsers(sub)
+    bench_cli.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,60 @@
+"""`deltatune bench`: methods x models, deltatune beside PEFT and the frozen floor (deltatune.bench)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+from rich.console import Console
+
+from ..bench import cases, suite
+from ..bench.peers import peer
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Benchmark train steps, memory, inference and quality against PEFT; write JSON, Markdown and plots."""
+    overrides = {k: v for k, v in {"models": args.models, "methods": args.methods, "rounds": args.rounds,
+                                   "device": args.device, "dtype": args.dtype, "out": args.out}.items()
+                 if v is not None}
+    if args.methods is not None:
+        overrides["lm_methods"] = None  # the methods asked for, on every model
+        for m in args.methods:
+            peer(m)  # unknown method: fails now, with the close names, not after an hour
+    for m in args.models or []:
+        if m not in cases.CASES:
+            raise ValueError(f"unknown benchmark model '{m}'; choose from {list(cases.CASES)}")
+    cfg = suite.quick_config(**overrides) if args.quick else suite.BenchConfig(**overrides)
+    cfg.compile = args.compile if args.compile is not None else not args.quick
+    cfg.peft = not args.no_peft
+    if cfg.peft:
+        try:
+            import peft  # noqa: F401
+        except ImportError as e:
+            raise ValueError("the side-by-side needs PEFT: pip install 'deltatune[bench]', or pass --no-peft") from e
+    console = Console(stderr=True)
+    flags = [("--quick", args.quick), ("--no-peft", args.no_peft)]
+    if args.compile is not None:
+        flags.append(("--compile" if args.compile else "--no-compile", True))
+    options = [f"--{k} " + " ".join(shlex.quote(str(x)) for x in (v if isinstance(v, list) else [v]))
+               for k, v in overrides.items() if k != "lm_methods"]
+    command = " ".join(["deltatune bench"] + [f for f, on in flags if on] + options)
+    suite.run(cfg, log=lambda line: console.print(line, highlight=False), command=command)
+    console.print(f"results: {cfg.out}/bench.md, bench.json, bench_*.png")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help=cmd_bench.__doc__, description=cmd_bench.__doc__)
+    p.add_argument("--quick", action="store_true", help="minutes on 2 CPU cores: MiniLM, LoRA / dropout / DoRA, few rounds")
+    p.add_argument("--models", nargs="+", metavar="MODEL", help=f"from {list(cases.CASES)}")
+    p.add_argument("--methods", nargs="+", metavar="METHOD",
+                   help="PEFT-paired: " + ", ".join(suite.DEFAULT_METHODS) + "; any other registered method runs "
+                        "deltatune-only")
+    p.add_argument("--rounds", type=int, help="timed rounds per cell (default 10, quick 4)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time torch.compile'd LoRA steps (default: on, off with --quick)")
+    p.add_argument("--no-peft", action="store_true", help="deltatune only (PEFT not installed)")
+    p.add_argument("--device", help="cpu (default) or cuda")
+    p.add_argument("--dtype", help="float32 (default) or bfloat16")
+    p.add_argument("--out", help="output folder (default bench_results)")
+    p.set_defaults(handler=cmd_bench)
