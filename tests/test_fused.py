@@ -101,6 +101,7 @@ FAST_METHODS = {
     "pissa": dt.LoRAConfig(r=4, init="pissa_niter_2", targets=["query", "value"]),
     "nola": dt.get_method("nola").config(targets=["query", "value"]),
     "dylora": dt.get_method("dylora").config(r=4, targets=["query", "value"]),
+    "vera": dt.get_method("vera").config(r=32, targets=["query", "value"]),
 }
 
 
@@ -127,7 +128,8 @@ def test_engine_fast_path_equals_the_method_forward_on_minilm(method, make_minil
     assert len(calls) == 12 + 6  # query, value and key of 6 layers all took the fused path
     monkeypatch.setattr(LoRA, "low_rank", lambda self: None)
     monkeypatch.setattr(Factored, "low_rank", lambda self: None)
-    monkeypatch.setattr(dt.get_method("dylora").delta, "low_rank", lambda self: None)
+    for name in ("dylora", "vera"):
+        monkeypatch.setattr(dt.get_method(name).delta, "low_rank", lambda self: None)
     slow_logits, slow_grads = run()
     assert max_diff(fast_logits, slow_logits) < 1e-5
     assert fast_grads.keys() == slow_grads.keys() and len(fast_grads) > 0

@@ -121,7 +121,8 @@ def test_merge_equals_forward_and_unmerge_restores(kind, opts):
 
 @pytest.mark.parametrize("opts", [{"r": 8}, {"r": 1}, {"r": 1, "decompose_both": True}])
 def test_vec_trick_equals_materialised_kron(opts):
-    """The activation-space forward (vec(A X Bᵀ)) equals running the layer with W0 + s·kron(A, B)."""
+    """Both forwards equal running the layer with W0 + s·kron(A, B): the activation-space one (vec(A X Bᵀ),
+    fewer tokens than d_in: 10 < 12) and the weight form (14 tokens)."""
     from transformers.pytorch_utils import Conv1D
 
     for layer, x in [(nn.Linear(12, 8), torch.randn(2, 5, 12)), (Conv1D(8, 12), torch.randn(2, 5, 12))]:
@@ -136,7 +137,8 @@ def test_vec_trick_equals_materialised_kron(opts):
         K = (A[:, None, :, None] * B[None, :, None, :]).reshape(a1 * b1, a2 * b2) * 3.0 / opts["r"]
         assert max_diff(K, delta.delta_weight(dm.model.layer)) < 1e-6
         W = W0 + (K.t() if isinstance(layer, Conv1D) else K)
-        assert max_diff(dm(x), functional_call(layer, {"weight": W}, (x,))) < 1e-5
+        for tokens in (x, torch.randn(2, 7, 12)):
+            assert max_diff(dm(tokens), functional_call(layer, {"weight": W}, (tokens,))) < 1e-5
 
 
 def test_save_load_round_trip(tmp_path):

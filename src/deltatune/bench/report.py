@@ -82,6 +82,8 @@ def markdown(results: dict[str, Any], command: str) -> str:
              f"{cfg['memory_rounds']} rounds (RSS on CPU). Quality: held-out accuracy (MiniLM / Rotten Tomatoes) or "
              "perplexity (SmolLM2 / Chatterbot answers) after the steps shown, deltatune / peer, the classifier head "
              "trained in full.", ""]
+    for u in results.get("updates", []):
+        lines += [f"Cells rerun by `{u['command']}` on {u['date']}: {', '.join(u['cells'])}.", ""]
     rows = targets(results)
     if rows:
         lines += ["## Targets", "", "| model | target | measured | met |", "|---|---|---|---|"]

@@ -52,6 +52,7 @@ class BenchConfig:
     dtype: str = "float32"
     out: str = "bench_results"
     quick: bool = False
+    update: bool = False  # rerun only these train cells into the results already in `out`, keep the rest
 
 
 def quick_config(**overrides: Any) -> BenchConfig:
@@ -305,6 +306,10 @@ def run(cfg: BenchConfig, log: Any = print, command: str = "deltatune bench") ->
     dtype = getattr(torch, cfg.dtype)
     results: dict[str, Any] = {"command": command, "config": asdict(cfg), "env": environment(cfg), "train": [],
                                "inference": [], "compile": []}
+    if cfg.update:
+        results = _previous(out)
+        results.setdefault("updates", []).append({"command": command, "date": environment(cfg)["date"],
+                                                  "cells": [f"{m} {x}" for m in cfg.models for x in cfg.methods]})
     for name in cfg.models:
         case = cases.load(name, cfg.quality_steps.get(name, 0), cfg.eval_rows.get(name, 0))
         case.to(torch.device(cfg.device), dtype)
@@ -312,15 +317,29 @@ def run(cfg: BenchConfig, log: Any = print, command: str = "deltatune bench") ->
         floor = cases.floor_step(case.model, case.batch)
         methods = cfg.methods if name == "minilm" or cfg.lm_methods is None else cfg.lm_methods
         for method in methods:
-            results["train"].append(train_cell(case, method, cfg, floor, log))
+            cell = train_cell(case, method, cfg, floor, log)
+            old = [i for i, c in enumerate(results["train"]) if (c["model"], c["method"]) == (name, method)]
+            if old:
+                results["train"][old[0]] = cell
+            else:
+                results["train"].append(cell)
             _save(out, results)
-        results["inference"].append(inference_cell(case, cfg, log))
-        if cfg.compile and name in cfg.compile_models:
+        if not cfg.update:
+            results["inference"].append(inference_cell(case, cfg, log))
+        if cfg.compile and name in cfg.compile_models and not cfg.update:
             results["compile"].append(compile_cell(case, cfg, log))
         write(results, out, command)  # a later model's failure keeps this one's report
         del case, floor
         gc.collect()
     return results
+
+
+def _previous(out: Path) -> dict[str, Any]:
+    path = out / "bench.json"
+    if not path.exists():
+        raise ValueError(f"--update reruns cells into existing results, but {path} does not exist; "
+                         "run without --update first")
+    return json.loads(path.read_text())
 
 
 def _save(out: Path, results: dict[str, Any]) -> None:

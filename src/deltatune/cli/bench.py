@@ -26,13 +26,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = suite.quick_config(**overrides) if args.quick else suite.BenchConfig(**overrides)
     cfg.compile = args.compile if args.compile is not None else not args.quick
     cfg.peft = not args.no_peft
+    cfg.update = args.update
+    if args.update and args.methods is None:
+        raise ValueError("--update reruns the cells of the methods you name: add --methods METHOD ...")
     if cfg.peft:
         try:
             import peft  # noqa: F401
         except ImportError as e:
             raise ValueError("the side-by-side needs PEFT: pip install 'deltatune[bench]', or pass --no-peft") from e
     console = Console(stderr=True)
-    flags = [("--quick", args.quick), ("--no-peft", args.no_peft)]
+    flags = [("--quick", args.quick), ("--no-peft", args.no_peft), ("--update", args.update)]
     if args.compile is not None:
         flags.append(("--compile" if args.compile else "--no-compile", True))
     options = [f"--{k} " + " ".join(shlex.quote(str(x)) for x in (v if isinstance(v, list) else [v]))
@@ -57,4 +60,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu (default) or cuda")
     p.add_argument("--dtype", help="float32 (default) or bfloat16")
     p.add_argument("--out", help="output folder (default bench_results)")
+    p.add_argument("--update", action="store_true",
+                   help="rerun only the --methods cells into the results already in --out (after a fix), keep the rest")
     p.set_defaults(handler=cmd_bench)

@@ -24,12 +24,13 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from ...engine.fused import LowRank
 from ...engine.kinds import CONV1D, LINEAR, kind_of
 from ...engine.layer import Delta, DeltaLayer
 from ...engine.peft_format import PeftCodec, layer_tensors, register_peft
 from ...engine.registry import DeltaConfig, make_config, register
 from ...engine.targeting import require_layers
-from .lora import adapter_dtype
+from .lora import adapter_dtype, dropout_p
 
 
 class VeRAConfig(DeltaConfig):
@@ -86,6 +87,12 @@ class VeRA(Delta):
     def delta_weight(self, layer: DeltaLayer) -> Tensor:
         A, B = self.bases()
         return (self.vera_lambda_b[:, None] * B) @ (self.vera_lambda_d[:, None] * A)  # (d_out, d_in)
+
+    def low_rank(self) -> LowRank:
+        """ΔW = (Λb B)(Λd A): scaled copies of the thin shared slices, for the engine's fused paths."""
+        A, B = self.bases()
+        return LowRank(self.vera_lambda_d[:, None] * A, self.vera_lambda_b[:, None] * B, 1.0,
+                       dropout_p(self.dropout, self.training))
 
     def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
         A, B = self.bases()
