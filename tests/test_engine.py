@@ -613,3 +613,12 @@ def test_minilm_accounting_with_head_and_dora(make_minilm):
     assert len(d_rows) == 12 and all(r["parameters"] == 8 * 768 + 384 and r["trainable"] == 0 for r in d_rows)
     dm.set_active("d")
     assert dm.trainable_parameters() == 12 * (8 * 768 + 384)
+
+
+def test_fingerprint_reaches_the_last_entry_of_tensors_beyond_float32_index_precision():
+    from deltatune.engine.model import fingerprint
+
+    w = torch.zeros(2**24 + 3)  # float32 linspace rounds the last index past the end here
+    before = fingerprint(w)
+    w[-1] = 1.0
+    assert fingerprint(w) != before

@@ -206,3 +206,27 @@ def test_dora_training_gradients_equal_peft_dora(tmp_path, make_minilm, minilm_b
         for ours_name, peft_name in (("lora_A", "lora_A.default.weight"), ("lora_B", "lora_B.default.weight"),
                                      ("lora_magnitude", "lora_magnitude_vector.default.weight")):
             assert max_diff(getattr(delta, ours_name).grad, peft_grads[prefix + peft_name]) < 1e-5, (path, ours_name)
+
+
+class _Doubling(nn.Linear):
+    """A user subclass with its own forward: the fused paths must not assume x Aᵀ."""
+
+    def forward(self, x):
+        return super().forward(2 * x)
+
+
+def test_custom_linear_forward_keeps_its_own_arithmetic_alone_and_in_mixed_batches():
+    from helpers import Holder, assert_rows_match_each_adapter
+
+    torch.manual_seed(0)
+    layer = _Doubling(6, 4)
+    dm = dt.inject(Holder(layer), dt.LoRAConfig(r=2, targets=["layer"]), name="a")
+    dm.add_adapter("b", dt.LoRAConfig(r=3, targets=["layer"]))
+    perturb(dm, std=0.3)
+    x = torch.randn(5, 6)
+    dm.set_active("a")
+    d = dm.model.layer.deltas["a"]
+    expected = layer(x) + d.scale * (2 * x) @ d.lora_A.t() @ d.lora_B.t()  # the layer's own map, twice x
+    assert max_diff(dm(x), expected) < 1e-5
+    dm.set_active(["a", "b"])
+    assert_rows_match_each_adapter(dm, x, ["b", "a", dt.BASE, "a", "b"])

@@ -33,8 +33,9 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
         if drop and lora and "peft" in drop["time_s"]:
             r = drop["ratios"]["deltatune/peft time"]["median"]
             rows.append((model, "LoRA dropout 0.1 time <= 0.97x PEFT", f"{r:.3f}", r <= 0.97))
-            ours = drop["step_peak_mib"]["deltatune"] - lora["step_peak_mib"]["deltatune"]
-            theirs = drop["step_peak_mib"]["peft"] - lora["step_peak_mib"]["peft"]
+            # two cells: each is compared through its own floor, as for DoRA's time
+            ours = _excess(drop, "deltatune") - _excess(lora, "deltatune")
+            theirs = _excess(drop, "peft") - _excess(lora, "peft")
             rows.append((model, "dropout memory above LoRA <= half of PEFT's", f"{ours:.0f} vs {theirs:.0f} MiB",
                          ours <= 0.5 * max(theirs, 0.0)))
         if dora and lora:
@@ -186,3 +187,31 @@ def write(results: dict[str, Any], out: Path, command: str | None = None) -> Non
     atomic_write_text(out / "bench.json", json.dumps(results, indent=1) + "\n")
     atomic_write_text(out / "bench.md", markdown(results, command or results.get("command", "deltatune bench")))
     plots(results, out)
+
+
+def headline(results: dict[str, Any]) -> str:
+    """The README's table: the targets and the side-by-side LoRA / dropout / DoRA / inference numbers."""
+    lines = ["| model | target | measured | met |", "|---|---|---|---|"]
+    lines += [f"| {m} | {t} | {v} | {'yes' if ok else '**no**'} |" for m, t, v, ok in targets(results)]
+    lines += ["", "| model | method | step time vs PEFT | vs floor (PEFT's) | memory above floor MiB (PEFT's) "
+              "| quality (PEFT's) |", "|---|---|---|---|---|---|"]
+    for c in results["train"]:
+        if c["peer"] != "peft":
+            continue
+        q = c.get("quality", {})
+        lines.append(f"| {c['model']} | {c['method']} | {_fmt_ratio(c['ratios']['deltatune/peft time'])} | "
+                     f"{c['ratios']['deltatune/floor time']['median']:.3f} ({c['ratios']['peft/floor time']['median']:.3f}) | "
+                     f"{_excess(c, 'deltatune'):.0f} ({_excess(c, 'peft'):.0f}) | "
+                     + (f"{q['deltatune']:.3f} ({q['peft']:.3f})" if "peft" in q else "") + " |")
+    return "\n".join(lines)
+
+
+def update_readme(results: dict[str, Any], readme: Path) -> None:
+    """Replace the block between <!-- bench:targets --> and <!-- /bench:targets --> with `headline`."""
+    text = Path(readme).read_text()
+    start, end = "<!-- bench:targets -->", "<!-- /bench:targets -->"
+    if start not in text or end not in text:
+        raise ValueError(f"{readme} has no '{start}' ... '{end}' block to fill")
+    head, rest = text.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    atomic_write_text(readme, f"{head}{start}\n{headline(results)}\n{end}{tail}")

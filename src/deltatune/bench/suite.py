@@ -52,7 +52,7 @@ class BenchConfig:
     dtype: str = "float32"
     out: str = "bench_results"
     quick: bool = False
-    update: bool = False  # rerun only these train cells into the results already in `out`, keep the rest
+    update: bool = False  # rerun these train cells into the results in `out`, keep the rest, fill missing models
 
 
 def quick_config(**overrides: Any) -> BenchConfig:
@@ -316,6 +316,10 @@ def run(cfg: BenchConfig, log: Any = print, command: str = "deltatune bench") ->
         case.model.train()
         floor = cases.floor_step(case.model, case.batch)
         methods = cfg.methods if name == "minilm" or cfg.lm_methods is None else cfg.lm_methods
+        for kind in ("inference", "compile"):  # --update --methods inference: measure that cell again
+            if cfg.update and kind in methods:
+                results[kind] = [c for c in results[kind] if c["model"] != name]
+        methods = [m for m in methods if m not in ("inference", "compile")]
         for method in methods:
             cell = train_cell(case, method, cfg, floor, log)
             old = [i for i, c in enumerate(results["train"]) if (c["model"], c["method"]) == (name, method)]
@@ -324,9 +328,10 @@ def run(cfg: BenchConfig, log: Any = print, command: str = "deltatune bench") ->
             else:
                 results["train"].append(cell)
             _save(out, results)
-        if not cfg.update:
+        have = lambda kind, name=name: any(c["model"] == name for c in results[kind])  # noqa: E731  (update: fill gaps)
+        if not have("inference"):
             results["inference"].append(inference_cell(case, cfg, log))
-        if cfg.compile and name in cfg.compile_models and not cfg.update:
+        if cfg.compile and name in cfg.compile_models and not have("compile"):
             results["compile"].append(compile_cell(case, cfg, log))
         write(results, out, command)  # a later model's failure keeps this one's report
         del case, floor

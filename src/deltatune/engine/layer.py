@@ -216,7 +216,7 @@ class DeltaLayer(nn.Module):
         names = [n for n in route.groups if n != BASE and n in self.deltas]  # other rows see the base layer
         if not names:
             return out
-        if mask is None and self.kind is LINEAR:
+        if mask is None and self.kind is LINEAR and self.stock:  # a custom forward is not x Aᵀ
             terms = [self.deltas[n].low_rank() if self.deltas[n].additive else None for n in names]
             if all(t is not None and t.dropout == 0 and t.A.dtype == x.dtype for t in terms):
                 return mixed_lowrank(x, out, route.index(names, x.device), terms)

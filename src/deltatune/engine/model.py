@@ -41,7 +41,9 @@ class Adapter:
 def fingerprint(weight: Tensor) -> str:
     """Shape plus 256 evenly spaced values at bf16 precision: tells models apart, ignores fp32/bf16 copies."""
     flat = weight.detach().reshape(-1)
-    idx = torch.linspace(0, flat.numel() - 1, steps=min(256, flat.numel())).long()
+    # float32 linspace rounds the last index up past the end from 2^24 entries on; clamping keeps every
+    # fingerprint already saved for smaller tensors unchanged
+    idx = torch.linspace(0, flat.numel() - 1, steps=min(256, flat.numel())).long().clamp_(max=flat.numel() - 1)
     sample = flat[idx].to(torch.bfloat16).float().cpu().numpy().tobytes()
     return hashlib.sha1(str(tuple(weight.shape)).encode() + sample).hexdigest()[:16]
 
