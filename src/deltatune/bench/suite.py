@@ -333,7 +333,7 @@ def run(cfg: BenchConfig, log: Any = print, command: str = "deltatune bench") ->
             results["inference"].append(inference_cell(case, cfg, log))
         if cfg.compile and name in cfg.compile_models and not have("compile"):
             results["compile"].append(compile_cell(case, cfg, log))
-        write(results, out, command)  # a later model's failure keeps this one's report
+        write(results, out, results["command"])  # a later model's failure keeps this one's report (updates: the first command)
         del case, floor
         gc.collect()
     return results
