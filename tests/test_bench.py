@@ -51,6 +51,10 @@ def test_cli_rejects_bad_methods_and_models_before_running(capsys):
     assert "lora" in capsys.readouterr().err
     assert main(["bench", "--models", "bert-huge"]) == 2
     assert "minilm" in capsys.readouterr().err
+    assert main(["bench", "--dtype", "fp8"]) == 2
+    assert "bfloat16" in capsys.readouterr().err
+    assert main(["bench", "--device", "tpu"]) == 2
+    assert "use cpu or cuda" in capsys.readouterr().err
 
 
 def _cell(method, ours_t, peft_t, ours_m, peft_m, floor_m=100.0):

@@ -141,8 +141,8 @@ def plots(results: dict[str, Any], out: Path) -> list[Path]:
         fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
         ax = axes[0]
         for who, marker in (("deltatune", "o"), ("peft", "s")):
-            pts = [(c["trainable"][who], c["ratios"][f"{who}/floor time" if who != "deltatune" else "deltatune/floor time"]
-                    ["median"], m) for m, c in cells.items() if who in c["trainable"]]
+            pts = [(c["trainable"][who], c["ratios"][f"{who}/floor time"]["median"], m)
+                   for m, c in cells.items() if who in c["trainable"]]
             if pts:
                 ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=who)
                 for x, y, m in pts:

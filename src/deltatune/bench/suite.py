@@ -96,8 +96,12 @@ def _peft_model(base: nn.Module, config: Any, head: list[str], name: str = "defa
     return get_peft_model(copy.deepcopy(base), config, adapter_name=name)
 
 
-def _contenders(case: cases.Case, method: str, head: bool) -> tuple[nn.Module, nn.Module | None, str]:
-    """(deltatune model, peer model or None, peer label) for one cell, on fresh copies of the base."""
+def _contenders(case: cases.Case, method: str, head: bool, with_peft: bool = True
+                ) -> tuple[nn.Module, nn.Module | None, str]:
+    """(deltatune model, peer model or None, peer label) for one cell, on fresh copies of the base.
+
+    with_peft=False: no PEFT model is built (nor PEFT imported); full fine-tuning keeps its plain-torch peer.
+    """
     p = peer(method)
     torch.manual_seed(0)
     train_modules = case.head if head else None
@@ -106,7 +110,7 @@ def _contenders(case: cases.Case, method: str, head: bool) -> tuple[nn.Module, n
     if method == "full":
         theirs = copy.deepcopy(case.model).requires_grad_(True)
         return ours, theirs, "torch"
-    if p.peft is None:
+    if p.peft is None or not with_peft:
         return ours, None, ""
     return ours, _peft_model(case.model, p.peft(case.targets[p.role], case), case.head if head else []), "peft"
 
@@ -123,9 +127,7 @@ def adapter_bytes(ours: dt.DeltaModel, theirs: nn.Module | None, label: str) -> 
 
 def train_cell(case: cases.Case, method: str, cfg: BenchConfig, floor: Any, log: Any) -> dict[str, Any]:
     device = torch.device(cfg.device)
-    ours, theirs, label = _contenders(case, method, head=False)
-    if not cfg.peft and label == "peft":
-        theirs, label = None, ""
+    ours, theirs, label = _contenders(case, method, head=False, with_peft=cfg.peft)
     steps = {"floor": floor, "deltatune": cases.train_step(ours.train(), case.batch)}
     if theirs is not None:
         steps[label] = cases.train_step(theirs.train(), case.batch)
@@ -148,9 +150,7 @@ def train_cell(case: cases.Case, method: str, cfg: BenchConfig, floor: Any, log:
     gc.collect()
     if case.train:
         cell["quality"] = {"metric": case.metric, "steps": len(case.train), "lr": peer(method).lr}
-        ours, theirs, label = _contenders(case, method, head=True)
-        if not cfg.peft and label == "peft":
-            theirs = None
+        ours, theirs, label = _contenders(case, method, head=True, with_peft=cfg.peft)
         cell["quality"]["deltatune"] = cases.train_and_evaluate(ours, case, peer(method).lr)
         if theirs is not None:
             cell["quality"][label] = cases.train_and_evaluate(theirs, case, peer(method).lr)
@@ -269,7 +269,7 @@ def graph_breaks(model: nn.Module, batch: dict[str, torch.Tensor]) -> int:
 def compile_cell(case: cases.Case, cfg: BenchConfig, log: Any) -> dict[str, Any]:
     """LoRA train steps, eager and torch.compile'd (inductor), deltatune and PEFT, interleaved."""
     device = torch.device(cfg.device)
-    ours, theirs, _ = _contenders(case, "lora", head=False)
+    ours, theirs, _ = _contenders(case, "lora", head=False, with_peft=cfg.peft)
     ours.train()
     breaks = {"deltatune": graph_breaks(ours, case.batch)}
     models = {"deltatune eager": ours, "deltatune compiled": torch.compile(ours)}

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import shlex
 
+import torch
 from rich.console import Console
 
 from ..bench import cases, suite
 from ..bench.peers import peer
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -21,6 +24,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for m in args.methods:
             if not (args.update and m in ("inference", "compile")):
                 peer(m)  # unknown method: fails now, with the close names, not after an hour
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise ValueError(f"unknown --dtype '{args.dtype}'; choose from {list(DTYPES)}")
+    if args.device is not None:
+        if args.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"unknown --device '{args.device}'; use cpu or cuda (cuda:N)")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device} asked for, but torch sees no CUDA device; use --device cpu")
     for m in args.models or []:
         if m not in cases.CASES:
             raise ValueError(f"unknown benchmark model '{m}'; choose from {list(cases.CASES)}")
@@ -59,7 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="also time torch.compile'd LoRA steps (default: on, off with --quick)")
     p.add_argument("--no-peft", action="store_true", help="deltatune only (PEFT not installed)")
     p.add_argument("--device", help="cpu (default) or cuda")
-    p.add_argument("--dtype", help="float32 (default) or bfloat16")
+    p.add_argument("--dtype", help="float32 (default), bfloat16 or float16")
     p.add_argument("--out", help="output folder (default bench_results)")
     p.add_argument("--update", action="store_true",
                    help="rerun only the --methods cells into the results already in --out (after a fix), keep the rest; "
