@@ -21,6 +21,27 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().float() - b.detach().float()).abs().max().item()
 
 
+# float32 products of d terms round differently with every BLAS kernel (AVX2 vs AVX-512, OpenBLAS vs MKL):
+# errors grow with the magnitudes summed, so tolerances are relative to the values compared plus a small
+# absolute floor for entries near zero.
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTOL, atol: float = ATOL,
+                 scale: float | None = None, msg: str = "") -> None:
+    """|actual - expected| <= atol + rtol * s elementwise, s = scale or max|expected| (the magnitude compared).
+
+    Scaling by the largest magnitude, not each entry, is what accumulated rounding in a matmul or a
+    merged weight needs: an entry near zero carries the error of the large terms that summed to it.
+    """
+    a, e = actual.detach().double(), expected.detach().double()
+    assert a.shape == e.shape, f"{msg} shapes differ: {tuple(a.shape)} vs {tuple(e.shape)}"
+    s = e.abs().max().item() if scale is None and e.numel() else (scale or 0.0)
+    err = (a - e).abs().max().item() if e.numel() else 0.0
+    bound = atol + rtol * s
+    assert err <= bound, f"{msg} max |diff| {err:.3g} > {bound:.3g} (atol {atol:g} + rtol {rtol:g} x scale {s:.3g})"
+
+
 class Holder(nn.Module):
     """A one-layer model, so a bare layer can be targeted by the name 'layer'."""
 
