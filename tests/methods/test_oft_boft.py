@@ -6,7 +6,7 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
-from helpers import Holder, assert_round_trip, assert_rows_match_each_adapter, max_diff, perturb, train_losses
+from helpers import Holder, assert_close, assert_round_trip, assert_rows_match_each_adapter, max_diff, perturb, train_losses
 from torch import nn
 
 import deltatune as dt
@@ -97,6 +97,18 @@ def test_coft_keeps_q_in_the_eps_ball():
     assert torch.linalg.matrix_norm(skew(delta.oft_R, 4)).max() <= 1e-2 / 2 + 1e-7  # eps / sqrt(4 blocks)
 
 
+def test_coft_with_block_share_projects_onto_eps():
+    """One shared block: the radius is eps itself (PEFT divides by the stored block count, 1), not eps/sqrt(n)."""
+    from deltatune.methods.multiplicative._orthogonal import skew
+
+    layer, x = make_layer("linear")
+    dm = inject(layer, "oft", coft=True, eps=1e-2, block_share=True)
+    perturb(dm, std=1.0)
+    dm(x)
+    norm = torch.linalg.matrix_norm(skew(dm.model.layer.deltas["default"].oft_R, 4))
+    assert_close(norm, torch.full_like(norm, 1e-2), rtol=1e-5, atol=0)  # projected onto the sphere of radius eps
+
+
 def test_save_load_and_mixed_batch(tmp_path):
     layer, x = make_layer("linear")
     dm = inject(layer, "oft")
@@ -135,6 +147,12 @@ PEFT_CASES = {"oft": ("oft", {"block_size": 4}, {"oft_block_size": 4, "use_cayle
               "oft_neumann": ("oft", {"block_size": 4, "neumann_terms": 5}, {"oft_block_size": 4}),
               "oft_r_share": ("oft", {"block_size": 0, "r": 2, "block_share": True},
                               {"r": 2, "oft_block_size": 0, "block_share": True, "use_cayley_neumann": False}),
+              # COFT's radius: eps / sqrt(stored blocks), i.e. eps itself when the blocks share one (regression)
+              "oft_coft": ("oft", {"block_size": 4, "coft": True, "eps": 0.05},
+                           {"oft_block_size": 4, "coft": True, "eps": 0.05, "use_cayley_neumann": False}),
+              "oft_coft_share": ("oft", {"block_size": 4, "coft": True, "eps": 0.05, "block_share": True},
+                                 {"oft_block_size": 4, "coft": True, "eps": 0.05, "block_share": True,
+                                  "use_cayley_neumann": False}),
               "boft": ("boft", {"block_size": 2, "n_butterfly_factor": 1}, {"boft_block_size": 2}),
               "boft_m3": ("boft", {"block_size": 2, "n_butterfly_factor": 3},
                           {"boft_block_size": 2, "boft_n_butterfly_factor": 3})}

@@ -5,7 +5,8 @@
 i.e. y = W0 (Gᵀ x): the input is rotated block by block (x_b -> x_b R_i as row vectors), then the base layer
 runs; W0 Gᵀ is never formed on Linear / GPT-2 Conv1D. Q_i is stored as its s(s-1)/2 strict upper-triangle
 entries (`oft_R`, (n, s(s-1)/2), zeros: R = I, Init ΔW = 0). P = n·s(s-1)/2 = d_in(s-1)/2 (block_share: s(s-1)/2).
-COFT (constrained OFT, paper Sec. 3.2): before each use Q_i is projected onto ||Q_i||_F <= eps/sqrt(n).
+COFT (constrained OFT, paper Sec. 3.2): before each use Q_i is projected onto ||Q_i||_F <= eps/sqrt(n), or
+onto ||Q||_F <= eps with block_share (one stored block: PEFT's _project_batch divides by the stored count).
 
 [verify] items, checked against the installed peft 0.21.2 (tuners/oft/config.py, layer.py):
 - side: PEFT merges W' = (G Wᵀ)ᵀ = W Gᵀ and its forward is x @ G on row vectors: the input side, as here.
@@ -35,7 +36,8 @@ from ._orthogonal import Orthogonal, block_apply, block_count, cayley, skew
 class OFTConfig(DeltaConfig):
     block_size: int = Field(32, ge=0, description="size s of each orthogonal block (s · r = d_in); 0: use r")
     r: int = Field(0, ge=0, description="number of blocks r instead of block_size (set block_size=0)")
-    coft: bool = Field(False, description="constrained OFT: keep ||Q_i||_F <= eps / sqrt(r)")
+    coft: bool = Field(False, description="constrained OFT: keep ||Q_i||_F <= eps / sqrt(r) "
+                       "(eps with block_share: one stored block)")
     eps: float = Field(6e-5, gt=0, description="COFT radius")
     block_share: bool = Field(False, description="one block shared by all r blocks")
     neumann_terms: int = Field(0, ge=0, description="0: exact Cayley; k > 0: PEFT's k-term Cayley-Neumann series")
@@ -52,9 +54,10 @@ class OFT(Orthogonal):
 
     @torch.no_grad()
     def _project(self) -> None:
-        """COFT: scale Q_i back onto the Frobenius ball of radius eps/sqrt(n) (PEFT's _project_batch)."""
+        """COFT: scale Q_i back onto the Frobenius ball of radius eps/sqrt(stored blocks) (PEFT's _project_batch):
+        eps/sqrt(n), or eps when the n blocks share one."""
         Q = skew(self.oft_R, self.s)
-        eps = self.config.eps / self.n ** 0.5
+        eps = self.config.eps / self.oft_R.shape[0] ** 0.5
         norm = torch.linalg.matrix_norm(Q).clamp_min(1e-30)[:, None]
         self.oft_R.copy_(torch.where(norm <= eps, self.oft_R, self.oft_R * (eps / norm)))
 
