@@ -199,6 +199,33 @@ def test_peft_parity_both_ways(case, tmp_path, cpu_butterfly):
     assert max_diff(back(x), expected) < 1e-5  # deltatune -> PEFT file: same outputs
 
 
+@pytest.mark.parametrize("m", [1, 3])
+def test_boft_conv2d_peft_parity_both_ways(m, tmp_path, cpu_butterfly):
+    """Regression: PEFT keeps a Conv2d's boft_s as (1, d_out); the export wrote (d_out, 1) and PEFT refused it."""
+    layer, x = make_layer("conv2d")  # Conv2d(4, 6, 2): d_in = 16 = 8 blocks of 2
+    dm = dt.inject(Holder(layer), dt.make_config("boft", block_size=2, n_butterfly_factor=m, targets=["layer"]))
+    perturb(dm, std=0.3)
+    expected = dm(x).detach()
+    dm.export_peft(tmp_path / "ours")
+    pm = peft.PeftModel.from_pretrained(Holder(make_layer("conv2d")[0]), tmp_path / "ours").eval()
+    assert pm.base_model.model.layer.boft_s["default"].shape == (1, 6)
+    assert_close(pm(x), expected)  # deltatune file -> PEFT: same outputs
+    perturb(pm, std=0.3, seed=5)
+    theirs = pm(x).detach()
+    pm.save_pretrained(tmp_path / "peft")
+    back = dt.load_peft(Holder(make_layer("conv2d")[0]), tmp_path / "peft")
+    assert_close(back(x), theirs)  # PEFT file -> deltatune: same outputs
+    back.merge()
+    assert_close(back(x), theirs)
+
+
+def test_boft_export_refuses_layers_peft_lacks(tmp_path):
+    for layer in (nn.Conv1d(4, 6, 2), nn.Conv2d(4, 6, (2, 1))):
+        dm = dt.inject(Holder(layer), dt.make_config("boft", block_size=2, targets=["layer"]))
+        with pytest.raises(ValueError, match="PEFT's boft cannot hold 'layer'"):
+            dm.export_peft(tmp_path)
+
+
 def test_butterfly_permutation_equals_peft():
     import peft.tuners.boft.layer as peft_boft
 
