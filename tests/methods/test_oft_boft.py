@@ -127,8 +127,65 @@ def test_bad_options():
         dt.inject(Holder(nn.Linear(16, 4)), dt.make_config("oft", r=4, targets=["layer"]))
     with pytest.raises(ValueError, match="n_butterfly_factor=5 needs"):
         inject(nn.Linear(16, 4), "boft", n_butterfly_factor=5)
-    with pytest.raises(ValueError, match="does not adapt nn.Embedding"):
-        dt.inject(Holder(nn.Embedding(8, 4)), dt.make_config("oft", block_size=2, targets=["layer"]))
+    with pytest.raises(ValueError, match="boft does not adapt nn.Embedding"):
+        dt.inject(Holder(nn.Embedding(8, 4)), dt.make_config("boft", block_size=2, targets=["layer"]))
+    with pytest.raises(ValueError, match="embedding_dim=6 does not split into blocks of size 4"):
+        dt.inject(Holder(nn.Embedding(16, 6)), dt.make_config("oft", block_size=4, targets=["layer"]))
+
+
+class EmbedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.head = nn.Embedding(12, 8, padding_idx=0), nn.Linear(8, 3)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids))
+
+
+IDS = torch.tensor([[1, 5, 0, 11], [3, 3, 7, 2]])
+
+
+def test_oft_on_embedding_rotates_output_features():
+    net = EmbedNet()
+    E0, base = net.emb.weight.detach().clone(), net(IDS).detach()
+    dm = dt.inject(net, dt.make_config("oft", block_size=4, targets=["emb"]))
+    assert dm.trainable_parameters() == 2 * 4 * 3 // 2  # 2 blocks over embedding_dim 8, s(s-1)/2 each
+    assert_close(dm(IDS), base, rtol=0, atol=0)  # R = I at init
+    perturb(dm, std=0.3)
+    delta = dm.model.emb.deltas["default"]
+    G = torch.block_diag(*delta.blocks())
+    assert_close(dm.model.emb(IDS), E0[IDS] @ G)  # each embedding row rotated, block by block
+    assert_close(G.t() @ G, torch.eye(8))
+    y = dm(IDS).detach()
+    dm.merge()
+    assert_close(net.emb.base_layer.weight, E0 @ G)
+    assert_close(dm(IDS), y)
+    dm.unmerge()
+    assert_close(net.emb.base_layer.weight, E0, rtol=0, atol=1e-6)
+    dm.add_adapter("b", dt.make_config("oft", block_size=2, targets=["emb"]))
+    dm.set_active("b")
+    perturb(dm, seed=9)
+    assert_rows_match_each_adapter(dm, IDS, ["b", "default"], atol=1e-5)
+
+
+@pytest.mark.parametrize("neumann", [0, 5])
+def test_oft_embedding_peft_parity_both_ways(neumann, tmp_path):
+    theirs = {"oft_block_size": 4, "use_cayley_neumann": neumann > 0}
+    pm = peft.get_peft_model(EmbedNet(), peft.OFTConfig(target_modules=["emb"], **theirs)).eval()
+    perturb(pm, std=0.3)
+    expected = pm(IDS).detach()
+    pm.save_pretrained(tmp_path / "peft")
+    dm = dt.load_peft(EmbedNet(), tmp_path / "peft")
+    assert dm.adapters["default"].config == dt.make_config("oft", block_size=4, neumann_terms=neumann, targets=["emb"])
+    assert_close(dm(IDS), expected)  # PEFT file -> deltatune
+    dm.merge()
+    pm.merge_adapter()
+    assert_close(dm.model.emb.base_layer.weight, pm.base_model.model.emb.base_layer.weight)
+    dm.unmerge()
+    dm.export_peft(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(EmbedNet(), tmp_path / "ours").eval()
+    assert_close(back(IDS), expected)  # deltatune file -> PEFT
 
 
 # --- PEFT -------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ the output-side map `map_out(h) = h @ Nᵀ`, in activation space. This base turn
 - forward on Linear / GPT-2 Conv1D: rotate x, run the base layer, then map its linear part (never forms W0 M);
 - forward on Conv: the flattened input dimension mixes kernel positions, so no activation form exists; the
   rotated kernel N W0 M (the layer's own size) is used instead;
+- on Embedding (only where a subclass sets adapts_embedding): the output side alone, N = the subclass's map;
 - merge W0 <- N W0 M, and an unmerge that solves with M and N (exact to float64 rounding; M, N need not be
   orthogonal: Cayley-Neumann, ETHER+, BOFT's scale).
 Also the Cayley transform and block helpers OFT and BOFT share.
@@ -73,12 +74,16 @@ class Orthogonal(Delta):
     # True: on a stock linear layer with at least d_in tokens, rotate the weight once (W0 M) instead of every
     # token, for maps made of many small memory-bound ops (GOFT's log2(d) gather-rotate-scatter levels)
     weight_form = False
+    # True: on nn.Embedding (whose input side is token ids) apply the rotation to the output features (map_out)
+    adapts_embedding = False
 
     def __init__(self, config, layer: DeltaLayer, initialize: bool = True, shared=None):
         super().__init__(config, layer)
         if layer.kind is EMBEDDING:
-            raise ValueError(f"{self.method} does not adapt nn.Embedding layers (their input side is token ids); "
-                             "exclude them")
+            if not self.adapts_embedding:
+                raise ValueError(f"{self.method} does not adapt nn.Embedding layers (their input side is token ids); "
+                                 "exclude them")
+            self.has_in, self.has_out = False, True
         self.d_out, self.d_in = layer.matrix().shape
         self.kw = {"dtype": adapter_dtype(layer), "device": layer.weight.device}
         # Conv layers take the weight form and need the base output; Linear-like input rotations run the base.

@@ -14,6 +14,9 @@ onto ||Q||_F <= eps with block_share (one stored block: PEFT's _project_batch di
   `use_cayley_neumann=True, num_cayley_neumann_terms=5` is a truncated series of (I + Q)(I - Q)^-1 (the
   transpose). Our default is the exact transform (exactly orthogonal, as the paper); `neumann_terms=5` gives
   PEFT's default bit for bit. Defaults oft_block_size=32, r=0, eps=6e-5, coft/block_share off, as PEFT.
+On nn.Embedding (a (dim x num) map from one-hot ids, engine/kinds.py) the rotation acts on the output features,
+as PEFT's OFT Embedding: y = E[x] @ G (row vectors), merge E <- E G, the blocks splitting embedding_dim; PEFT's
+key there is `oft_embedding_R.weight`.
 Deviations: a block size that does not divide d_in is an error (PEFT silently picks a nearby divisor);
 PEFT's multiplicative module_dropout is not implemented; on Conv layers PEFT rotates unfolded patches and
 folds them back (not equal to its own merged conv), here the forward is the merged kernel W0 Gᵀ exactly.
@@ -25,7 +28,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from ...engine.kinds import CONV1D
+from ...engine.kinds import CONV1D, EMBEDDING
 from ...engine.layer import DeltaLayer
 from ...engine.peft_format import PeftCodec, layer_tensors, register_peft
 from ...engine.registry import DeltaConfig, make_config, register
@@ -46,9 +49,12 @@ class OFTConfig(DeltaConfig):
 @register("oft", config=OFTConfig, family="multiplicative", formula="d_in*(b-1)/2",
           paper="arXiv:2306.07280", summary="OFT: W0 rotated on the input side by block-diagonal Cayley blocks")
 class OFT(Orthogonal):
+    adapts_embedding = True
+
     def __init__(self, config: OFTConfig, layer: DeltaLayer, initialize: bool = True, shared=None):
         super().__init__(config, layer)
-        self.n, self.s = block_count(self.d_in, config.block_size, config.r, "OFT")
+        d, what = (self.d_out, "embedding_dim") if layer.kind is EMBEDDING else (self.d_in, "d_in")
+        self.n, self.s = block_count(d, config.block_size, config.r, "OFT", what)
         rows = 1 if config.block_share else self.n
         self.oft_R = nn.Parameter(torch.zeros(rows, self.s * (self.s - 1) // 2, **self.kw))  # (n, s(s-1)/2)
 
@@ -71,11 +77,14 @@ class OFT(Orthogonal):
     def map_in(self, z: Tensor) -> Tensor:
         return block_apply(z, self.blocks())
 
+    map_out = map_in  # used on nn.Embedding only: the same block rotation of the output features
+
 
 def _export(dm, adapter):
     cfg = adapter.config
-    tensors = {f"{p}.oft_R.weight": dm.model.get_submodule(p).deltas[adapter.name].oft_R for p in adapter.paths}
     layers = [dm.model.get_submodule(p) for p in adapter.paths]
+    tensors = {f"{p}.{'oft_embedding_R' if layer.kind is EMBEDDING else 'oft_R'}.weight": layer.deltas[adapter.name].oft_R
+               for p, layer in zip(adapter.paths, layers)}
     return {"r": cfg.r, "oft_block_size": cfg.block_size, "coft": cfg.coft, "eps": cfg.eps,
             "block_share": cfg.block_share, "module_dropout": 0.0, "bias": "none", "init_weights": True,
             "use_cayley_neumann": cfg.neumann_terms > 0, "num_cayley_neumann_terms": cfg.neumann_terms or 5,
@@ -87,7 +96,7 @@ def _export(dm, adapter):
 def _load(dm, pc, tensors, path):
     if pc.get("bias", "none") != "none":
         raise ValueError(f"PEFT OFT adapter at '{path}' trains bias={pc['bias']!r}; deltatune imports 'none'")
-    per_layer = layer_tensors(tensors, {"oft_R.weight": "R"}, path)
+    per_layer = layer_tensors(tensors, {"oft_R.weight": "R", "oft_embedding_R.weight": "R"}, path)
     require_layers(dm.model, sorted(per_layer), f"PEFT adapter '{path}'")
     neumann = pc.get("num_cayley_neumann_terms", 5) if pc.get("use_cayley_neumann", True) else 0
     config = make_config("oft", block_size=pc.get("oft_block_size", 0), r=pc.get("r", 0), coft=pc.get("coft", False),
