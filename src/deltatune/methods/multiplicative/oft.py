@@ -83,8 +83,8 @@ class OFT(Orthogonal):
 def _export(dm, adapter):
     cfg = adapter.config
     layers = [dm.model.get_submodule(p) for p in adapter.paths]
-    tensors = {f"{p}.{'oft_embedding_R' if layer.kind is EMBEDDING else 'oft_R'}.weight": layer.deltas[adapter.name].oft_R
-               for p, layer in zip(adapter.paths, layers)}
+    key = lambda layer: "oft_embedding_R.weight" if layer.kind is EMBEDDING else "oft_R.weight"  # noqa: E731
+    tensors = {f"{p}.{key(layer)}": layer.deltas[adapter.name].oft_R for p, layer in zip(adapter.paths, layers)}
     return {"r": cfg.r, "oft_block_size": cfg.block_size, "coft": cfg.coft, "eps": cfg.eps,
             "block_share": cfg.block_share, "module_dropout": 0.0, "bias": "none", "init_weights": True,
             "use_cayley_neumann": cfg.neumann_terms > 0, "num_cayley_neumann_terms": cfg.neumann_terms or 5,
