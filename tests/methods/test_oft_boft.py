@@ -300,3 +300,118 @@ def test_oft_minilm_trains(make_minilm, minilm_batch):
     assert dm.trainable_parameters() == 6 * 2 * 384 * 31 // 2 + 770  # 6 layers x (q, v) x d_in(b-1)/2 + head
     losses = train_losses(dm, minilm_batch, lr=3e-3, labels=torch.tensor([1, 0, 1, 1]))
     assert losses[-1] < losses[0]
+
+
+# --- several unmerged adapters active on one layer ----------------------------------------------------------
+
+STACK = {"oft": ("oft", {"block_size": 4}), "oft2": ("oft", {"block_size": 2}),
+         "boft": ("boft", {"block_size": 2, "n_butterfly_factor": 2}), "lora": ("lora", {"r": 2}),
+         "ia3": ("ia3", {}), "ia3_ff": ("ia3", {"feedforward": ["layer"]})}
+
+
+def stacked(kind, names, seed=0):
+    layer, x = make_layer(kind)
+    W0, b0 = layer.weight.detach().clone(), layer.bias.detach().clone()
+    dm = dt.DeltaModel(Holder(layer))
+    for i, key in enumerate(names):
+        method, opts = STACK[key]
+        dm.add_adapter(f"a{i}", dt.make_config(method, targets=["layer"], **opts))
+        dm.set_active(f"a{i}")
+        perturb(dm, std=0.3, seed=seed + i)
+    dm.set_active([f"a{i}" for i in range(len(names))])
+    return dm, x, W0, b0
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+@pytest.mark.parametrize("names", [["oft", "oft2"], ["oft", "boft"], ["boft", "oft"], ["boft", "boft"],
+                                   ["lora", "oft"], ["oft", "lora"], ["lora", "boft", "oft"], ["ia3", "boft"],
+                                   ["ia3_ff", "oft"], ["oft", "ia3_ff", "boft"], ["boft", "ia3"]])
+def test_stacked_unmerged_equals_merging_in_turn(kind, names):
+    """Active [a, b, ...] unmerged = W0 with a, then b, ... merged: y = N_b N_a W0 M_a M_b x (+ the bias so far)."""
+    dm, x, W0, b0 = stacked(kind, names)
+    y = dm(x).detach()
+    layer = dm.model.layer
+    W, b = layer.matrix().detach().clone(), layer.base_layer.bias.detach().clone()
+    for n in dm.active:  # the composed map by hand: each delta merged onto the matrix so far
+        d = layer.deltas[n]
+        if d.method == "lora":
+            W = W + d.delta_weight(layer)
+        else:
+            if d.method == "ia3" and not d.feedforward:
+                b = b * d.ia3_l
+            W = d.fold(layer, W)
+    ref = torch.func.functional_call(layer.base_layer, {"weight": W.reshape(W0.shape), "bias": b}, (x,))
+    assert_close(y, ref)
+    dm.merge()
+    assert layer.merged == tuple(dm.active)
+    assert_close(dm(x), y)
+    dm.unmerge()
+    assert_close(layer.base_layer.weight, W0, rtol=1e-5, atol=1e-6)
+    assert_close(layer.base_layer.bias, b0, rtol=0, atol=0)
+    dm.train()
+    dm(x).square().sum().backward()  # both adapters train together
+    assert all(p.grad is not None for n in dm.active for p in layer.deltas[n].parameters())
+
+
+def test_stacked_order_matters_and_mixed_batch_stays_per_adapter():
+    dm, x, _, _ = stacked("linear", ["oft", "oft2"])
+    ab = dm(x).detach()
+    dm.set_active(["a1", "a0"])
+    ba = dm(x).detach()
+    assert max_diff(ba, ab) > 1e-3  # rotations do not commute: the order is the merge order
+    assert_rows_match_each_adapter(dm, x, ["a0", "a1", dt.BASE, "a0"], atol=1e-5)  # rows see one adapter each
+    dm.set_active(["a0", "a1"])
+    dm.merge("a1")  # a merged adapter is part of the base, so the unmerged a0 applies on top: order [a1, a0]
+    assert_close(dm(x), ba)
+
+
+def test_oft_embedding_stack_equals_merge():
+    net = EmbedNet()
+    dm = dt.inject(net, dt.make_config("oft", block_size=4, targets=["emb"]))
+    dm.add_adapter("b", dt.make_config("lora", r=2, targets=["emb"]))
+    dm.add_adapter("c", dt.make_config("oft", block_size=2, targets=["emb"]))
+    for n in ("default", "b", "c"):
+        dm.set_active(n)
+        perturb(dm, std=0.3)
+    dm.set_active(["default", "b", "c"])
+    y = dm(IDS).detach()
+    dm.merge()
+    assert_close(dm(IDS), y)
+
+
+def test_stacking_with_a_non_composing_delta_is_refused():
+    layer, x = make_layer("linear")
+    dm = dt.inject(Holder(layer), dt.make_config("oft", block_size=4, targets=["layer"]))
+    dm.add_adapter("dora", dt.make_config("dora", r=2, targets=["layer"]))
+    dm.set_active(["default", "dora"])
+    with pytest.raises(RuntimeError, match="cannot stack unmerged adapters"):
+        dm(x)
+
+
+@pytest.mark.parametrize("method", ["oft", "boft"])
+def test_two_active_adapters_match_peft(method, tmp_path, cpu_butterfly):
+    """PEFT's merge of [p, q] and its BOFT forward apply p then q as here; its OFT forward rotates x by p first
+    (x G_p G_q: W0 M_q M_p), the reverse of its own merge, which equals deltatune's active [q, p]."""
+    cls, opts = (peft.OFTConfig, {"oft_block_size": 4, "use_cayley_neumann": False}) if method == "oft" else \
+        (peft.BOFTConfig, {"boft_block_size": 2, "boft_n_butterfly_factor": 2})
+    x = torch.randn(5, 16, generator=torch.Generator().manual_seed(3))
+    pm = peft.get_peft_model(Two(), cls(target_modules=["a", "b"], **opts), adapter_name="p").eval()
+    pm.add_adapter("q", cls(target_modules=["a", "b"], **opts))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "oft_R" in name or "boft_" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    # one folder per adapter, tmp_path/p and tmp_path/q (names unlike the layers': PEFT strips ".<name>" from keys)
+    pm.save_pretrained(tmp_path)
+    pm.base_model.set_adapter(["p", "q"])
+    theirs = pm(x).detach()
+    dm = dt.load_peft(Two(), tmp_path / "p", name="p")
+    dm.load_peft(tmp_path / "q", name="q")
+    dm.set_active(["q", "p"] if method == "oft" else ["p", "q"])
+    assert_close(dm(x), theirs)
+    dm.set_active(["p", "q"])
+    pm.merge_adapter(["p", "q"])
+    dm.merge()
+    assert_close(dm.model.a.base_layer.weight, pm.base_model.model.a.base_layer.weight)
+    assert_close(dm(x), pm(x))

@@ -16,6 +16,8 @@ m times, then the base layer runs; G is never formed on Linear / Conv1D. Init Q 
 - defaults: boft_block_size=4, boft_block_num=0, boft_n_butterfly_factor=1, as here.
 - PEFT forces n_butterfly_factor to 1 when its CUDA extension is missing (e.g. on CPU); deltatune does not.
 P = m·d_in·b + d_out as stored (PEFT's layout; the paper's count of free parameters is m·d_in(b-1)/2 + d_out).
+Several active unmerged adapters compose as merging them in order does, N_b N_a W0 M_a M_b, which is also
+PEFT's forward with several active BOFT adapters (tested).
 Deviations: boft_dropout (multiplicative block dropout) is not implemented; conv forward is the merged kernel.
 """
 
@@ -50,6 +52,7 @@ def butterfly_perm(d: int, groups: int, half: int) -> Tensor:
           paper="arXiv:2311.06243", summary="BOFT: a butterfly product of block-diagonal Cayley rotations, scaled")
 class BOFT(Orthogonal):
     has_out = True
+    composes = True
 
     def __init__(self, config: BOFTConfig, layer: DeltaLayer, initialize: bool = True, shared=None):
         super().__init__(config, layer)

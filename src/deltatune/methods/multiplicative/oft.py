@@ -17,6 +17,10 @@ onto ||Q||_F <= eps with block_share (one stored block: PEFT's _project_batch di
 On nn.Embedding (a (dim x num) map from one-hot ids, engine/kinds.py) the rotation acts on the output features,
 as PEFT's OFT Embedding: y = E[x] @ G (row vectors), merge E <- E G, the blocks splitting embedding_dim; PEFT's
 key there is `oft_embedding_R.weight`.
+Several active unmerged adapters (`set_active([a, b])`, also with BOFT, IA3 or LoRA on the layer) compose as
+merging them in that order does: W0 M_a M_b, so b's rotation meets x first (see _orthogonal.py). PEFT merges
+the same way, but its unmerged forward rotates x by a first (W0 M_b M_a): PEFT's active [a, b] unmerged is
+deltatune's [b, a] (tested).
 Deviations: a block size that does not divide d_in is an error (PEFT silently picks a nearby divisor);
 PEFT's multiplicative module_dropout is not implemented; on Conv layers PEFT rotates unfolded patches and
 folds them back (not equal to its own merged conv), here the forward is the merged kernel W0 Gᵀ exactly.
@@ -50,6 +54,7 @@ class OFTConfig(DeltaConfig):
           paper="arXiv:2306.07280", summary="OFT: W0 rotated on the input side by block-diagonal Cayley blocks")
 class OFT(Orthogonal):
     adapts_embedding = True
+    composes = True
 
     def __init__(self, config: OFTConfig, layer: DeltaLayer, initialize: bool = True, shared=None):
         super().__init__(config, layer)
