@@ -19,6 +19,8 @@ P = m·d_in·b + d_out as stored (PEFT's layout; the paper's count of free param
 Several active unmerged adapters compose as merging them in order does, N_b N_a W0 M_a M_b, which is also
 PEFT's forward with several active BOFT adapters (tested).
 Deviations: boft_dropout (multiplicative block dropout) is not implemented; conv forward is the merged kernel.
+PEFT export covers what PEFT's boft adapts, Linear and Conv2d with a square kernel and groups=1; other layers
+(Conv1d/3d, GPT-2 Conv1D) are refused there.
 """
 
 from __future__ import annotations
