@@ -85,7 +85,7 @@ def earlier(layer: DeltaLayer, delta: Delta, x: Tensor) -> Tensor:
     """The layer so far (the base layer with the deltas before `delta` applied) on input x.
 
     A delta that ignores `out` (uses_base_output False: an input-side map) re-runs the ones before it, so
-    the chain starts at the last such delta: the base layer runs once per input-side delta in a stack."""
+    the chain starts at the last such delta: each input-side delta in a stack costs one base-layer run."""
     chain = preceding(layer, delta)
     start = max((i for i, d in enumerate(chain) if not d.uses_base_output), default=0)
     out = layer.base_layer(x) if not chain or chain[start].uses_base_output else None
