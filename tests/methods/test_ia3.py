@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import assert_round_trip, assert_rows_match_each_adapter, max_diff, perturb, train_losses
+from helpers import assert_close, assert_round_trip, assert_rows_match_each_adapter, max_diff, perturb, train_losses
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -118,6 +118,29 @@ def test_save_load_and_mixed_batch(tmp_path):
     assert_rows_match_each_adapter(dm, X, ["default", "other", dt.BASE])
 
 
+@pytest.mark.parametrize("ff_b", [["ff"], ["ff", "k", "conv"]])
+def test_two_active_adapters_multiply(ff_b):
+    """Active [a, b] unmerged = both merged: the vectors multiply (input- and output-side ones alike), and a
+    feed-forward vector scales the input of the layer so far; unmerge restores W0 and b0."""
+    dm = inject()
+    perturb(dm, std=0.3)
+    dm.add_adapter("b", dt.make_config("ia3", targets=TARGETS, feedforward=ff_b))
+    dm.set_active("b")
+    perturb(dm, std=0.3, seed=5)
+    dm.set_active(["default", "b"])
+    y = dm(X).detach()
+    m = dm.model
+    la, lb = (m.k.deltas[n].ia3_l for n in ("default", "b"))
+    h = m.k.base_layer(lb * X if "k" in ff_b else X) * la * (1 if "k" in ff_b else lb)
+    assert_close(m.k(X), h)  # by hand on one layer
+    W0 = {k: v.clone() for k, v in m.state_dict().items()}
+    dm.merge()
+    assert_close(dm(X), y)
+    dm.unmerge()
+    for k, v in W0.items():
+        assert_close(m.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
 def test_bad_options():
     with pytest.raises(ValueError, match="does not adapt nn.Embedding"):
         dt.inject(nn.Sequential(nn.Embedding(5, 3)), dt.make_config("ia3", targets=["0"]))
@@ -172,3 +195,23 @@ def test_minilm_loss_goes_down(make_minilm, minilm_batch):
     assert dm.trainable_parameters() == 6 * (384 + 384 + 1536) + 770
     losses = train_losses(dm, minilm_batch, labels=torch.tensor([1, 0, 1, 1]))
     assert losses[-1] < losses[0], losses
+
+
+def test_two_active_adapters_match_peft(tmp_path):
+    cfg = lambda: peft.IA3Config(target_modules=TARGETS, feedforward_modules=["ff", "conv"])  # noqa: E731
+    pm = peft.get_peft_model(Net(), cfg(), adapter_name="p")
+    pm.add_adapter("q", cfg())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "ia3_l" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    pm.save_pretrained(tmp_path)  # tmp_path/p, tmp_path/q
+    pm.base_model.set_adapter(["p", "q"])
+    theirs = pm(X).detach()
+    dm = dt.load_peft(Net(), tmp_path / "p", name="p")
+    dm.load_peft(tmp_path / "q", name="q")
+    dm.set_active(["p", "q"])
+    assert_close(dm(X), theirs)
+    dm.merge()
+    assert_close(dm(X), theirs)

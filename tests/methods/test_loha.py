@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import Holder, assert_round_trip, assert_rows_match_each_adapter, max_diff, perturb, train_losses
+from helpers import (Holder, assert_close, assert_round_trip, assert_rows_match_each_adapter, max_diff, perturb,
+                     train_losses)
 from torch import nn
 
 import deltatune as dt
@@ -116,6 +117,82 @@ def test_bad_options():
         dt.inject(Holder(nn.Embedding(5, 3)), dt.make_config("loha", targets=["layer"]))
     with pytest.raises(ValueError, match="1-D and 2-D"):
         dt.inject(Holder(nn.Conv3d(2, 2, 3)), dt.make_config("loha", r=2, targets=["layer"], effective_conv=True))
+
+
+# --- rank_dropout / module_dropout (shared with LoKr: loha.drop_ranks, loha.module_dropped) ---------------
+
+DROP = {"loha": ("loha", {"r": 2}, True), "lokr": ("lokr", {}, False),
+        "lokr_scaled": ("lokr", {"rank_dropout_scale": True}, True)}
+
+
+def dropout_layer(key, **drop):
+    method, opts, _ = DROP[key]
+    torch.manual_seed(0)
+    dm = dt.inject(Holder(nn.Linear(16, 64)), dt.make_config(method, targets=["layer"], **opts, **drop))
+    perturb(dm, std=0.3)
+    return dm.eval()
+
+
+@pytest.mark.parametrize("key", list(DROP))
+def test_rank_dropout_keeps_one_minus_p_of_the_rows(key):
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(2))
+    dm = dropout_layer(key, rank_dropout=0.3)
+    base = dm.model.layer.base_layer(x).detach()
+    full = dm(x).detach() - base  # eval: no dropout
+    dm.train()
+    kept = []
+    for _ in range(200):
+        d = dm(x).detach() - base
+        on = d.abs().sum(0) > 0  # (64,) rows of ΔW that survived
+        assert torch.equal(d.abs() > 0, on.expand_as(d))  # one mask per forward, for every row of the batch
+        scale = 1 / on.float().mean() if DROP[key][2] else 1.0
+        assert_close(d, full * on * scale)
+        kept.append(on.float().mean())
+    assert abs(torch.stack(kept).mean().item() - 0.7) < 0.02  # 12,800 draws: 3 sigma is 0.012
+    dm.eval()
+    assert torch.equal(dm(x).detach() - base, full)
+
+
+@pytest.mark.parametrize("key", ["loha", "lokr"])
+def test_module_dropout_skips_all_or_nothing(key):
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(2))
+    dm = dropout_layer(key, module_dropout=0.4)
+    base = dm.model.layer.base_layer(x).detach()
+    full = dm(x).detach()
+    dm.train()
+    skipped = 0
+    for _ in range(500):
+        y = dm(x).detach()
+        skipped += torch.equal(y, base)
+        assert torch.equal(y, base) or torch.equal(y, full)
+    assert abs(skipped / 500 - 0.4) < 0.07  # 3 sigma: 0.066
+    dm.eval()
+    assert torch.equal(dm(x).detach(), full)
+
+
+@pytest.mark.parametrize("key", list(DROP))
+def test_dropouts_match_peft_in_training(key, tmp_path):
+    """Same seed -> same masks and same outputs as PEFT in train mode (both draw the module coin, then one
+    uniform per output row); the keys travel both ways."""
+    method, opts, _ = DROP[key]
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(2))
+    dm = dropout_layer(key, rank_dropout=0.3, module_dropout=0.2)
+    dm.export_peft(tmp_path)
+    torch.manual_seed(0)
+    pm = peft.PeftModel.from_pretrained(Holder(nn.Linear(16, 64)), tmp_path, is_trainable=True)
+    cfg = pm.peft_config["default"]
+    assert (cfg.rank_dropout, cfg.module_dropout) == (0.3, 0.2)
+    assert getattr(cfg, "rank_dropout_scale", True) == DROP[key][2]
+    dm.train(), pm.train()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        theirs = pm(x)
+        torch.manual_seed(seed)
+        assert_close(dm(x), theirs)
+    pm.save_pretrained(tmp_path / "peft")
+    torch.manual_seed(0)
+    back = dt.load_peft(Holder(nn.Linear(16, 64)), tmp_path / "peft")
+    assert back.adapters["default"].config == dm.adapters["default"].config
 
 
 # --- PEFT ------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import Holder, assert_round_trip, assert_rows_match_each_adapter, max_diff, perturb, train_losses
+from helpers import (Holder, assert_close, assert_round_trip, assert_rows_match_each_adapter, max_diff, perturb,
+                     train_losses)
 from torch import nn
 from torch.func import functional_call
 
@@ -233,3 +234,74 @@ def test_minilm_loss_goes_down(make_minilm, minilm_batch):
     assert dm.trainable_parameters() == 6 * 2 * (16 * 16 + 8 * (24 + 24))
     losses = train_losses(dm, minilm_batch, labels=torch.tensor([1, 0, 0, 1]))
     assert losses[-1] < losses[0], losses
+
+
+# --- effective_conv (PEFT use_effective_conv2d): a Tucker factor B over the kernel --------------------------
+
+
+class ConvNet(nn.Module):
+    """Conv2d 3x3 and Conv1d k=3, where B is low-rank at r=2 (32 = 4·8, 16 = 4·4: 2 < 8/2), and a 1x1 conv."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(16, 32, 3, padding=1)
+        self.point = nn.Conv2d(32, 16, 1)
+        self.conv1 = nn.Conv1d(16, 32, 3)
+
+    def forward(self, x):  # (B, 16, 5, 5)
+        h = self.point(torch.tanh(self.conv(x)))
+        return self.conv1(h.flatten(2))
+
+
+XC = torch.randn(2, 16, 5, 5, generator=torch.Generator().manual_seed(4))
+EFFECTIVE = ["conv", "point", "conv1"]
+
+
+def test_effective_conv_shapes_count_and_math():
+    from peft.tuners.lokr.layer import make_kron, make_weight_cp
+
+    dm = dt.inject(ConvNet(), dt.make_config("lokr", r=2, effective_conv=True, targets=EFFECTIVE))
+    conv, point, conv1 = (dm.model.get_submodule(p).deltas["default"] for p in EFFECTIVE)
+    assert conv.lokr_t2.shape == (2, 2, 3, 3) and conv1.lokr_t2.shape == (2, 2, 3, 1)
+    assert conv.lokr_w2_a.shape == (2, 8) and conv.lokr_w2_b.shape == (2, 4)
+    assert not hasattr(point, "lokr_t2")  # a 1x1 kernel keeps the plain low-rank B (as PEFT)
+    # A (4 x 4) + t2 (r² k) + w2_a (r b1) + w2_b (r c_in/a2), per conv; the 1x1: A (4·4 = 16 = (4, 8)·(4, 4))
+    assert sum(p.numel() for p in conv.parameters()) == 16 + 4 * 9 + 2 * 8 + 2 * 4
+    assert dm(XC).shape == ConvNet()(XC).shape and max_diff(dm(XC), ConvNet()(XC)) == 0  # A = 0 at init
+    perturb(dm, std=0.3)
+    for d, layer in ((conv, dm.model.conv), (conv1, dm.model.conv1)):
+        A = d.factors()[0]
+        ref = make_kron(A, make_weight_cp(d.lokr_t2, d.lokr_w2_a, d.lokr_w2_b), d.scale)  # PEFT's own formula
+        assert_close(d.delta_weight(layer), ref.reshape(layer.weight.shape).flatten(1))
+    y = dm(XC).detach()
+    W0 = {k: v.clone() for k, v in dm.model.state_dict().items() if "base_layer" in k}
+    dm.merge()
+    assert_close(dm(XC), y)
+    dm.unmerge()
+    for k, v in W0.items():
+        assert_close(dm.model.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_effective_conv_peft_parity_both_ways(tmp_path):
+    cfg = peft.LoKrConfig(r=2, alpha=4, use_effective_conv2d=True, target_modules=EFFECTIVE)
+    pm = peft.get_peft_model(ConvNet(), cfg).eval()
+    perturb(pm, std=0.3)
+    theirs = pm(XC).detach()
+    pm.save_pretrained(tmp_path / "peft")
+    dm = dt.load_peft(ConvNet(), tmp_path / "peft")
+    assert dm.adapters["default"].config == dt.make_config("lokr", r=2, alpha=4.0, effective_conv=True,
+                                                           targets=sorted(EFFECTIVE))
+    assert_close(dm(XC), theirs)  # PEFT file -> deltatune
+    dm.export_peft(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(ConvNet(), tmp_path / "ours").eval()
+    assert back.peft_config["default"].use_effective_conv2d
+    assert_close(back(XC), theirs)  # deltatune file -> PEFT
+    dm.merge()
+    pm.merge_adapter()
+    assert_close(dm.model.conv.base_layer.weight, pm.base_model.model.conv.base_layer.weight)
+
+
+def test_effective_conv_bad_kernel():
+    with pytest.raises(ValueError, match="effective_conv supports 1-D and 2-D convolutions, not a 3-D kernel"):
+        dt.inject(Holder(nn.Conv3d(4, 8, 3)), dt.make_config("lokr", r=1, effective_conv=True, targets=["layer"]))

@@ -29,6 +29,7 @@ class Delta(nn.Module):
     method: str = ""
     mergeable = True
     additive = True  # False: the delta rescales or replaces the whole layer, so it cannot be stacked
+    composes = False  # True: not additive, yet stacks exactly on the deltas before it (IA3, OFT); has fold(layer, W)
     uses_base_output = True  # False: forward ignores `out` (replacement deltas), so the base is not run
     any_module = False  # True: targets may be any module (SSF on LayerNorm), not only weight layers
 
@@ -182,7 +183,7 @@ class DeltaLayer(nn.Module):
         pending = [self.deltas[n] for n in self.active if n not in self._merged]
         if not pending:
             return self.base_layer(x, *args, **kwargs)
-        if len(pending) > 1 and not all(d.additive for d in pending):
+        if len(pending) > 1 and not all(d.additive or d.composes for d in pending):
             raise RuntimeError(f"cannot stack unmerged adapters {[d.method for d in pending]} on one "
                                f"'{type(self.base_layer).__name__}': a non-additive delta (DoRA, full) rescales or "
                                "replaces the whole layer; merge the others first or activate it alone")

@@ -5,6 +5,7 @@ the output-side map `map_out(h) = h @ Nᵀ`, in activation space. This base turn
 - forward on Linear / GPT-2 Conv1D: rotate x, run the base layer, then map its linear part (never forms W0 M);
 - forward on Conv: the flattened input dimension mixes kernel positions, so no activation form exists; the
   rotated kernel N W0 M (the layer's own size) is used instead;
+- on Embedding (only where a subclass sets adapts_embedding): the output side alone, N = the subclass's map;
 - merge W0 <- N W0 M, and an unmerge that solves with M and N (exact to float64 rounding; M, N need not be
   orthogonal: Cayley-Neumann, ETHER+, BOFT's scale).
 Also the Cayley transform and block helpers OFT and BOFT share.
@@ -64,6 +65,51 @@ def block_count(d: int, block_size: int, blocks: int, method: str, what: str = "
     return n, d // n
 
 
+# --- stacking: several unmerged multiplicative deltas on one layer (Delta.composes) -----------------------------
+# The engine chains the active deltas, out = d(layer, x, out), in merge order. Merging d_1 .. d_k in turn gives
+# W_k = N_k W_(k-1) M_k: the layer so far with d_k's maps around it. So an output-side map transforms the
+# chain's `out`, and an input-side map must run the layer so far (d_1 .. d_(k-1)) on its own input M_k x,
+# which is what `earlier` does. Output maps therefore apply in chain order and input maps in reverse.
+
+def preceding(layer: DeltaLayer, delta: Delta) -> list[Delta]:
+    """The unmerged deltas that this forward of `layer` chains before `delta` (none in a mixed-adapter batch,
+    where each row group sees its own adapter alone)."""
+    if layer.route is not None:
+        return []
+    pending = [layer.deltas[n] for n in layer.active if n not in layer.merged]
+    i = next((i for i, d in enumerate(pending) if d is delta), 0)
+    return pending[:i]
+
+
+def earlier(layer: DeltaLayer, delta: Delta, x: Tensor) -> Tensor:
+    """The layer so far (the base layer with the deltas before `delta` applied) on input x.
+
+    A delta that ignores `out` (uses_base_output False: an input-side map) re-runs the ones before it, so
+    the chain starts at the last such delta: each input-side delta in a stack costs one base-layer run."""
+    chain = preceding(layer, delta)
+    start = max((i for i, d in enumerate(chain) if not d.uses_base_output), default=0)
+    out = layer.base_layer(x) if not chain or chain[start].uses_base_output else None
+    for d in chain[start:]:
+        out = d(layer, x, out)
+    return out
+
+
+def folded(layer: DeltaLayer, delta: Delta) -> Tensor:
+    """The (d_out x d_in) weight of the layer so far: W0 with the deltas before `delta` merged in turn."""
+    W = layer.matrix()
+    for d in preceding(layer, delta):
+        if d.composes:
+            W = d.fold(layer, W)
+        elif d.additive:
+            try:
+                W = W + d.delta_weight(layer).to(W.dtype)
+            except TypeError:
+                raise ValueError(f"cannot stack {delta.method} after {d.method} on '{type(layer.base_layer).__name__}'"
+                                 f": {d.method} has no weight form; merge it first or activate {delta.method} first"
+                                 ) from None
+    return W
+
+
 class Orthogonal(Delta):
     """W' = N W0 M with M from `map_in`, N from `map_out` (subclasses set has_in / has_out)."""
 
@@ -73,12 +119,16 @@ class Orthogonal(Delta):
     # True: on a stock linear layer with at least d_in tokens, rotate the weight once (W0 M) instead of every
     # token, for maps made of many small memory-bound ops (GOFT's log2(d) gather-rotate-scatter levels)
     weight_form = False
+    # True: on nn.Embedding (whose input side is token ids) apply the rotation to the output features (map_out)
+    adapts_embedding = False
 
     def __init__(self, config, layer: DeltaLayer, initialize: bool = True, shared=None):
         super().__init__(config, layer)
         if layer.kind is EMBEDDING:
-            raise ValueError(f"{self.method} does not adapt nn.Embedding layers (their input side is token ids); "
-                             "exclude them")
+            if not self.adapts_embedding:
+                raise ValueError(f"{self.method} does not adapt nn.Embedding layers (their input side is token ids); "
+                                 "exclude them")
+            self.has_in, self.has_out = False, True
         self.d_out, self.d_in = layer.matrix().shape
         self.kw = {"dtype": adapter_dtype(layer), "device": layer.weight.device}
         # Conv layers take the weight form and need the base output; Linear-like input rotations run the base.
@@ -96,27 +146,38 @@ class Orthogonal(Delta):
         N = self.map_out(torch.eye(self.d_out, **self.kw)).t() if self.has_out else None
         return M, N
 
-    def rotated_weight(self, layer: DeltaLayer) -> Tensor:
-        W = layer.matrix().to(self.kw["dtype"])
+    def fold(self, layer: DeltaLayer, W: Tensor) -> Tensor:
+        """N W M: the matrix W (d_out x d_in) with this delta merged in."""
         M, N = self.matrices()
+        W = W.to(self.kw["dtype"])
         W = W @ M if M is not None else W
         return N @ W if N is not None else W
+
+    def rotated_weight(self, layer: DeltaLayer) -> Tensor:
+        return self.fold(layer, layer.matrix())
 
     def delta_weight(self, layer: DeltaLayer) -> Tensor:
         return self.rotated_weight(layer) - layer.matrix().to(self.kw["dtype"])
 
     def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor | None) -> Tensor:
-        if (self.weight_form and not self.has_out and layer.kind is LINEAR and layer.stock
+        stacked = bool(preceding(layer, self))
+        if (self.weight_form and not stacked and not self.has_out and layer.kind is LINEAR and layer.stock
                 and x.numel() >= self.d_in * self.d_in):  # at least d_in tokens
             return F.linear(x, self.rotated_weight(layer).to(x.dtype), layer.base_layer.bias)
-        if layer.kind is CONV:
-            return out + layer.apply_matrix(x, self.delta_weight(layer).to(x.dtype)).to(out.dtype)
+        if layer.kind is CONV:  # out = conv(x, W) + b for the layer so far, W = W0 unless stacked
+            W = folded(layer, self) if stacked else layer.matrix()
+            dW = self.fold(layer, W) - W.to(self.kw["dtype"])
+            return out + layer.apply_matrix(x, dW.to(x.dtype)).to(out.dtype)
         h = self.map_in(x.to(self.kw["dtype"])).to(x.dtype) if self.has_in else x
-        y = layer.base_layer(h) if self.has_in else out
+        y = earlier(layer, self, h) if self.has_in else out
         if not self.has_out:
             return y
         bias = getattr(layer.base_layer, "bias", None)
-        if layer.stock:
+        if layer.kind is EMBEDDING:
+            lin = y  # no bias
+        elif stacked:  # the layer so far is affine in its input: its value at 0 is its (possibly changed) bias
+            lin = y - earlier(layer, self, torch.zeros_like(h))
+        elif layer.stock:
             lin = y if bias is None else y - bias  # W0 h, reused from the base output
         else:
             lin = layer.apply_matrix(h, layer.matrix().to(h.dtype))

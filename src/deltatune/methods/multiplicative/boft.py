@@ -9,13 +9,18 @@ m times, then the base layer runs; G is never formed on Linear / Conv1D. Init Q 
 
 [verify] items, checked against the installed peft 0.21.2 (tuners/boft/config.py, layer.py):
 - blocks are stored full (`boft_R`, (m, n, b, b)) with Q = (A - Aᵀ)/2 and R = (I - Q)(I + Q)^-1 (exact solve);
-  `boft_s` (d_out, 1) scales the output rows; merge W' = (G Wᵀ)ᵀ · s; forward x @ G on row vectors.
+  `boft_s` (d_out, 1) on Linear, (1, d_out) on Conv2d, scales the output rows; merge W' = (G Wᵀ)ᵀ · s;
+  forward x @ G on row vectors.
 - P_k: PEFT's block_butterfly_perm(d, n / 2^k, b / 2, m - 1): within groups of d·2^k/n features, chunks of b/2
   are reordered evens-then-odds; P[i, perm[i]] = 1. Reimplemented in `butterfly_perm` (test: equals PEFT's).
 - defaults: boft_block_size=4, boft_block_num=0, boft_n_butterfly_factor=1, as here.
 - PEFT forces n_butterfly_factor to 1 when its CUDA extension is missing (e.g. on CPU); deltatune does not.
 P = m·d_in·b + d_out as stored (PEFT's layout; the paper's count of free parameters is m·d_in(b-1)/2 + d_out).
+Several active unmerged adapters compose as merging them in order does, N_b N_a W0 M_a M_b, which is also
+PEFT's forward with several active BOFT adapters (tested).
 Deviations: boft_dropout (multiplicative block dropout) is not implemented; conv forward is the merged kernel.
+PEFT export covers what PEFT's boft adapts, Linear and Conv2d with a square kernel and groups=1; other layers
+(Conv1d/3d, GPT-2 Conv1D) are refused there.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ def butterfly_perm(d: int, groups: int, half: int) -> Tensor:
           paper="arXiv:2311.06243", summary="BOFT: a butterfly product of block-diagonal Cayley rotations, scaled")
 class BOFT(Orthogonal):
     has_out = True
+    composes = True
 
     def __init__(self, config: BOFTConfig, layer: DeltaLayer, initialize: bool = True, shared=None):
         super().__init__(config, layer)
@@ -83,8 +89,16 @@ def _export(dm, adapter):
     cfg = adapter.config
     tensors = {}
     for p in adapter.paths:
-        delta = dm.model.get_submodule(p).deltas[adapter.name]
-        tensors[f"{p}.boft_R"], tensors[f"{p}.boft_s"] = delta.boft_R, delta.boft_s[:, None]
+        layer = dm.model.get_submodule(p)
+        base = layer.base_layer
+        conv = isinstance(base, nn.Conv2d)
+        if not (conv or isinstance(base, nn.Linear)) or conv and (base.groups > 1 or len(set(base.kernel_size)) > 1):
+            raise ValueError(f"PEFT's boft cannot hold '{p}' ({type(base).__name__}); it adapts Linear and Conv2d "
+                             "with a square kernel and groups=1. Save with DeltaModel.save instead")
+        delta = layer.deltas[adapter.name]
+        # PEFT keeps boft_s as (d_out, 1) on Linear but (1, d_out) on Conv2d
+        tensors[f"{p}.boft_R"] = delta.boft_R
+        tensors[f"{p}.boft_s"] = delta.boft_s[None] if conv else delta.boft_s[:, None]
     return {"boft_block_size": cfg.block_size, "boft_block_num": cfg.block_num,
             "boft_n_butterfly_factor": cfg.n_butterfly_factor, "boft_dropout": 0.0, "bias": "none",
             "init_weights": True, "fan_in_fan_out": False}, tensors

@@ -11,7 +11,10 @@ at 1 (PEFT init_ia3_weights=True), so the model equals the base at step 0.
 
 Merge folds l into W (and b); unmerge divides it back (float tolerance, as PEFT). A zero entry of l cannot be
 divided out: then merge keeps a copy of the layer's weight and bias and unmerge restores them exactly.
-Embedding layers are refused (PEFT's ia3 has none; input scaling of token ids is meaningless).
+Several active unmerged adapters multiply, as in PEFT (whose layer has one feedforward flag for all adapters;
+here each adapter has its own: a feed-forward vector scales the input of the layer so far, an output vector its
+output, exactly as merging them in order). Embedding layers are refused (PEFT's ia3 has none; input scaling of
+token ids is meaningless).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from ...engine.peft_format import PeftCodec, layer_tensors, register_peft
 from ...engine.registry import DeltaConfig, make_config, register
 from ...engine.targeting import matcher, require_layers
 from ..lowrank.lora import adapter_dtype
+from ._orthogonal import earlier
 
 
 class IA3Config(DeltaConfig):
@@ -77,31 +81,25 @@ def unmerge_rows(layer: DeltaLayer, v: Tensor, undo: dict[str, Tensor]) -> None:
         layer.base_layer.bias.copy_(undo["bias"])
 
 
-def _in_view(layer: DeltaLayer) -> tuple[Tensor, int]:
-    """The weight as (groups, d_out/groups, in_channels/groups, kernel) and the group count."""
-    if layer.kind is CONV:
-        w, g = layer.weight, layer.base_layer.groups
-        return w.reshape(g, w.shape[0] // g, w.shape[1], -1), g
-    M = layer.matrix()
-    return M.reshape(1, *M.shape, 1), 1
+def columns_scaled(layer: DeltaLayer, M: Tensor, v: Tensor, inverse: bool = False) -> Tensor:
+    """M diag(v) for a (d_out, d_in) matrix view M, v over the input channels (inverse: divide by v)."""
+    g = layer.base_layer.groups if layer.kind is CONV else 1
+    view = M.reshape(g, M.shape[0] // g, v.numel() // g, -1)  # (groups, d_out/groups, in/groups, kernel)
+    v = v.to(M.dtype).reshape(g, 1, -1, 1)  # (groups, 1, in/groups, 1)
+    return (view / v if inverse else view * v).reshape(M.shape)
 
 
 def scale_columns(layer: DeltaLayer, v: Tensor, inverse: bool = False) -> None:
     """W <- W diag(v) over input channels (inverse: divide by v)."""
-    view, g = _in_view(layer)
-    v = v.to(view.dtype).reshape(g, 1, -1, 1)  # (groups, 1, in/groups, 1)
-    scaled = view / v if inverse else view * v
     w = layer.weight
-    if layer.kind is CONV:
-        w.copy_(scaled.reshape(w.shape))
-    else:
-        w.copy_(layer.kind.to_weight(scaled.reshape(layer.matrix().shape), w))  # (d_out, d_in) back to the layout
+    w.copy_(layer.kind.to_weight(columns_scaled(layer, layer.matrix(), v, inverse), w))
 
 
 @register("ia3", config=IA3Config, family="multiplicative", formula="d_out (d_in for feedforward layers)",
           paper="arXiv:2205.05638", summary="(IA)^3: learned vectors rescale a layer's output (or FFN input)")
 class IA3(Delta):
     additive = False  # it rescales the whole layer output
+    composes = True  # several active (IA)^3 vectors multiply, as PEFT; stacked on other deltas as merging them would
 
     def __init__(self, config: IA3Config, layer: DeltaLayer, initialize: bool = True, shared: Any = None):
         super().__init__(config, layer)
@@ -117,9 +115,13 @@ class IA3(Delta):
         self.ia3_l = nn.Parameter(torch.ones(n, dtype=adapter_dtype(layer), device=layer.weight.device))
 
     def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor | None) -> Tensor:
-        if self.feedforward:
-            return layer.base_layer((x * layer.per_channel(self.ia3_l, x)).to(x.dtype))
+        if self.feedforward:  # the layer so far (the base alone unless stacked) on the scaled input
+            return earlier(layer, self, (x * layer.per_channel(self.ia3_l, x)).to(x.dtype))
         return (out * layer.per_channel(self.ia3_l, out)).to(out.dtype)
+
+    def fold(self, layer: DeltaLayer, W: Tensor) -> Tensor:
+        """The (d_out x d_in) matrix W with this delta merged: W diag(l) (feedforward) or diag(l) W."""
+        return columns_scaled(layer, W, self.ia3_l) if self.feedforward else W * self.ia3_l.to(W.dtype)[:, None]
 
     @torch.no_grad()
     def merge(self, layer: DeltaLayer) -> Any:

@@ -13,7 +13,9 @@ dW = 0 at step 0. Defaults r=8, alpha=8 (PEFT's).
 
 The Hadamard product has no activation-space shortcut, so dW is formed in forward; it runs under activation
 checkpointing, so backward recomputes the two rank-r products instead of keeping them (the memory saving of
-PEFT's HadaWeight autograd). Not included: PEFT's rank_dropout and module_dropout (training-time only).
+PEFT's HadaWeight autograd). Training-time dropouts as PEFT's: rank_dropout zeroes each output row of dW with
+probability p (one mask per forward) and rescales the kept rows by 1/mean(mask) (PEFT's LoHa always does);
+module_dropout skips the whole delta for a forward with probability p. Eval forward and merge have neither.
 """
 
 from __future__ import annotations
@@ -39,10 +41,31 @@ class LoHaConfig(DeltaConfig):
     alpha: float = Field(8.0, gt=0, description="scale numerator: s = alpha / r")
     effective_conv: bool = Field(False, description="Tucker (FedPara Prop. 3) factors for convs with kernel > 1 "
                                  "(PEFT use_effective_conv2d)")
+    rank_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="training: drop output rows of ΔW, the kept ones "
+                                "rescaled by 1/mean(mask) (PEFT's LoHa always rescales)")
+    module_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="training: skip the whole delta for a forward")
 
 
-def _factor(t: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
-    """One rank-r factor as a (d_out, d_in) matrix."""
+# --- PEFT's LyCORIS dropouts (LoKr and LoHa; training only, so eval and merge are exact) ----------------------
+
+def module_dropped(delta: Delta, p: float) -> bool:
+    """module_dropout: in training, skip the whole delta for this forward with probability p."""
+    return delta.training and p > 0 and bool(torch.rand(()) < p)
+
+
+def drop_ranks(delta: Delta, layer: DeltaLayer, y: Tensor, p: float, scale: bool) -> Tensor:
+    """rank_dropout on y = ΔW x: in training, zero each output channel (a row of ΔW) with probability p, one mask
+    per forward; `scale` divides the kept ones by the kept fraction (PEFT: drop / drop.mean())."""
+    if not (delta.training and p > 0):
+        return y
+    keep = (torch.rand(y.shape[layer.kind.channel_dim], device=y.device) > p).to(y.dtype)  # (d_out,)
+    if scale:
+        keep = keep / keep.mean().clamp_min(1 / keep.numel())  # all dropped: stays 0 (PEFT would give NaN)
+    return y * layer.per_channel(keep, y)
+
+
+def factor_matrix(t: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
+    """One rank-r factor as a (d_out, d_in) matrix: a @ b, or the Tucker form with core t (also LoKr's)."""
     if t is None:
         return a @ b
     return torch.einsum("ijkl,jq,ip->pqkl", t, b, a).flatten(1)  # (c_out, c_in, kh, kw) -> (c_out, c_in*kh*kw)
@@ -50,7 +73,7 @@ def _factor(t: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
 
 def _hadamard(scale: float, t1: Tensor | None, w1a: Tensor, w1b: Tensor, t2: Tensor | None, w2a: Tensor,
               w2b: Tensor) -> Tensor:
-    return _factor(t1, w1a, w1b) * _factor(t2, w2a, w2b) * scale
+    return factor_matrix(t1, w1a, w1b) * factor_matrix(t2, w2a, w2b) * scale
 
 
 @register("loha", config=LoHaConfig, family="structured", formula="2r(d_in + d_out)", paper="arXiv:2108.06098",
@@ -95,8 +118,12 @@ class LoHa(Delta):
         return _hadamard(self.scale, *params)
 
     def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
+        cfg = self.config
+        if module_dropped(self, cfg.module_dropout):
+            return out
         dW = self.delta_weight(layer)
-        return out + layer.apply_matrix(x.to(dW.dtype), dW).to(out.dtype)
+        y = drop_ranks(self, layer, layer.apply_matrix(x.to(dW.dtype), dW), cfg.rank_dropout, scale=True)
+        return out + y.to(out.dtype)
 
 
 # --- PEFT format: '<path>.hada_w1_a' ... same names and shapes as deltatune's parameters ------------------
@@ -112,7 +139,7 @@ def _export(dm: Any, adapter: Any) -> tuple[dict[str, Any], dict[str, Tensor]]:
             raise ValueError(f"PEFT's loha cannot hold '{p}' ({type(layer.base_layer).__name__}); it adapts Linear, "
                              "Conv1d and Conv2d. Save with DeltaModel.save instead")
         tensors.update({f"{p}.{k}": v for k, v in layer.deltas[adapter.name].state_dict().items()})
-    return {"r": cfg.r, "alpha": cfg.alpha, "rank_dropout": 0.0, "module_dropout": 0.0,
+    return {"r": cfg.r, "alpha": cfg.alpha, "rank_dropout": cfg.rank_dropout, "module_dropout": cfg.module_dropout,
             "use_effective_conv2d": cfg.effective_conv, "init_weights": True}, tensors
 
 
@@ -123,6 +150,7 @@ def _load(dm: Any, pc: dict[str, Any], tensors: dict[str, Tensor], path: Any) ->
     per_layer = layer_tensors(tensors, {k: k for k in _KEYS}, path)
     require_layers(dm.model, sorted(per_layer), f"PEFT adapter '{path}'")
     config = make_config("loha", r=pc["r"], alpha=pc["alpha"], effective_conv=pc.get("use_effective_conv2d", False),
+                         rank_dropout=pc.get("rank_dropout", 0.0), module_dropout=pc.get("module_dropout", 0.0),
                          targets=sorted(per_layer))
     return config, {f"{p}.{k}": v for p, parts in per_layer.items() for k, v in parts.items()}
 

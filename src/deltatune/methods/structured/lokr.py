@@ -17,7 +17,13 @@ the paper text was not reachable from this sandbox (the search corpus only held 
 init and alpha/r scale are followed; its "B low-rank" option is LoKr's, not KronA's.
 Forward: for Linear / GPT-2 Conv1D, (A ⊗ B) x = vec(A X Bᵀ) with x viewed as X (a2, b2), never forming
 ΔW. Conv layers materialise ΔW (d_out x c_in·k) and run the layer's conv with it, as PEFT does.
-Not supported: Embedding (PEFT has no LoKr embedding), use_effective_conv2d (lokr_t2), rank/alpha patterns.
+effective_conv (PEFT use_effective_conv2d): on a conv with a kernel > 1 (x 1) whose B is low-rank, B is the
+Tucker form B[p, (q, kh, kw)] = sum_ab t2[a, b, kh, kw] w2_a[a, p] w2_b[b, q], t2 (r, r, kh, kw) (a 1-D kernel
+as (k, 1)), w2_a (r, b1), w2_b (r, c_in/a2): P of B = r²·k + r(b1 + c_in/a2) instead of r(b1 + b2).
+Dropouts (training only; eval and merge are exact), as PEFT: rank_dropout zeroes each output row of ΔW with
+probability p, one mask per forward, rescaled by 1/mean(mask) only with rank_dropout_scale (PEFT's default off);
+module_dropout skips the whole delta for a forward with probability p.
+Not supported: Embedding (PEFT has no LoKr embedding), rank/alpha patterns.
 Deliberate PEFT difference: peft 0.21 forms a Conv1d's *full-rank* w2 with torch.kron of a 2-D and a 3-D tensor,
 which mixes channel and kernel indices; deltatune keeps the Kronecker product on channels and refuses to
 export/import that one case (low-rank Conv1d, Conv2d and Linear match PEFT exactly; tested).
@@ -38,6 +44,7 @@ from ...engine.peft_format import PeftCodec, layer_tensors, register_peft
 from ...engine.registry import DeltaConfig, make_config, register
 from ...engine.targeting import require_layers
 from ..lowrank.lora import adapter_dtype
+from .loha import drop_ranks, factor_matrix, module_dropped
 
 
 class LoKrConfig(DeltaConfig):
@@ -49,6 +56,8 @@ class LoKrConfig(DeltaConfig):
     rank_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="training: drop output rows of ΔW")
     rank_dropout_scale: bool = Field(False, description="rescale kept rows by 1/mean(mask)")
     module_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="training: skip the whole delta")
+    effective_conv: bool = Field(False, description="convs with kernel > 1 and a low-rank B: B as a Tucker factor "
+                                 "t2 x1 w2_a x2 w2_b over the kernel (PEFT use_effective_conv2d)")
 
 
 def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
@@ -66,7 +75,7 @@ def factorization(dim: int, factor: int = -1) -> tuple[int, int]:
 
 
 def lokr_shapes(cfg: LoKrConfig, layer: DeltaLayer) -> tuple[tuple[int, int, int, int], bool, bool]:
-    """((a1, a2, b1, b2), A low-rank, B low-rank) for one layer, b2 including a conv's kernel."""
+    """((a1, a2, b1, b2), A low-rank, B low-rank) for one layer, b2 including a conv's kernel (b2 = n·k)."""
     if layer.kind is EMBEDDING:
         raise ValueError("lokr does not adapt nn.Embedding (PEFT's LoKr has no embedding layer); exclude it")
     d_out, d_in = layer.matrix().shape
@@ -89,7 +98,15 @@ class LoKr(Delta):
             self.lokr_w1_a, self.lokr_w1_b = new(a1, r), new(r, a2)  # A = w1_a @ w1_b
         else:
             self.lokr_w1 = new(a1, a2)
-        if low_b:
+        kernel = tuple(layer.weight.shape[2:]) if layer.kind is CONV else ()
+        if config.effective_conv and len(kernel) > 2:
+            raise ValueError(f"LoKr effective_conv supports 1-D and 2-D convolutions, not a {len(kernel)}-D kernel")
+        # PEFT: only a low-rank B of a conv whose kernel is not 1 (x 1) takes the Tucker form
+        self.tucker = config.effective_conv and low_b and math.prod(kernel) > 1
+        if self.tucker:
+            self.lokr_t2 = new(r, r, *(kernel + (1,))[:2])  # (r, r, kh, kw); a 1-D kernel k as (k, 1), as PEFT
+            self.lokr_w2_a, self.lokr_w2_b = new(r, b1), new(r, b2 // math.prod(kernel))  # (r, b1), (r, c_in/a2)
+        elif low_b:
             self.lokr_w2_a, self.lokr_w2_b = new(b1, r), new(r, b2)  # B = w2_a @ w2_b
         else:
             self.lokr_w2 = new(b1, b2)
@@ -103,6 +120,8 @@ class LoKr(Delta):
     def factors(self) -> tuple[Tensor, Tensor]:
         """(A (a1 x a2), B (b1 x b2)), multiplying out any low-rank factor (both are small)."""
         A = self.lokr_w1 if hasattr(self, "lokr_w1") else self.lokr_w1_a @ self.lokr_w1_b
+        if self.tucker:  # B[p, (q, kh, kw)] = sum_ab t2[a, b, kh, kw] w2_a[a, p] w2_b[b, q]
+            return A, factor_matrix(self.lokr_t2, self.lokr_w2_a, self.lokr_w2_b).contiguous()  # kron views it
         B = self.lokr_w2 if hasattr(self, "lokr_w2") else self.lokr_w2_a @ self.lokr_w2_b
         return A, B
 
@@ -110,7 +129,8 @@ class LoKr(Delta):
         return self.scale * torch.kron(*self.factors())  # (d_out, d_in)
 
     def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
-        if self.training and self.config.module_dropout and torch.rand(()) < self.config.module_dropout:
+        cfg = self.config
+        if module_dropped(self, cfg.module_dropout):
             return out
         tokens = x.numel() // x.shape[-1]
         # The Kronecker product applied to activations saves an (a2 x b1) map per token; from d_in tokens on,
@@ -126,10 +146,7 @@ class LoKr(Delta):
             y = (A @ H).reshape(*x.shape[:-1], a1 * b1) * self.scale  # vec(A X Bᵀ): (..., d_out)
         else:
             y = layer.apply_matrix(x.to(self.factors()[0].dtype), self.delta_weight(layer))
-        if self.training and self.config.rank_dropout:
-            keep = (torch.rand(y.shape[layer.kind.channel_dim], device=y.device) > self.config.rank_dropout).to(y.dtype)
-            y = y * layer.per_channel(keep / keep.mean() if self.config.rank_dropout_scale else keep, y)
-        return out + y.to(out.dtype)
+        return out + drop_ranks(self, layer, y, cfg.rank_dropout, cfg.rank_dropout_scale).to(out.dtype)
 
 
 # --- PEFT format ("LOKR"): lokr_w1 / lokr_w1_a / lokr_w1_b / lokr_w2 / lokr_w2_a / lokr_w2_b per layer ----------
@@ -137,7 +154,7 @@ class LoKr(Delta):
 # so scrambles channels against the kernel; deltatune's ΔW is the Kronecker product on channels, so refuse that case.
 _CONV1D_FULL = ("'{}' is a Conv1d with a full-rank LoKr factor B, which peft 0.21 lays out differently (torch.kron of "
                 "a 2-D and a 3-D tensor); use r < max(b1, b2)/2 so B is low-rank, or save with DeltaModel.save")
-_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+_KEYS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
 
 def _export(dm: Any, adapter: Any) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -153,7 +170,7 @@ def _export(dm: Any, adapter: Any) -> tuple[dict[str, Any], dict[str, Tensor]]:
     return {"r": cfg.r, "alpha": cfg.alpha, "decompose_both": cfg.decompose_both,
             "decompose_factor": cfg.decompose_factor, "rank_dropout": cfg.rank_dropout,
             "rank_dropout_scale": cfg.rank_dropout_scale, "module_dropout": cfg.module_dropout,
-            "use_effective_conv2d": False, "init_weights": True if cfg.init == "peft" else "lycoris",
+            "use_effective_conv2d": cfg.effective_conv, "init_weights": True if cfg.init == "peft" else "lycoris",
             "rank_pattern": {}, "alpha_pattern": {}}, tensors
 
 
@@ -161,8 +178,6 @@ def _load(dm: Any, pc: dict[str, Any], tensors: dict[str, Tensor], path: Any) ->
     for key in ("rank_pattern", "alpha_pattern"):
         if pc.get(key):
             raise ValueError(f"PEFT LoKr adapter at '{path}' uses per-layer {key}, which deltatune cannot import yet")
-    if any(k.endswith(".lokr_t2") for k in tensors):
-        raise ValueError(f"PEFT LoKr adapter at '{path}' uses use_effective_conv2d (lokr_t2), which deltatune lacks")
     per_layer = layer_tensors(tensors, {k: k for k in _KEYS}, path)
     if bad := [p for p, parts in per_layer.items() if "lokr_w2" in parts and parts["lokr_w2"].dim() == 3]:
         raise ValueError(_CONV1D_FULL.format(bad[0]))
@@ -172,6 +187,7 @@ def _load(dm: Any, pc: dict[str, Any], tensors: dict[str, Tensor], path: Any) ->
                          decompose_factor=pc.get("decompose_factor", -1), rank_dropout=pc.get("rank_dropout", 0.0),
                          rank_dropout_scale=pc.get("rank_dropout_scale", False),
                          module_dropout=pc.get("module_dropout", 0.0),
+                         effective_conv=pc.get("use_effective_conv2d", False),
                          init="lycoris" if init == "lycoris" else "peft", targets=sorted(per_layer))
     state = {f"{p}.{k}": t.flatten(1) if k == "lokr_w2" else t for p, parts in per_layer.items() for k, t in parts.items()}
     return config, state
