@@ -244,3 +244,14 @@ def test_adapters_merge_through_merge_adapters(zoo, adapters, tmp_path) -> None:
     one, two = merged_weights(adapters["lora1"]), merged_weights(adapters["lora2"])
     q = "model.layers.1.self_attn.q_proj.weight"
     torch.testing.assert_close(got[q], base[q] + 0.6 * (one[q] - base[q]) + 0.4 * (two[q] - base[q]))
+
+
+def test_merge_help_lists_every_registered_method(capsys, monkeypatch) -> None:
+    """The list comes from MERGE_METHODS, so a method registered later appears without touching the CLI."""
+    assert main(["merge", "--help"]) == 0
+    text = capsys.readouterr().out
+    for name in [*MERGE_METHODS, "linear"]:
+        assert f"\n  {name} " in text, name
+    monkeypatch.setitem(MERGE_METHODS, "new_method", get_merge_method("ties", pretty_name="New"))
+    assert main(["merge", "--help"]) == 0
+    assert "\n  new_method " in capsys.readouterr().out

@@ -43,6 +43,14 @@ def method_names() -> list[str]:
     return [*MERGE_METHODS, LINEAR]
 
 
+def methods_help() -> list[str]:
+    """One line per merge method, from MERGE_METHODS (so help lists every registered preset)."""
+    rows = [(name, f"{m.pretty_name or name}  {m.url}".rstrip()) for name, m in MERGE_METHODS.items()]
+    rows.append((LINEAR, "a weighted model soup: needs no base model, takes no parameters"))
+    width = max(len(name) for name, _ in rows)
+    return [f"{name:<{width}}  {what}" for name, what in rows]
+
+
 class ModelEntry(Section):
     path: str = Field(description="a Hugging Face model folder (safetensors), a deltatune or PEFT adapter "
                       "folder, or a built-in model: minilm, smollm2")
