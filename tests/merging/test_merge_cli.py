@@ -108,6 +108,28 @@ def test_output_equals_the_in_memory_merge(zoo, tmp_path, monkeypatch, method: s
     assert_same(state(tmp_path / "out"), in_memory(zoo, method, seed=5))
 
 
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_per_model_parameters_in_mergekit_spelling(zoo, tmp_path, method: str) -> None:
+    """`- model: x  parameters: {weight, density}` per model: each task vector gets its own density; an
+    override's density is beaten by the model's own one, as in mergekit."""
+    models = [{"model": str(zoo / "ft1"), "parameters": {"weight": 0.6, "density": 0.3}},
+              {"path": str(zoo / "ft2"), "weight": 0.4}]
+    overrides = [{"pattern": "re:.*mlp.*", "parameters": {"density": 0.9}}]
+    cfg = {**config(zoo, tmp_path / "out", method, seed=2), "models": models, "parameters": {"density": 0.6},
+           "overrides": overrides}
+    assert merge(tmp_path, cfg) == 0
+    base, fts = state(zoo / "base"), [state(zoo / "ft1"), state(zoo / "ft2")]
+    own = [{"density": 0.3}, {}]
+    expected = {}
+    for key in base:
+        density = 0.9 if ".mlp." in key else 0.6
+        expected.update(get_merge_method(method, density=density).merge_state_dicts(
+            {key: base[key]}, [{key: ft[key]} for ft in fts], [0.6, 0.4], seed=2, model_parameters=own))
+    assert_same(state(tmp_path / "out"), expected)
+    q = "model.layers.0.self_attn.q_proj.weight"  # ft1's vector kept 30% of its entries, not 60%
+    assert not torch.equal(expected[q], in_memory(zoo, method, seed=2, density=0.6)[q])
+
+
 def test_only_entrywise_methods_merge_in_blocks(monkeypatch) -> None:
     monkeypatch.setattr(run, "CHUNK_BYTES", 512)
     spec = TensorSpec("w", torch.float32, (10, 32))  # 128 B rows: blocks of 4 rows

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -325,16 +325,19 @@ def _base_model(inputs: Sequence[AdapterDeltas]) -> dict[str, Any]:
 
 
 def _merge_layer(merger: TaskVectorMerge, factors: Sequence[LayerFactors | None], weights: Sequence[float],
-                 seed: int, path: str) -> tuple[Tensor, Tensor | None]:
+                 seed: int, path: str, model_parameters: Sequence[Mapping[str, float]] | None = None
+                 ) -> tuple[Tensor, Tensor | None]:
     """The merged (dW, bias change) of one layer; an adapter without this layer counts as zero."""
     d_out, d_in = next(f for f in factors if f is not None).shape
     zeros = torch.zeros(d_out, d_in)
     deltas = [f.delta() if f is not None else zeros for f in factors]
-    merged = merger.merge_tensor(zeros, deltas, weights, tensor_generator(seed, path))
+    merged = merger.merge_tensor(zeros, deltas, weights, tensor_generator(seed, path),
+                                 model_parameters=model_parameters)
     if all(f is None or f.bias is None for f in factors):
         return merged, None
     biases = [f.bias.float() if f is not None and f.bias is not None else zeros[:, 0] for f in factors]
-    return merged, merger.merge_tensor(zeros[:, 0], biases, weights, tensor_generator(seed, path + ".bias"))
+    return merged, merger.merge_tensor(zeros[:, 0], biases, weights, tensor_generator(seed, path + ".bias"),
+                                       model_parameters=model_parameters)
 
 
 def _pad(low: LowRank, r: int) -> tuple[Tensor, Tensor]:
@@ -356,6 +359,7 @@ def merge_adapters(
     format: str = "auto",
     seed: int = 0,
     overwrite: bool = False,
+    model_parameters: Sequence[Mapping[str, float]] | None = None,
 ) -> AdapterMergeReport:
     """Merge LoRA adapters exactly through their deltas and save the result as one LoRA adapter.
 
@@ -378,6 +382,8 @@ def merge_adapters(
             layers only as d_out x d_in matrices, so PEFT output writes them with Linear keys; for their
             conv or embedding layers write "deltatune" and convert with deltatune.load(model, out).export_peft().
         seed: seeds random sparsifiers (DARE, DELLA) per layer.
+        model_parameters: optional, one mapping per adapter with its own density, gamma or epsilon
+            (mergekit's per-model parameters), over the method's; see TaskVectorMerge.merge_tensor.
 
     Refuses DoRA and `full` modules (train_modules / modules_to_save): their change depends on W0.
     """
@@ -392,6 +398,7 @@ def merge_adapters(
         raise ValueError(f"energy is a fraction of sum s^2 in (0, 1], got {energy}")
     if format not in FORMATS:
         raise ValueError(f"unknown format '{format}'{did_you_mean(format, FORMATS)} (known: {', '.join(FORMATS)})")
+    merger.for_models(model_parameters, len(adapters))  # bad per-model parameters fail before any work
     owned = (io.CONFIG_NAME, io.WEIGHTS_NAME, peft_format.CONFIG_NAME, peft_format.WEIGHTS_NAME)
     out = prepare_out(out, overwrite, ())  # check before the work; clear only right before writing
     inputs = [read_adapter_deltas(p) for p in adapters]
@@ -403,7 +410,7 @@ def merge_adapters(
     biases: dict[str, Tensor] = {}
     for p in paths:
         factors = [a.layers.get(p) for a in inputs]
-        merged, bias = _merge_layer(merger, factors, weights, seed, p)
+        merged, bias = _merge_layer(merger, factors, weights, seed, p, model_parameters)
         basis = torch.cat([f.B.float() for f in factors if f is not None], dim=1)  # spans a linear merge
         if energy is not None:
             low[p] = truncated_svd(merged, energy=energy, basis=basis)
