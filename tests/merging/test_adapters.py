@@ -12,6 +12,7 @@ from helpers import assert_close, max_diff, perturb
 import deltatune as dt
 from deltatune.merging import MERGE_METHODS
 from deltatune.merging.adapters import merge_adapters, read_adapter_deltas, truncated_svd
+from deltatune.merging.sparsify import Sparsify, magnitude
 
 peft = pytest.importorskip("peft")
 
@@ -301,3 +302,18 @@ def test_lora_rank_pattern_sets_each_layers_rank_and_alpha(make_minilm, minilm_b
         dt.inject(make_minilm(), dt.make_config("dora", r=R, targets=["query"], rank_pattern={"query": 2}))
     with pytest.raises(ValueError, match="must be > 0"):
         dt.make_config("lora", rank_pattern={"query": 0})
+
+
+def test_per_model_parameters_sparsify_each_adapters_delta_with_its_own_density(saved, tmp_path):
+    weights, own = [0.6, 0.8], [{"density": 0.1}, {"density": 0.6}]
+    a, b = file_deltas(saved / "a"), file_deltas(saved / "b")
+    merge_adapters([saved / "a", saved / "b"], weights, "ties", rank=384, out=tmp_path / "out", model_parameters=own)
+    stored = file_deltas(tmp_path / "out")
+    ties = MERGE_METHODS["ties"]
+    for p in a:
+        zero = torch.zeros_like(a[p])
+        by_hand = [magnitude(a[p], 0.1), magnitude(b.get(p, zero), 0.6)]  # each delta at its own density
+        expected = ties.model_copy(update={"sparsify": Sparsify.none}).merge_tensor(zero, by_hand, weights)
+        assert_close(stored[p], expected, rtol=1e-4, atol=0, msg=p)
+    with pytest.raises(ValueError, match="did you mean 'density'"):
+        merge_adapters([saved / "a"], [1.0], "ties", out=tmp_path / "bad", model_parameters=[{"dens": 0.1}])
