@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import perturb
+from helpers import assert_close, perturb
 
 import deltatune as dt
 from deltatune.cli.main import main
@@ -277,3 +277,24 @@ def test_merge_help_lists_every_registered_method(capsys, monkeypatch) -> None:
     monkeypatch.setitem(MERGE_METHODS, "new_method", get_merge_method("ties", pretty_name="New"))
     assert main(["merge", "--help"]) == 0
     assert "\n  new_method " in capsys.readouterr().out
+
+
+def test_adapter_merges_take_per_model_parameters(zoo, adapters, tmp_path) -> None:
+    from deltatune.merging.adapters import merge_adapters, read_adapter_deltas
+
+    models = [{"path": str(adapters["lora1"]), "parameters": {"weight": 0.6, "density": 0.2}},
+              {"path": str(adapters["lora2"]), "weight": 0.4}]
+    cfg = {**config(zoo, tmp_path / "out", "ties"), "models": models, "parameters": {"density": 0.7},
+           "output": {"path": str(tmp_path / "out"), "rank": 32}}
+    assert merge(tmp_path, cfg) == 0
+    merge_adapters([adapters["lora1"], adapters["lora2"]], [0.6, 0.4], get_merge_method("ties", density=0.7),
+                   rank=32, out=tmp_path / "api", model_parameters=[{"density": 0.2}, {}])
+    got, want = read_adapter_deltas(tmp_path / "out").layers, read_adapter_deltas(tmp_path / "api").layers
+    assert got.keys() == want.keys()
+    for p in want:  # the same computation twice (an SVD each): equal up to LAPACK's threading
+        assert_close(got[p].delta(), want[p].delta(), rtol=1e-5, atol=0, msg=p)
+    merge_adapters([adapters["lora1"], adapters["lora2"]], [0.6, 0.4], get_merge_method("ties", density=0.7),
+                   rank=32, out=tmp_path / "same_density")
+    same = read_adapter_deltas(tmp_path / "same_density").layers
+    assert any((same[p].delta() - want[p].delta()).abs().max() > 1e-2 * want[p].delta().abs().max()
+               for p in want)  # the 0.2 density mattered
