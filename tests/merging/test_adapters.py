@@ -317,3 +317,19 @@ def test_per_model_parameters_sparsify_each_adapters_delta_with_its_own_density(
         assert_close(stored[p], expected, rtol=1e-4, atol=0, msg=p)
     with pytest.raises(ValueError, match="did you mean 'density'"):
         merge_adapters([saved / "a"], [1.0], "ties", out=tmp_path / "bad", model_parameters=[{"dens": 0.1}])
+
+
+def test_per_layer_keys_resolve_exactly_when_one_path_ends_another():
+    """'a.b' as a key would also match 'x.a.b' (PEFT's and deltatune's suffix rules): such layers get keys too."""
+    from peft.utils.other import get_pattern_key
+
+    from deltatune.engine.peft_format import layer_patterns, peft_pattern
+
+    ranks = {"a.b": 2, "x.a.b": 4, "y.x.a.b": 6, "c": 4, "q.c": 3, "d": 4}
+    pattern = layer_patterns(ranks, 4)
+    assert set(pattern) == {"a.b", "x.a.b", "y.x.a.b", "q.c"}  # x.a.b has the common rank but a.b would claim it
+    config = dt.make_config("lora", r=4, rank_pattern=pattern)
+    for path, rank in ranks.items():
+        assert pattern.get(get_pattern_key(list(pattern), path), 4) == rank, path  # PEFT's own lookup
+        assert peft_pattern(pattern, path, 4) == rank, path
+        assert config.for_layer(path)[0] == rank, path  # deltatune's LoRA

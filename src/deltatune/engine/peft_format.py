@@ -86,10 +86,13 @@ def peft_pattern(patterns: dict[str, Any], key: str, default: Any) -> Any:
     return next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", key)), default)
 
 
-def rank_patterns(ranks: dict[str, int], common: int) -> dict[str, int]:
-    """PEFT's rank_pattern for these per-layer ranks: the layers whose rank differs from `common`, longest
-    paths first, so that a path that ends another ('x.a.b' and 'a.b') is matched by its own key first."""
-    return {p: ranks[p] for p in sorted(ranks, key=len, reverse=True) if ranks[p] != common}
+def layer_patterns(values: dict[str, Any], default: Any) -> dict[str, Any]:
+    """Per-layer values (rank_pattern / alpha_pattern) keyed by exact paths, for PEFT and deltatune alike: the
+    layers whose value differs from `default`, plus any layer a key would also match as a dotted suffix
+    ('a.b' matches 'x.a.b'), longest paths first, so that every layer's own key is the first that matches."""
+    pattern = {p for p, v in values.items() if v != default}
+    claimed = {p for p in values if p not in pattern and any(p.endswith("." + q) for q in pattern)}
+    return {p: values[p] for p in sorted(pattern | claimed, key=lambda p: (-len(p), p))}
 
 
 def export_peft(dm: DeltaModel, path: Any, name: str) -> Path:
@@ -140,9 +143,8 @@ def _lora_export(dm: DeltaModel, adapter: Adapter) -> tuple[dict[str, Any], Tens
               "use_dora": adapter.method == "dora", "lora_dropout": cfg.dropout, "bias": cfg.bias,
               "fan_in_fan_out": fan_in_fan_out, "init_lora_weights": True}
     if getattr(cfg, "rank_pattern", None) or getattr(cfg, "alpha_pattern", None):  # per-layer ranks (merges)
-        fields["rank_pattern"] = rank_patterns({p: k for p, (k, _) in alphas.items()}, r)
-        fields["alpha_pattern"] = {p: a for p, (_, a) in sorted(alphas.items(), key=lambda kv: -len(kv[0]))
-                                   if a != fields["lora_alpha"]}
+        fields["rank_pattern"] = layer_patterns({p: k for p, (k, _) in alphas.items()}, r)
+        fields["alpha_pattern"] = layer_patterns({p: a for p, (_, a) in alphas.items()}, fields["lora_alpha"])
     return fields, tensors
 
 
@@ -226,8 +228,7 @@ def _lora_load(dm: DeltaModel, pc: dict[str, Any], tensors: Tensors, path: Any) 
     # per-layer ranks and alphas (PEFT's rank_pattern / alpha_pattern) become exact paths in deltatune's
     ranks = {p: int(peft_pattern(pc.get("rank_pattern") or {}, p, pc["r"])) for p in per_layer}
     alphas = {p: float(peft_pattern(pc.get("alpha_pattern") or {}, p, pc["lora_alpha"])) for p in per_layer}
-    patterns = {"rank_pattern": {p: k for p, k in ranks.items() if k != pc["r"]},
-                "alpha_pattern": {p: a for p, a in alphas.items() if a != pc["lora_alpha"]}}
+    patterns = {"rank_pattern": layer_patterns(ranks, pc["r"]), "alpha_pattern": layer_patterns(alphas, pc["lora_alpha"])}
     config = make_config(method, r=pc["r"], alpha=pc["lora_alpha"], rslora=pc.get("use_rslora", False),
                          dropout=pc.get("lora_dropout", 0.0), bias=pc.get("bias", "none"), targets=sorted(per_layer),
                          **{k: v for k, v in patterns.items() if v})

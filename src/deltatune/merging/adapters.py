@@ -391,9 +391,9 @@ def merge_adapters(
         format: "deltatune" (deltatune.load), "peft" (PeftModel.from_pretrained) or "auto": PEFT when
             every input is a PEFT folder, else deltatune. Each layer is stored at its own kept rank (the
             most common one as r, the others in rank_pattern / alpha_pattern, which PEFT reads too), with
-            alpha = rank, so scale 1. Deltatune inputs record
-            layers only as d_out x d_in matrices, so PEFT output writes them with Linear keys; for their
-            conv or embedding layers write "deltatune" and convert with deltatune.load(model, out).export_peft().
+            alpha = rank, so scale 1. Deltatune inputs record layers only as d_out x d_in matrices, so
+            PEFT output writes them with Linear keys; for their conv or embedding layers write "deltatune"
+            and convert with deltatune.load(model, out).export_peft().
         seed: seeds random sparsifiers (DARE, DELLA) per layer.
         model_parameters: optional, one mapping per adapter with its own density, gamma or epsilon
             (mergekit's per-model parameters), over the method's; see TaskVectorMerge.merge_tensor.
@@ -471,7 +471,7 @@ def _write_deltatune(out: Path, paths: Sequence[str], low: dict[str, LowRank], b
         if p in biases:
             state[f"{p}.lora_bias"] = biases[p].contiguous()
     r = _common_rank(ranks)
-    pattern = {p: k for p, k in ranks.items() if k != r}  # alpha = rank everywhere: scale 1
+    pattern = peft_format.layer_patterns(ranks, r)  # alpha = rank everywhere: scale 1
     config = make_config("lora", r=r, alpha=float(r), bias="lora_only" if biases else "none", targets=list(paths),
                          rank_pattern=pattern, alpha_pattern={p: float(k) for p, k in pattern.items()})
     meta = {"name": "merged", "method": "lora",
@@ -497,7 +497,7 @@ def _write_peft(out: Path, inputs: Sequence[AdapterDeltas], paths: Sequence[str]
         else:
             tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = A, B
     r = _common_rank(ranks)
-    pattern = peft_format.rank_patterns(ranks, r)  # alpha = rank everywhere: scale 1
+    pattern = peft_format.layer_patterns(ranks, r)  # alpha = rank everywhere: scale 1
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base["name_or_path"],
         "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
