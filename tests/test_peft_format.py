@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import max_diff, perturb
+from helpers import assert_close, max_diff, perturb
 
 import deltatune as dt
 from deltatune.engine import DeltaLayer
@@ -175,12 +175,28 @@ def test_unsupported_peft_type(tmp_path, make_synthetic):
     assert not any(isinstance(m, DeltaLayer) for m in model.modules())
 
 
-def test_rank_pattern_and_alpha_pattern_rejected(tmp_path, make_synthetic):
-    for key, pattern in (("rank_pattern", {"lin": 4}), ("alpha_pattern", {"lin": 3.0})):
-        pm = peft.get_peft_model(make_synthetic(), peft.LoraConfig(r=2, target_modules=["lin", "c1"], **{key: pattern}))
-        pm.save_pretrained(tmp_path / key)
-        with pytest.raises(ValueError, match=key):
-            dt.load_peft(make_synthetic(), tmp_path / key)
+def test_rank_pattern_and_alpha_pattern_import_and_export(tmp_path, make_synthetic, synthetic_input):
+    """PEFT's per-layer ranks and alphas load with PEFT's outputs and export back to a file PEFT loads equally."""
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["lin", "c1", "conv"], rank_pattern={"lin": 4, "conv": 3},
+                             alpha_pattern={"c1": 3.0, "conv": 1.5})
+    pm = peft.get_peft_model(make_synthetic(), config)
+    perturb(pm, 0.1)
+    pm.save_pretrained(tmp_path / "peft")
+    with torch.no_grad():
+        expected = pm(synthetic_input)
+    dm = dt.load_peft(make_synthetic(), tmp_path / "peft")
+    deltas = {p: dm.model.get_submodule(p).deltas["default"] for p in ("lin", "c1", "conv")}
+    assert {p: (d.lora_A.shape[0], d.scale) for p, d in deltas.items()} == \
+        {"lin": (4, 4 / 4), "c1": (2, 3.0 / 2), "conv": (3, 1.5 / 3)}
+    with torch.no_grad():
+        assert_close(dm(synthetic_input), expected)
+        dm.export_peft(tmp_path / "back")
+        assert_close(peft.PeftModel.from_pretrained(make_synthetic(), tmp_path / "back")(synthetic_input), expected)
+    dora = peft.get_peft_model(make_synthetic(), peft.LoraConfig(r=2, target_modules=["lin"], use_dora=True,
+                                                                 rank_pattern={"lin": 4}))
+    dora.save_pretrained(tmp_path / "dora")
+    with pytest.raises(ValueError, match="DoRA adapter .* per-layer rank_pattern, which deltatune imports for LoRA only"):
+        dt.load_peft(make_synthetic(), tmp_path / "dora")
 
 
 def test_other_unsupported_peft_adapters(tmp_path, make_synthetic):

@@ -19,7 +19,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from deltatune import assets
 from deltatune.cli.compress import load_prune_data, split_held_out, text_records
 from deltatune.cli.main import main
-from deltatune.compression.config import apply_indexed_override, load_prune_config, validate_prune_config
+from deltatune.compression.config import (
+    STEPS,
+    LowRankStep,
+    apply_indexed_override,
+    load_prune_config,
+    validate_prune_config,
+)
 from deltatune.compression.lowrank import LowRankLinear
 from deltatune.compression.report import CompressionReport, ModelStats, accuracy, perplexity
 from deltatune.compression.structured import load_pruned, structure_summary
@@ -63,6 +69,19 @@ def test_the_example_config_is_valid_and_round_trips():
     assert validate_prune_config(yaml.safe_load(cfg.to_yaml())) == cfg
     changed = load_prune_config(EXAMPLE, ["steps.0.sparsity=0.3", "recover.steps=5", "calibration.n_samples=4"])
     assert (changed.steps[0].sparsity, changed.recover.steps, changed.calibration.n_samples) == (0.3, 5, 4)
+
+
+def test_prune_help_lists_every_registered_step_method(capsys, monkeypatch):
+    """The list comes from STEPS, so a step method registered later appears without touching the CLI."""
+    assert main(["prune", "--help"]) == 0
+    text = capsys.readouterr().out
+    rows = [line.strip() for line in text.splitlines() if ": " in line and not line.strip().startswith("options")]
+    listed = {name for row in rows for name in row.split(": ")[0].split(", ")}
+    assert set(STEPS) <= listed
+    assert "options: rank, energy, targets, exclude" in text  # each step type's own options
+    monkeypatch.setitem(STEPS, "svd_new", LowRankStep)
+    assert main(["prune", "--help"]) == 0
+    assert "lowrank, svd_new: Replace linear layers" in capsys.readouterr().out
 
 
 def test_indexed_overrides_reach_list_entries_and_fail_clearly():

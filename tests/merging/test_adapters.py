@@ -7,11 +7,12 @@ import warnings
 
 import pytest
 import torch
-from helpers import max_diff, perturb
+from helpers import assert_close, max_diff, perturb
 
 import deltatune as dt
 from deltatune.merging import MERGE_METHODS
 from deltatune.merging.adapters import merge_adapters, read_adapter_deltas, truncated_svd
+from deltatune.merging.sparsify import Sparsify, magnitude
 
 peft = pytest.importorskip("peft")
 
@@ -223,3 +224,112 @@ def test_every_layer_kind_round_trips_in_both_formats(make_synthetic, synthetic_
     assert max_diff(expected, make_synthetic()(synthetic_input)) > 1e-3
     for out in outputs:
         assert max_diff(out, expected) < 1e-5
+
+
+def test_each_layer_keeps_its_own_rank_in_both_formats(saved, make_minilm, minilm_batch, tmp_path):
+    """a + b: the query layers have rank 2R, the value layers (a only) rank R. Each is stored at its own rank
+    (rank_pattern, no zero padding) with the exact merged delta; PEFT loads its file with equal outputs."""
+    stacked = dt.load(make_minilm(), saved / "a")
+    stacked.load_adapter(saved / "b")
+    stacked.set_active(["a", "b"])
+    a, b = file_deltas(saved / "a"), file_deltas(saved / "b")
+    expected_ranks = {p: 2 * R if p in b else R for p in a}
+    for fmt in ("deltatune", "peft"):
+        inputs = [saved / "a", saved / "b"] if fmt == "deltatune" else [saved / "peft_a", saved / "peft_b"]
+        report = merge_adapters(inputs, [1.0, 1.0], out=tmp_path / fmt, format=fmt)
+        stored = read_adapter_deltas(tmp_path / fmt).layers
+        assert {p: f.rank for p, f in stored.items()} == expected_ranks == {r.path: r.rank for r in report.layers}
+        for p, f in stored.items():
+            assert_close(f.delta(), a[p] + b[p] if p in b else a[p], rtol=1e-4, atol=0, msg=p)
+        assert report.parameters == sum(f.rank * (f.shape[0] + f.shape[1]) for f in stored.values())
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"] == 2 * R  # the most common rank (a tie: the larger)
+    assert config["rank_pattern"] == config["alpha_pattern"] == {p: R for p in a if p not in b}
+    theirs = peft.PeftModel.from_pretrained(make_minilm(), tmp_path / "peft")
+    assert {p: theirs.get_submodule(p).lora_A["default"].weight.shape[0] for p in a} == expected_ranks
+    want = logits(stacked, minilm_batch)
+    assert_close(logits(theirs, minilm_batch), want)
+    assert_close(logits(dt.load(make_minilm(), tmp_path / "deltatune"), minilm_batch), want)
+
+
+def test_energy_merge_stores_per_layer_ranks_that_merge_again(saved, make_minilm, minilm_batch, tmp_path):
+    """energy= keeps a different rank per layer; the file holds exactly those truncated SVDs, and merging it
+    again (re-compressing an adapter whose layers have different ranks) is exact."""
+    weights = [0.7, -0.4]
+    a, b = file_deltas(saved / "a"), file_deltas(saved / "b")
+    first = merge_adapters([saved / "a", saved / "b"], weights, energy=0.8, out=tmp_path / "energy")
+    ranks = {r.path: r.rank for r in first.layers}
+    assert len(set(ranks.values())) > 1  # the case this is about
+    stored = read_adapter_deltas(tmp_path / "energy").layers
+    assert {p: f.rank for p, f in stored.items()} == ranks
+    for p, f in stored.items():
+        exact = weights[0] * a[p] + (weights[1] * b[p] if p in b else 0)
+        low = truncated_svd(exact, rank=ranks[p])
+        assert_close(f.delta(), low.B @ low.A, rtol=1e-4, atol=0, msg=p)
+    again = merge_adapters([tmp_path / "energy", saved / "a"], [1.0, 0.5], out=tmp_path / "again")
+    merged = file_deltas(tmp_path / "again")
+    for p, f in stored.items():
+        assert_close(merged[p], f.delta() + 0.5 * a[p], rtol=1e-4, atol=0, msg=p)
+    assert {r.path: r.rank for r in again.layers} == {p: ranks[p] + R for p in ranks}  # the default: sum of ranks
+    dm = dt.load(make_minilm(), tmp_path / "again")  # deltatune's own loader builds every layer at its rank
+    assert {p: dm.model.get_submodule(p).deltas["merged"].lora_A.shape[0] for p in ranks} == \
+        {r.path: r.rank for r in again.layers}
+
+
+def test_layers_that_cancel_are_stored_as_one_zero_pair(saved, make_minilm, minilm_batch, tmp_path):
+    report = merge_adapters([saved / "a", saved / "a"], [1.0, -1.0], out=tmp_path / "zero", format="peft")
+    assert {r.rank for r in report.layers} == {0} and report.rank == 1
+    theirs = peft.PeftModel.from_pretrained(make_minilm(), tmp_path / "zero")
+    assert_close(logits(theirs, minilm_batch), logits(make_minilm(), minilm_batch))
+
+
+def test_lora_rank_pattern_sets_each_layers_rank_and_alpha(make_minilm, minilm_batch, tmp_path):
+    """The option merges write: an exact path wins over a pattern, then the first matching pattern; it saves
+    and loads (deltatune's files) with equal outputs; methods built on LoRA refuse it."""
+    q0 = "bert.encoder.layer.0.attention.self.query"
+    config = dt.make_config("lora", r=R, alpha=8.0, targets=["query", "value"], init="gaussian",
+                            rank_pattern={"re:.*query": 2, q0: 6, "value": 3}, alpha_pattern={"value": 1.5})
+    dm = dt.inject(make_minilm(), config)
+    got = {p: (d.lora_A.shape[0], d.scale) for p, d in
+           ((p, dm.model.get_submodule(p).deltas["default"]) for p in dm.adapters["default"].paths)}
+    assert got[q0] == (6, 8.0 / 6)
+    assert got["bert.encoder.layer.1.attention.self.query"] == (2, 8.0 / 2)
+    assert got["bert.encoder.layer.1.attention.self.value"] == (3, 1.5 / 3)
+    perturb(dm, 0.05)
+    dm.save(tmp_path / "a")
+    assert_close(logits(dt.load(make_minilm(), tmp_path / "a"), minilm_batch), logits(dm, minilm_batch))
+    with pytest.raises(ValueError, match="dora does not take rank_pattern"):
+        dt.inject(make_minilm(), dt.make_config("dora", r=R, targets=["query"], rank_pattern={"query": 2}))
+    with pytest.raises(ValueError, match="must be > 0"):
+        dt.make_config("lora", rank_pattern={"query": 0})
+
+
+def test_per_model_parameters_sparsify_each_adapters_delta_with_its_own_density(saved, tmp_path):
+    weights, own = [0.6, 0.8], [{"density": 0.1}, {"density": 0.6}]
+    a, b = file_deltas(saved / "a"), file_deltas(saved / "b")
+    merge_adapters([saved / "a", saved / "b"], weights, "ties", rank=384, out=tmp_path / "out", model_parameters=own)
+    stored = file_deltas(tmp_path / "out")
+    ties = MERGE_METHODS["ties"]
+    for p in a:
+        zero = torch.zeros_like(a[p])
+        by_hand = [magnitude(a[p], 0.1), magnitude(b.get(p, zero), 0.6)]  # each delta at its own density
+        expected = ties.model_copy(update={"sparsify": Sparsify.none}).merge_tensor(zero, by_hand, weights)
+        assert_close(stored[p], expected, rtol=1e-4, atol=0, msg=p)
+    with pytest.raises(ValueError, match="did you mean 'density'"):
+        merge_adapters([saved / "a"], [1.0], "ties", out=tmp_path / "bad", model_parameters=[{"dens": 0.1}])
+
+
+def test_per_layer_keys_resolve_exactly_when_one_path_ends_another():
+    """'a.b' as a key would also match 'x.a.b' (PEFT's and deltatune's suffix rules): such layers get keys too."""
+    from peft.utils.other import get_pattern_key
+
+    from deltatune.engine.peft_format import layer_patterns, peft_pattern
+
+    ranks = {"a.b": 2, "x.a.b": 4, "y.x.a.b": 6, "c": 4, "q.c": 3, "d": 4}
+    pattern = layer_patterns(ranks, 4)
+    assert set(pattern) == {"a.b", "x.a.b", "y.x.a.b", "q.c"}  # x.a.b has the common rank but a.b would claim it
+    config = dt.make_config("lora", r=4, rank_pattern=pattern)
+    for path, rank in ranks.items():
+        assert pattern.get(get_pattern_key(list(pattern), path), 4) == rank, path  # PEFT's own lookup
+        assert peft_pattern(pattern, path, 4) == rank, path
+        assert config.for_layer(path)[0] == rank, path  # deltatune's LoRA

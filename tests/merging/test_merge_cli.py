@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import perturb
+from helpers import assert_close, perturb
 
 import deltatune as dt
 from deltatune.cli.main import main
@@ -106,6 +106,28 @@ def test_output_equals_the_in_memory_merge(zoo, tmp_path, monkeypatch, method: s
         monkeypatch.setattr(run, "CHUNK_BYTES", chunk_bytes)
     assert merge(tmp_path, config(zoo, tmp_path / "out", method, seed=5)) == 0
     assert_same(state(tmp_path / "out"), in_memory(zoo, method, seed=5))
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_per_model_parameters_in_mergekit_spelling(zoo, tmp_path, method: str) -> None:
+    """`- model: x  parameters: {weight, density}` per model: each task vector gets its own density; an
+    override's density is beaten by the model's own one, as in mergekit."""
+    models = [{"model": str(zoo / "ft1"), "parameters": {"weight": 0.6, "density": 0.3}},
+              {"path": str(zoo / "ft2"), "weight": 0.4}]
+    overrides = [{"pattern": "re:.*mlp.*", "parameters": {"density": 0.9}}]
+    cfg = {**config(zoo, tmp_path / "out", method, seed=2), "models": models, "parameters": {"density": 0.6},
+           "overrides": overrides}
+    assert merge(tmp_path, cfg) == 0
+    base, fts = state(zoo / "base"), [state(zoo / "ft1"), state(zoo / "ft2")]
+    own = [{"density": 0.3}, {}]
+    expected = {}
+    for key in base:
+        density = 0.9 if ".mlp." in key else 0.6
+        expected.update(get_merge_method(method, density=density).merge_state_dicts(
+            {key: base[key]}, [{key: ft[key]} for ft in fts], [0.6, 0.4], seed=2, model_parameters=own))
+    assert_same(state(tmp_path / "out"), expected)
+    q = "model.layers.0.self_attn.q_proj.weight"  # ft1's vector kept 30% of its entries, not 60%
+    assert not torch.equal(expected[q], in_memory(zoo, method, seed=2, density=0.6)[q])
 
 
 def test_only_entrywise_methods_merge_in_blocks(monkeypatch) -> None:
@@ -244,3 +266,35 @@ def test_adapters_merge_through_merge_adapters(zoo, adapters, tmp_path) -> None:
     one, two = merged_weights(adapters["lora1"]), merged_weights(adapters["lora2"])
     q = "model.layers.1.self_attn.q_proj.weight"
     torch.testing.assert_close(got[q], base[q] + 0.6 * (one[q] - base[q]) + 0.4 * (two[q] - base[q]))
+
+
+def test_merge_help_lists_every_registered_method(capsys, monkeypatch) -> None:
+    """The list comes from MERGE_METHODS, so a method registered later appears without touching the CLI."""
+    assert main(["merge", "--help"]) == 0
+    text = capsys.readouterr().out
+    for name in [*MERGE_METHODS, "linear"]:
+        assert f"\n  {name} " in text, name
+    monkeypatch.setitem(MERGE_METHODS, "new_method", get_merge_method("ties", pretty_name="New"))
+    assert main(["merge", "--help"]) == 0
+    assert "\n  new_method " in capsys.readouterr().out
+
+
+def test_adapter_merges_take_per_model_parameters(zoo, adapters, tmp_path) -> None:
+    from deltatune.merging.adapters import merge_adapters, read_adapter_deltas
+
+    models = [{"path": str(adapters["lora1"]), "parameters": {"weight": 0.6, "density": 0.2}},
+              {"path": str(adapters["lora2"]), "weight": 0.4}]
+    cfg = {**config(zoo, tmp_path / "out", "ties"), "models": models, "parameters": {"density": 0.7},
+           "output": {"path": str(tmp_path / "out"), "rank": 32}}
+    assert merge(tmp_path, cfg) == 0
+    merge_adapters([adapters["lora1"], adapters["lora2"]], [0.6, 0.4], get_merge_method("ties", density=0.7),
+                   rank=32, out=tmp_path / "api", model_parameters=[{"density": 0.2}, {}])
+    got, want = read_adapter_deltas(tmp_path / "out").layers, read_adapter_deltas(tmp_path / "api").layers
+    assert got.keys() == want.keys()
+    for p in want:  # the same computation twice (an SVD each): equal up to LAPACK's threading
+        assert_close(got[p].delta(), want[p].delta(), rtol=1e-5, atol=0, msg=p)
+    merge_adapters([adapters["lora1"], adapters["lora2"]], [0.6, 0.4], get_merge_method("ties", density=0.7),
+                   rank=32, out=tmp_path / "same_density")
+    same = read_adapter_deltas(tmp_path / "same_density").layers
+    assert any((same[p].delta() - want[p].delta()).abs().max() > 1e-2 * want[p].delta().abs().max()
+               for p in want)  # the 0.2 density mattered

@@ -57,11 +57,33 @@ def test_defaults_and_sizes() -> None:
      "overrides.0.weights has 1 entries; give one per model"),
     ({"method": "linear", "parameters": {"density": 0.5}}, "method 'linear' takes no parameters"),
     ({"models": [{"path": "a", "fisher": "f"}, {"path": "b"}]}, "give every model one, or none"),
+    ({"models": [{"path": "a", "parameters": {"densty": 0.3}}]},
+     "unknown key 'models.0.parameters.densty'; did you mean 'models.0.parameters.density'?"),
+    ({"models": [{"path": "a"}, {"path": "b", "parameters": {"lambda_": 2}}]},
+     "unknown key 'models.1.parameters.lambda_'"),
+    ({"models": [{"path": "a", "parameters": {"density": 1.5}}]},
+     "models.0.parameters: per-model parameters are invalid: density: Input should be less than or equal to 1"),
+    ({"models": [{"path": "a", "weight": 1, "parameters": {"weight": 2}}]}, "give a model's weight once"),
+    ({"models": [{"path": "a", "model": "b"}]}, "give a model's path once"),
+    ({"method": "linear", "models": [{"path": "a", "parameters": {"density": 0.5}}]},
+     "method 'linear' takes only a weight per model"),
+    ({"method": "pcb", "models": [{"path": "a", "parameters": {"density": 0.5}}]},
+     "PCB's density is its pcb_ratio over all models"),
 ])
 def test_mistakes_are_named_with_their_fix(changes: dict, message: str) -> None:
     with pytest.raises(ValueError) as err:
         validate_merge_config(config(**changes))
     assert message in str(err.value)
+
+
+def test_per_model_parameters_in_mergekit_spelling(tmp_path) -> None:
+    """`model:` and `parameters: {weight, density}` per model, as mergekit writes them; they round-trip."""
+    models = [{"model": "a", "parameters": {"weight": 0.7, "density": 0.4}}, {"path": "b", "weight": 0.3}]
+    cfg = validate_merge_config(config(models=models, parameters={"density": 0.5}))
+    assert [(m.path, m.weight, m.parameters) for m in cfg.models] == [("a", 0.7, {"density": 0.4}), ("b", 0.3, {})]
+    assert cfg.model_parameters() == ({"density": 0.4}, {})
+    assert validate_merge_config(config()).model_parameters() is None
+    assert validate_merge_config(yaml.safe_load(cfg.to_yaml())) == cfg
 
 
 def test_files_that_are_not_configs(tmp_path) -> None:

@@ -9,6 +9,7 @@ from deltatune.merging.sparsify import (
     Sparsify,
     breadcrumbs,
     drop_probabilities,
+    kept_count,
     magnitude,
     magnitude_sampled,
     random_drop,
@@ -28,7 +29,7 @@ def distinct(n: int, seed: int = 0) -> torch.Tensor:
 def test_magnitude_keeps_the_largest(density: float) -> None:
     x = distinct(60).reshape(6, 10)
     out = magnitude(x, density)
-    k = round(density * x.numel())
+    k = int(density * x.numel())
     kept = out != 0
     assert int(kept.sum()) == k
     assert torch.equal(out[kept], x[kept])  # survivors untouched
@@ -46,8 +47,50 @@ def test_breadcrumbs_drops_top_gamma_and_keeps_density() -> None:
 
 def test_breadcrumbs_shrinks_gamma_when_density_needs_it() -> None:
     x = distinct(10)
-    assert int((breadcrumbs(x, density=0.95, gamma=0.2) != 0).sum()) == 10  # round(9.5)=10 kept, no outlier cut
+    out = breadcrumbs(x, density=0.95, gamma=0.2)  # int(9.5) = 9 kept: only 1 of the 2 outliers can go
+    assert sorted(int(v) for v in out[out != 0].abs()) == list(range(1, 10))
     assert torch.equal(breadcrumbs(x, density=1.0, gamma=0.3), x)
+
+
+# (numel, density): mergekit keeps int(density * numel); the starred rows are where round() keeps one more
+# (a fractional part >= 0.5, or a product just under an integer: 0.29 * 100 = 28.999999999999996).
+COUNTS = [(100, 0.29), (10, 0.95), (121, 0.55), (576, 0.3), (1000, 0.9995), (7, 0.5), (3, 0.5),  # *
+          (121, 0.5), (100, 0.5), (8192, 0.07), (10, 0.7), (1, 0.3), (64, 0.0), (64, 1.0)]
+
+
+def test_count_table_covers_both_conventions() -> None:
+    differ = [(n, d) for n, d in COUNTS if round(d * n) != int(d * n)]
+    assert len(differ) == 7  # the table tests the cases where the conventions part
+
+
+@pytest.mark.parametrize(("numel", "density"), COUNTS)
+def test_magnitude_and_breadcrumbs_keep_mergekits_count(numel: int, density: float) -> None:
+    x = distinct(numel, seed=numel)
+    k = int(density * numel)  # mergekit sparsify.magnitude: k = int(density * tensor.numel())
+    assert kept_count(density, numel) == k
+    out = magnitude(x, density)
+    assert int((out != 0).sum()) == k
+    if 0 < k < numel:
+        assert out.abs().max() == numel and x[out == 0].abs().max() < x[out != 0].abs().min()
+    # magnitude_outliers: target_n = int(density * n) kept, n_top = int(gamma * n) largest dropped
+    gamma = 0.1
+    crumbs = breadcrumbs(x, density, gamma)
+    assert int((crumbs != 0).sum()) == k
+    n_top = min(int(gamma * numel), numel - k)
+    kept = sorted(int(v) for v in crumbs[crumbs != 0].abs())
+    assert kept == list(range(numel - n_top - k + 1, numel - n_top + 1))
+
+
+def test_magnitude_ties_at_the_cut_fall_as_mergekits_sort() -> None:
+    """Many equal magnitudes straddle the cut: exactly k stay, the ones mergekit's argsort puts first."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(-3, 4, (40, 50), generator=g).float()  # 7 values over 2000 entries: ties everywhere
+    for density in (0.3, 0.55):
+        k = int(density * x.numel())
+        reference = torch.zeros(x.numel(), dtype=torch.bool)  # mergekit: argsort(|w|, descending=True)[:k]
+        reference[torch.argsort(x.abs().flatten(), descending=True)[:k]] = True
+        assert torch.equal(magnitude(x, density).flatten() != 0, reference & (x.flatten() != 0))
+        assert int(reference.sum()) == k
 
 
 def test_dare_is_unbiased_over_seeds() -> None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from deltatune.merging import MERGE_METHODS, Consensus, Sparsify, TaskVectorMerge, get_merge_method, linear
+from deltatune.merging.sparsify import breadcrumbs, magnitude, magnitude_sampled, random_drop
 from deltatune.merging.task_arithmetic import Balance
 
 
@@ -172,3 +173,50 @@ def test_presets_use_the_documented_stages() -> None:
     assert MERGE_METHODS["fisher"].balance is Balance.fisher and MERGE_METHODS["fisher"].normalize
     assert MERGE_METHODS["pcb"].balance is Balance.pcb and MERGE_METHODS["pcb"].sparsify is Sparsify.none
     assert all(m.url.startswith("https://arxiv.org/abs/") for m in MERGE_METHODS.values())
+
+
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs_ties", "dare_ties", "della"])
+def test_per_model_parameters_equal_sparsifying_each_vector_by_hand(name: str) -> None:
+    """Model i's own density (and gamma/epsilon) sparsify its task vector; the rest of the pipeline is the
+    preset's. By hand: sparsify each vector with its own values, then merge with no sparsifier."""
+    g = torch.Generator().manual_seed(3)
+    zeros = torch.zeros(40, 30)
+    taus = [torch.randn(40, 30, generator=g) for _ in range(3)]
+    own = [{"density": 0.3}, {"density": 0.75, "gamma": 0.05}, {}]
+    preset = get_merge_method(name, density=0.5)
+    got = preset.merge_tensor(zeros, taus, [0.5, 0.3, 0.2], torch.Generator().manual_seed(1), model_parameters=own)
+    gen = torch.Generator().manual_seed(1)  # random sparsifiers draw vector after vector from one generator
+    by_hand = {
+        Sparsify.magnitude: lambda t, p: magnitude(t, p.get("density", 0.5)),
+        Sparsify.breadcrumbs: lambda t, p: breadcrumbs(t, p.get("density", 0.5), p.get("gamma", preset.gamma)),
+        Sparsify.random: lambda t, p: random_drop(t, p.get("density", 0.5), generator=gen),
+        Sparsify.magnitude_sampled: lambda t, p: magnitude_sampled(t, p.get("density", 0.5), preset.epsilon,
+                                                                   generator=gen),
+    }[preset.sparsify]
+    by_hand = [by_hand(t, p) for t, p in zip(taus, own)]
+    plain = preset.model_copy(update={"sparsify": Sparsify.none})
+    assert torch.equal(got, plain.merge_tensor(zeros, by_hand, [0.5, 0.3, 0.2]))
+    assert not torch.equal(got, preset.merge_tensor(zeros, taus, [0.5, 0.3, 0.2], torch.Generator().manual_seed(1)))
+
+
+def test_per_model_parameters_reach_every_tensor_of_a_state_dict() -> None:
+    base, fts = state(0), [state(1), state(2)]
+    own = [{"density": 0.2}, {"density": 0.9}]
+    merged = MERGE_METHODS["ties"].merge_state_dicts(base, fts, [1.0, 1.0], model_parameters=own)
+    for key, b in base.items():
+        if b.is_floating_point():
+            expected = MERGE_METHODS["ties"].merge_tensor(b, [sd[key] for sd in fts], [1.0, 1.0], model_parameters=own)
+            assert torch.equal(merged[key], expected)
+
+
+def test_bad_per_model_parameters_are_named() -> None:
+    ties = MERGE_METHODS["ties"]
+    x = torch.ones(3)
+    with pytest.raises(ValueError, match="unknown per-model parameter 'densty' of model 1; did you mean 'density'"):
+        ties.merge_tensor(x, [x, x], [1, 1], model_parameters=[{}, {"densty": 0.3}])
+    with pytest.raises(ValueError, match="'weight' of model 0.*weights are given as `weights`"):
+        ties.merge_tensor(x, [x, x], [1, 1], model_parameters=[{"weight": 2}, {}])
+    with pytest.raises(ValueError, match="one model_parameters mapping per model, got 1 for 2"):
+        ties.merge_tensor(x, [x, x], [1, 1], model_parameters=[{}])
+    with pytest.raises(ValueError, match="model 0 are invalid: density: Input should be less than or equal to 1"):
+        ties.merge_state_dicts({"w": x}, [{"w": x}, {"w": x}], [1, 1], model_parameters=[{"density": 2}, {}])

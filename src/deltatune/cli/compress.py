@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ import transformers
 from rich.console import Console
 from torch import nn
 
-from deltatune.compression.config import PruneConfig, load_prune_config
+from deltatune.compression.config import PruneConfig, load_prune_config, steps_help
 from deltatune.compression.report import CompressionReport, accuracy, layer_sparsity, measure, perplexity
 from deltatune.training.data import encode_labels, read_table, select_columns
 from deltatune.training.tasks import TASKS, Task, resolve_model_path
@@ -292,8 +293,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Register `prune` and `compress` on the `deltatune` subcommand parser."""
-    p = sub.add_parser("prune", help=cmd_prune.__doc__, description=f"{cmd_prune.__doc__} Example config: "
-                       "src/deltatune/recipes/prune_smollm2_wanda.yaml")
+    steps = "\n".join(["step methods (each step's `method:`):", *(f"  {line}" for line in steps_help())])
+    about = f"{cmd_prune.__doc__} Example config: src/deltatune/recipes/prune_smollm2_wanda.yaml"
+    p = sub.add_parser("prune", help=cmd_prune.__doc__, description=textwrap.fill(about, 100), epilog=steps,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # the epilog is a table
     p.add_argument("items", nargs="+", metavar="CONFIG|key=value",
                    help="a prune config .yaml, then key=value overrides (steps.0.sparsity=0.6)")
     p.set_defaults(handler=cmd_prune)

@@ -11,7 +11,7 @@ MiB = 2**20
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    """Merge models tensor by tensor (task arithmetic, TIES, DARE, DELLA, soups) as a merge config says."""
+    """Merge models or adapters tensor by tensor as a merge config says."""
     # imported here, so that other commands need not pay for them
     from deltatune.merging.config import load_merge_config
     from deltatune.merging.run import run_merge
@@ -29,8 +29,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register the `merge` command."""
-    p = subparsers.add_parser("merge", help=cmd_merge.__doc__, description=cmd_merge.__doc__)
+    """Register the `merge` command; its help lists the methods from the registry, so it cannot drift."""
+    from deltatune.merging.config import methods_help  # the registry itself (cheap: no merge runs)
+
+    methods = "\n".join(["methods (the config's `method:`):", *(f"  {line}" for line in methods_help())])
+    p = subparsers.add_parser("merge", help=cmd_merge.__doc__, description=cmd_merge.__doc__, epilog=methods,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)  # the epilog is a table
     p.add_argument("config", metavar="CONFIG.yaml", help="a merge config: method, base_model, models, output")
     p.add_argument("items", nargs="*", metavar="key=value", help="dotted overrides: parameters.density=0.3")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (off anyway when not a TTY)")

@@ -131,6 +131,18 @@ STEPS: dict[str, type[Step]] = {
 }
 
 
+def steps_help() -> list[str]:
+    """Help lines for the step methods of STEPS, grouped by step type: what each does and its options."""
+    groups: dict[type[Step], list[str]] = {}
+    for name, step in STEPS.items():
+        groups.setdefault(step, []).append(name)
+    lines = []
+    for step, names in groups.items():
+        lines.append(f"{', '.join(names)}: {(step.__doc__ or '').strip().splitlines()[0]}")
+        lines.append("    options: " + (", ".join(k for k in step.model_fields if k != "method") or "none"))
+    return lines
+
+
 def parse_step(item: Any, index: int) -> Step:
     """One step from its mapping, with errors naming `steps.<index>.<key>` and the closest valid word."""
     where = f"steps.{index}"

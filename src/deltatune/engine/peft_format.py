@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -79,6 +80,21 @@ _LORA_KEYS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "A
               "lora_magnitude_vector": "m", "base_layer.bias": "bias"}
 
 
+def peft_pattern(patterns: dict[str, Any], key: str, default: Any) -> Any:
+    """The value PEFT's rank_pattern / alpha_pattern give module `key`: the first pattern in order that
+    matches a dotted suffix of it (peft.utils.other.get_pattern_key), else `default`."""
+    return next((v for k, v in patterns.items() if re.match(rf"(.*\.)?({k})$", key)), default)
+
+
+def layer_patterns(values: dict[str, Any], default: Any) -> dict[str, Any]:
+    """Per-layer values (rank_pattern / alpha_pattern) keyed by exact paths, for PEFT and deltatune alike: the
+    layers whose value differs from `default`, plus any layer a key would also match as a dotted suffix
+    ('a.b' matches 'x.a.b'), longest paths first, so that every layer's own key is the first that matches."""
+    pattern = {p for p, v in values.items() if v != default}
+    claimed = {p for p in values if p not in pattern and any(p.endswith("." + q) for q in pattern)}
+    return {p: values[p] for p in sorted(pattern | claimed, key=lambda p: (-len(p), p))}
+
+
 def export_peft(dm: DeltaModel, path: Any, name: str) -> Path:
     adapter = dm.adapters[name]
     codec = codec_for_method(adapter.method)
@@ -102,10 +118,12 @@ def _lora_export(dm: DeltaModel, adapter: Adapter) -> tuple[dict[str, Any], Tens
     name, cfg = adapter.name, adapter.config
     tensors: Tensors = {}
     fan_in_fan_out = False
+    alphas: dict[str, tuple[int, float]] = {}  # per layer: (rank, alpha) as PEFT counts them
     for p in adapter.paths:
         layer = dm.model.get_submodule(p)
         delta = layer.deltas[name]
         A, B = delta.factors()  # PiSSA: its rank-2r form, relative to W0
+        alphas[p] = A.shape[0], delta.scale * (math.sqrt(A.shape[0]) if cfg.rslora else A.shape[0])
         if layer.kind is EMBEDDING:
             tensors[f"{PREFIX}{p}.lora_embedding_A"], tensors[f"{PREFIX}{p}.lora_embedding_B"] = A, B
         else:
@@ -121,9 +139,13 @@ def _lora_export(dm: DeltaModel, adapter: Adapter) -> tuple[dict[str, Any], Tens
         if delta.lora_bias is not None:
             tensors[f"{p}.base_layer.bias"] = layer.base_layer.bias + delta.lora_bias
     r = 2 * cfg.r if cfg.pissa else cfg.r
-    return {"r": r, "lora_alpha": cfg.scaling * (math.sqrt(r) if cfg.rslora else r), "use_rslora": cfg.rslora,
-            "use_dora": adapter.method == "dora", "lora_dropout": cfg.dropout, "bias": cfg.bias,
-            "fan_in_fan_out": fan_in_fan_out, "init_lora_weights": True}, tensors
+    fields = {"r": r, "lora_alpha": cfg.scaling * (math.sqrt(r) if cfg.rslora else r), "use_rslora": cfg.rslora,
+              "use_dora": adapter.method == "dora", "lora_dropout": cfg.dropout, "bias": cfg.bias,
+              "fan_in_fan_out": fan_in_fan_out, "init_lora_weights": True}
+    if getattr(cfg, "rank_pattern", None) or getattr(cfg, "alpha_pattern", None):  # per-layer ranks (merges)
+        fields["rank_pattern"] = layer_patterns({p: k for p, (k, _) in alphas.items()}, r)
+        fields["alpha_pattern"] = layer_patterns({p: a for p, (_, a) in alphas.items()}, fields["lora_alpha"])
+    return fields, tensors
 
 
 def write_peft(path: Any, tensors: dict[str, torch.Tensor], peft_config: dict[str, Any]) -> Path:
@@ -152,8 +174,9 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
 def _check_lora_config(pc: dict[str, Any], path: Any) -> None:
     for key in ("rank_pattern", "alpha_pattern"):
-        if pc.get(key):
-            raise ValueError(f"PEFT adapter at '{path}' uses per-layer {key}, which deltatune cannot import yet")
+        if pc.get(key) and pc.get("use_dora"):
+            raise ValueError(f"PEFT DoRA adapter at '{path}' uses per-layer {key}, which deltatune imports for "
+                             "LoRA only")
     if str(pc.get("init_lora_weights", True)).startswith(("pissa", "olora", "corda", "eva", "loftq")):
         raise ValueError(f"PEFT adapter at '{path}' was saved with init_lora_weights={pc['init_lora_weights']!r} "
                          "unconverted, so it only fits PEFT's modified base weights; save it from PEFT with "
@@ -202,12 +225,17 @@ def _lora_load(dm: DeltaModel, pc: dict[str, Any], tensors: Tensors, path: Any) 
     per_layer = layer_tensors(tensors, _LORA_KEYS, path)
     require_layers(dm.model, sorted(per_layer), f"PEFT adapter '{path}'")
     method = "dora" if pc.get("use_dora") else "lora"
+    # per-layer ranks and alphas (PEFT's rank_pattern / alpha_pattern) become exact paths in deltatune's
+    ranks = {p: int(peft_pattern(pc.get("rank_pattern") or {}, p, pc["r"])) for p in per_layer}
+    alphas = {p: float(peft_pattern(pc.get("alpha_pattern") or {}, p, pc["lora_alpha"])) for p in per_layer}
+    patterns = {"rank_pattern": layer_patterns(ranks, pc["r"]), "alpha_pattern": layer_patterns(alphas, pc["lora_alpha"])}
     config = make_config(method, r=pc["r"], alpha=pc["lora_alpha"], rslora=pc.get("use_rslora", False),
-                         dropout=pc.get("lora_dropout", 0.0), bias=pc.get("bias", "none"), targets=sorted(per_layer))
+                         dropout=pc.get("lora_dropout", 0.0), bias=pc.get("bias", "none"), targets=sorted(per_layer),
+                         **{k: v for k, v in patterns.items() if v})
     state = {}
     for p, parts in per_layer.items():
-        state[f"{p}.lora_A"] = parts["A"].reshape(config.r, -1)
-        state[f"{p}.lora_B"] = parts["B"].reshape(parts["B"].shape[0], config.r)
+        state[f"{p}.lora_A"] = parts["A"].reshape(ranks[p], -1)
+        state[f"{p}.lora_B"] = parts["B"].reshape(parts["B"].shape[0], ranks[p])
         if "m" in parts:
             state[f"{p}.lora_magnitude"] = parts["m"].reshape(-1)
         if "bias" in parts:  # PEFT stores the trained bias itself; deltatune its change

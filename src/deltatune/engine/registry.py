@@ -13,7 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 def closest(word: str, choices: Any) -> str | None:
     """The choice most like `word`, or None; a shared prefix counts (difflib rates 'r' far from 'rank')."""
     choices = list(choices)
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5) or [c for c in choices if word.startswith(c)]
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    prefixes = [c for c in choices if word.startswith(c)]
+    if prefixes and (not close or close[0].startswith(word)):  # 'rank' is r spelt out, not rank_pattern cut short
+        return max(prefixes, key=len)
     return close[0] if close else None
 
 

@@ -6,6 +6,8 @@ so a truncated SVD (Eckart-Young) turns the merge back into LoRA factors:
     dW = sum_i w_i s_i B_i A_i = U S V^T,   B = U_k sqrt(S_k),   A = sqrt(S_k) V_k^T,   alpha = r (scale 1).
 This is exact at the default rank k = sum_i r_i for linear merges and the best rank-k approximation
 otherwise; PEFT's `add_weighted_adapter(combination_type="svd")` does the same (tested against it).
+Each layer is stored at its own kept rank (LoRA's rank_pattern / alpha_pattern, PEFT's too), so an
+`energy=` merge or layers of different input ranks cost no zero padding.
 TIES, DARE, DELLA... run on the exact deltas through the task-vector pipeline (`TaskVectorMerge`).
 LoRA: arXiv:2106.09685; task arithmetic: arXiv:2212.04089.
 """
@@ -13,8 +15,8 @@ LoRA: arXiv:2106.09685; task arithmetic: arXiv:2212.04089.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
-from collections.abc import Sequence
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -90,12 +92,14 @@ def _additive_lora(method: str, where: str) -> MethodSpec:
     return spec
 
 
-def _factors(spec: MethodSpec, config: Any, state: dict[str, Tensor], where: str) -> LayerFactors:
-    """(A, B, scale) through the method's own code: its Delta on a weightless stand-in layer of the same shape."""
+def _factors(spec: MethodSpec, config: Any, state: dict[str, Tensor], where: str, path: str) -> LayerFactors:
+    """(A, B, scale) through the method's own code: its Delta on a weightless stand-in layer of the same shape
+    at `path` (where a rank_pattern applies)."""
     if "lora_A" not in state or "lora_B" not in state:
         raise ValueError(f"{where} lacks lora_A or lora_B (has {sorted(state)}); save the adapter again")
     d_out, d_in = state["lora_B"].shape[0], state["lora_A"].shape[1]
     stand_in = DeltaLayer(nn.Linear(d_in, d_out, bias="lora_bias" in state, device="meta"), LINEAR)
+    stand_in.path = path
     delta = spec.delta(config, stand_in, initialize=False)
     try:
         delta.load_state_dict(state, assign=True)
@@ -118,7 +122,7 @@ def _read_deltatune(path: Path) -> AdapterDeltas:
     for key, t in tensors.items():
         layer, name = key.rsplit(".", 1)  # a delta's tensor names hold no dots
         per_layer[layer][name] = t
-    layers = {p: _factors(spec, config, per_layer[p], f"{where}, layer '{p}',") for p in meta["targets"]}
+    layers = {p: _factors(spec, config, per_layer[p], f"{where}, layer '{p}',", p) for p in meta["targets"]}
     return AdapterDeltas(path, "deltatune", layers, meta["base_model"], trains_bias=config.bias == "lora_only")
 
 
@@ -147,15 +151,21 @@ def _read_peft(path: Path) -> AdapterDeltas:
             layouts[layer] = ("embedding", ())
         elif role == "A":
             layouts[layer] = ("conv", tuple(value.shape[1:])) if value.dim() > 2 else ("linear", ())
-    config = make_config("lora", r=pc["r"], alpha=pc["lora_alpha"], rslora=pc.get("use_rslora", False))
     spec, layers = get_method("lora"), {}
     for p in sorted(parts):
+        # this layer's rank and alpha: PEFT's rank_pattern / alpha_pattern over r / lora_alpha
+        r = int(peft_format.peft_pattern(pc.get("rank_pattern") or {}, p, pc["r"]))
+        alpha = float(peft_format.peft_pattern(pc.get("alpha_pattern") or {}, p, pc["lora_alpha"]))
+        config = make_config("lora", r=r, alpha=alpha, rslora=pc.get("use_rslora", False))
         state = {f"lora_{role}": t for role, t in parts[p].items()}
         if "lora_A" in state and "lora_B" in state:  # PEFT files keep conv factors as kernels
-            state = {"lora_A": state["lora_A"].reshape(config.r, -1),
-                     "lora_B": state["lora_B"].reshape(state["lora_B"].shape[0], config.r)}
+            if state["lora_A"].shape[0] != r:
+                raise ValueError(f"{where}, layer '{p}', has rank {state['lora_A'].shape[0]} but its config says "
+                                 f"{r} (r / rank_pattern); save the adapter again")
+            state = {"lora_A": state["lora_A"].reshape(r, -1),
+                     "lora_B": state["lora_B"].reshape(state["lora_B"].shape[0], r)}
         layout, kernel = layouts.get(p, ("linear", ()))
-        layers[p] = replace(_factors(spec, config, state, f"{where}, layer '{p}',"), layout=layout, kernel=kernel)
+        layers[p] = replace(_factors(spec, config, state, f"{where}, layer '{p}',", p), layout=layout, kernel=kernel)
     base = {"class": None, "name_or_path": pc.get("base_model_name_or_path"), "fingerprints": {}}
     return AdapterDeltas(path, "peft", layers, base, fan_in_fan_out=bool(pc.get("fan_in_fan_out")))
 
@@ -229,7 +239,7 @@ def truncated_svd(delta: Tensor, rank: int | None = None, energy: float | None =
 class LayerReport:
     path: str
     shape: tuple[int, int]
-    rank: int  # singular triplets kept (the file pads every layer to the report's `rank` with zeros)
+    rank: int  # singular triplets kept; the file stores max(1, rank) (a zero delta as one zero pair)
     energy: float
     rel_error: float
     sq_norm: float  # ||merged dW||_F^2
@@ -243,7 +253,7 @@ class AdapterMergeReport:
     format: str
     method: str
     weights: tuple[float, ...]
-    rank: int  # the rank stored in the file
+    rank: int  # the largest rank stored in the file (each layer has its own: `layers`)
     layers: tuple[LayerReport, ...]
 
     @property
@@ -260,11 +270,13 @@ class AdapterMergeReport:
 
     @property
     def parameters(self) -> int:
-        return sum(self.rank * (d_out + d_in) for d_out, d_in in (r.shape for r in self.layers))
+        return sum(max(1, r.rank) * (r.shape[0] + r.shape[1]) for r in self.layers)
 
     def to_markdown(self) -> str:
+        low = min(max(1, r.rank) for r in self.layers)
+        ranks = f"rank {self.rank}" if low == self.rank else f"ranks {low}-{self.rank} per layer"
         lines = [f"merged {len(self.weights)} adapters ({self.method}, weights {list(self.weights)}) into "
-                 f"'{self.out}' ({self.format}, rank {self.rank}, {self.parameters:,} parameters)", "",
+                 f"'{self.out}' ({self.format}, {ranks}, {self.parameters:,} parameters)", "",
                  "| layer | shape | rank | energy | rel. error |", "|---|---|---:|---:|---:|"]
         lines += [f"| {r.path} | {r.shape[0]}x{r.shape[1]} | {r.rank} | {r.energy:.6f} | {r.rel_error:.2e} |"
                   for r in self.layers]
@@ -325,20 +337,23 @@ def _base_model(inputs: Sequence[AdapterDeltas]) -> dict[str, Any]:
 
 
 def _merge_layer(merger: TaskVectorMerge, factors: Sequence[LayerFactors | None], weights: Sequence[float],
-                 seed: int, path: str) -> tuple[Tensor, Tensor | None]:
+                 seed: int, path: str, model_parameters: Sequence[Mapping[str, float]] | None = None
+                 ) -> tuple[Tensor, Tensor | None]:
     """The merged (dW, bias change) of one layer; an adapter without this layer counts as zero."""
     d_out, d_in = next(f for f in factors if f is not None).shape
     zeros = torch.zeros(d_out, d_in)
     deltas = [f.delta() if f is not None else zeros for f in factors]
-    merged = merger.merge_tensor(zeros, deltas, weights, tensor_generator(seed, path))
+    merged = merger.merge_tensor(zeros, deltas, weights, tensor_generator(seed, path),
+                                 model_parameters=model_parameters)
     if all(f is None or f.bias is None for f in factors):
         return merged, None
     biases = [f.bias.float() if f is not None and f.bias is not None else zeros[:, 0] for f in factors]
-    return merged, merger.merge_tensor(zeros[:, 0], biases, weights, tensor_generator(seed, path + ".bias"))
+    return merged, merger.merge_tensor(zeros[:, 0], biases, weights, tensor_generator(seed, path + ".bias"),
+                                       model_parameters=model_parameters)
 
 
 def _pad(low: LowRank, r: int) -> tuple[Tensor, Tensor]:
-    """(A, B) padded with zero rows/columns to rank r: same product, one rank for the whole file."""
+    """(A, B) padded with zero rows/columns to rank r (a zero delta to rank 1): the same product."""
     k = low.rank
     A = torch.cat([low.A, low.A.new_zeros(r - k, low.A.shape[1])])
     B = torch.cat([low.B, low.B.new_zeros(low.B.shape[0], r - k)], dim=1)
@@ -356,6 +371,7 @@ def merge_adapters(
     format: str = "auto",
     seed: int = 0,
     overwrite: bool = False,
+    model_parameters: Sequence[Mapping[str, float]] | None = None,
 ) -> AdapterMergeReport:
     """Merge LoRA adapters exactly through their deltas and save the result as one LoRA adapter.
 
@@ -373,11 +389,14 @@ def merge_adapters(
         energy: instead of rank, keep per layer the fewest singular values holding this share of sum s^2.
         out: output folder; refused when not empty unless `overwrite` (which replaces adapter files only).
         format: "deltatune" (deltatune.load), "peft" (PeftModel.from_pretrained) or "auto": PEFT when
-            every input is a PEFT folder, else deltatune. One rank is stored for all layers (the largest
-            kept; the others are padded with zeros) with alpha = rank, so scale 1. Deltatune inputs record
-            layers only as d_out x d_in matrices, so PEFT output writes them with Linear keys; for their
-            conv or embedding layers write "deltatune" and convert with deltatune.load(model, out).export_peft().
+            every input is a PEFT folder, else deltatune. Each layer is stored at its own kept rank (the
+            most common one as r, the others in rank_pattern / alpha_pattern, which PEFT reads too), with
+            alpha = rank, so scale 1. Deltatune inputs record layers only as d_out x d_in matrices, so
+            PEFT output writes them with Linear keys; for their conv or embedding layers write "deltatune"
+            and convert with deltatune.load(model, out).export_peft().
         seed: seeds random sparsifiers (DARE, DELLA) per layer.
+        model_parameters: optional, one mapping per adapter with its own density, gamma or epsilon
+            (mergekit's per-model parameters), over the method's; see TaskVectorMerge.merge_tensor.
 
     Refuses DoRA and `full` modules (train_modules / modules_to_save): their change depends on W0.
     """
@@ -392,6 +411,7 @@ def merge_adapters(
         raise ValueError(f"energy is a fraction of sum s^2 in (0, 1], got {energy}")
     if format not in FORMATS:
         raise ValueError(f"unknown format '{format}'{did_you_mean(format, FORMATS)} (known: {', '.join(FORMATS)})")
+    merger.for_models(model_parameters, len(adapters))  # bad per-model parameters fail before any work
     owned = (io.CONFIG_NAME, io.WEIGHTS_NAME, peft_format.CONFIG_NAME, peft_format.WEIGHTS_NAME)
     out = prepare_out(out, overwrite, ())  # check before the work; clear only right before writing
     inputs = [read_adapter_deltas(p) for p in adapters]
@@ -403,7 +423,7 @@ def merge_adapters(
     biases: dict[str, Tensor] = {}
     for p in paths:
         factors = [a.layers.get(p) for a in inputs]
-        merged, bias = _merge_layer(merger, factors, weights, seed, p)
+        merged, bias = _merge_layer(merger, factors, weights, seed, p, model_parameters)
         basis = torch.cat([f.B.float() for f in factors if f is not None], dim=1)  # spans a linear merge
         if energy is not None:
             low[p] = truncated_svd(merged, energy=energy, basis=basis)
@@ -411,20 +431,21 @@ def merge_adapters(
             low[p] = truncated_svd(merged, rank=rank or basis.shape[1], basis=basis)
         if bias is not None:
             biases[p] = bias
-    r = max([1] + [lr.rank for lr in low.values()])
-    _check_storable(inputs, paths, low, biases, r, format)
+    ranks = {p: max(1, low[p].rank) for p in paths}  # LoRA needs r >= 1: a zero delta is one zero pair
+    _check_storable(inputs, paths, biases, format)
     prepare_out(out, overwrite, owned)
     if format == "deltatune":
-        _write_deltatune(out, paths, low, biases, r, base)
+        _write_deltatune(out, paths, low, biases, ranks, base)
     else:
-        _write_peft(out, inputs, paths, low, r, base)
+        _write_peft(out, inputs, paths, low, ranks, base)
     layers = tuple(LayerReport(p, (low[p].B.shape[0], low[p].A.shape[1]), low[p].rank, low[p].energy,
                                low[p].rel_error, low[p].sq_norm) for p in paths)
-    return AdapterMergeReport(out, format, method_name, tuple(float(w) for w in weights), r, layers)
+    return AdapterMergeReport(out, format, method_name, tuple(float(w) for w in weights), max(ranks.values()),
+                              layers)
 
 
-def _check_storable(inputs: Sequence[AdapterDeltas], paths: Sequence[str], low: dict[str, LowRank],
-                    biases: dict[str, Tensor], r: int, format: str) -> None:
+def _check_storable(inputs: Sequence[AdapterDeltas], paths: Sequence[str], biases: dict[str, Tensor],
+                    format: str) -> None:
     """Refuse outputs that the loaders would reject, before anything is written."""
     if biases and format == "peft":
         raise ValueError("the adapters train bias deltas, but PEFT files store the trained bias itself, which "
@@ -435,21 +456,24 @@ def _check_storable(inputs: Sequence[AdapterDeltas], paths: Sequence[str], low: 
             raise ValueError(f"layers {unknown[:3]} come only from adapters without bias deltas, so whether their "
                              "base layer has a bias is unknown; merge adapters that all use bias='lora_only' "
                              "or all bias='none'")
-    if format == "deltatune":  # one LoRA config per adapter: r must fit every layer
-        small = [p for p in paths if r > min(low[p].B.shape[0], low[p].A.shape[1])]
-        if small:
-            raise ValueError(f"the merged adapter needs rank {r} but layer '{small[0]}' is only "
-                             f"{low[small[0]].B.shape[0]} x {low[small[0]].A.shape[1]}; pass a smaller rank")
+
+
+def _common_rank(ranks: dict[str, int]) -> int:
+    """The rank most layers have (the larger on a tie): the file's r, the others go in rank_pattern."""
+    return max(Counter(ranks.values()).items(), key=lambda item: (item[1], item[0]))[0]
 
 
 def _write_deltatune(out: Path, paths: Sequence[str], low: dict[str, LowRank], biases: dict[str, Tensor],
-                     r: int, base: dict[str, Any]) -> None:
+                     ranks: dict[str, int], base: dict[str, Any]) -> None:
     state: dict[str, Tensor] = {}
     for p in paths:
-        state[f"{p}.lora_A"], state[f"{p}.lora_B"] = _pad(low[p], r)
+        state[f"{p}.lora_A"], state[f"{p}.lora_B"] = _pad(low[p], ranks[p])
         if p in biases:
             state[f"{p}.lora_bias"] = biases[p].contiguous()
-    config = make_config("lora", r=r, alpha=float(r), bias="lora_only" if biases else "none", targets=list(paths))
+    r = _common_rank(ranks)
+    pattern = peft_format.layer_patterns(ranks, r)  # alpha = rank everywhere: scale 1
+    config = make_config("lora", r=r, alpha=float(r), bias="lora_only" if biases else "none", targets=list(paths),
+                         rank_pattern=pattern, alpha_pattern={p: float(k) for p, k in pattern.items()})
     meta = {"name": "merged", "method": "lora",
             "options": config.model_dump(mode="json", exclude={"targets", "exclude"}),
             "targets": list(paths), "train_modules": [], "base_model": base}
@@ -457,24 +481,27 @@ def _write_deltatune(out: Path, paths: Sequence[str], low: dict[str, LowRank], b
 
 
 def _write_peft(out: Path, inputs: Sequence[AdapterDeltas], paths: Sequence[str], low: dict[str, LowRank],
-                r: int, base: dict[str, Any]) -> None:
+                ranks: dict[str, int], base: dict[str, Any]) -> None:
     layout = {p: (a.layers[p].layout, a.layers[p].kernel) for a in reversed(inputs) for p in a.layers
               if a.layers[p].layout != "matrix"}
     tensors: dict[str, Tensor] = {}
     for p in paths:
-        A, B = _pad(low[p], r)
+        A, B = _pad(low[p], ranks[p])
         kind, kernel = layout.get(p, ("linear", ()))
         key = f"{peft_format.PREFIX}{p}"
         if kind == "embedding":
             tensors[f"{key}.lora_embedding_A"], tensors[f"{key}.lora_embedding_B"] = A, B
         elif kind == "conv":  # A as a conv kernel with r outputs, B as a 1x1 conv
-            tensors[f"{key}.lora_A.weight"] = A.reshape(r, *kernel)
+            tensors[f"{key}.lora_A.weight"] = A.reshape(ranks[p], *kernel)
             tensors[f"{key}.lora_B.weight"] = B.reshape(*B.shape, *[1] * (len(kernel) - 1))
         else:
             tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = A, B
+    r = _common_rank(ranks)
+    pattern = peft_format.layer_patterns(ranks, r)  # alpha = rank everywhere: scale 1
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": base["name_or_path"],
-        "r": r, "lora_alpha": r, "use_rslora": False, "use_dora": False, "lora_dropout": 0.0, "bias": "none",
+        "r": r, "lora_alpha": r, "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+        "use_rslora": False, "use_dora": False, "lora_dropout": 0.0, "bias": "none",
         "target_modules": list(paths), "modules_to_save": None,
         "fan_in_fan_out": any(a.fan_in_fan_out for a in inputs), "init_lora_weights": True, "inference_mode": True,
     }

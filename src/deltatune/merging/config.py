@@ -8,12 +8,16 @@ method: ties                  # a preset of deltatune.merging.MERGE_METHODS, or 
 base_model: smollm2           # theta_0: a model folder or a built-in (minilm, smollm2)
 models:
   - {path: ft1, weight: 0.5}
-  - {path: ft2, weight: 0.5}
+  - model: ft2                # mergekit's spelling works too: model, and per-model parameters
+    parameters: {weight: 0.5, density: 0.7}   # this model's own weight, density, gamma, epsilon
 parameters: {density: 0.5}    # fields of TaskVectorMerge, on top of the preset
 overrides:                    # per tensor, the first matching pattern wins
   - {pattern: "re:.*mlp.*", parameters: {density: 0.3}}
 output: {path: merged, dtype: bfloat16, max_shard_size: 2GB}
 ```
+
+For one tensor and one model the parameters resolve as: preset < `parameters` < the first matching override's
+`parameters` < the model's own `parameters` (as in mergekit, a model's own value wins).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from deltatune.merging.checkpoint import parse_size
 from deltatune.merging.task_arithmetic import (
     MERGE_METHODS,
     NEEDS_IMPORTANCE,
+    PER_MODEL,
     Balance,
     TaskVectorMerge,
     get_merge_method,
@@ -43,12 +48,42 @@ def method_names() -> list[str]:
     return [*MERGE_METHODS, LINEAR]
 
 
+def methods_help() -> list[str]:
+    """One line per merge method, from MERGE_METHODS (so help lists every registered preset)."""
+    rows = [(name, f"{m.pretty_name or name}  {m.url}".rstrip()) for name, m in MERGE_METHODS.items()]
+    rows.append((LINEAR, "a weighted model soup: needs no base model, takes no parameters"))
+    width = max(len(name) for name, _ in rows)
+    return [f"{name:<{width}}  {what}" for name, what in rows]
+
+
 class ModelEntry(Section):
     path: str = Field(description="a Hugging Face model folder (safetensors), a deltatune or PEFT adapter "
                       "folder, or a built-in model: minilm, smollm2")
     weight: float = Field(1.0, description="the model's weight w_i")
     fisher: str | None = Field(None, description="a .safetensors file of per-tensor importance (e.g. "
                                "diagonal Fisher), names and shapes as the model's; null = none")
+    parameters: dict[str, float] = Field({}, description="this model's own " + ", ".join(PER_MODEL) +
+                                         " (over the method's parameters and overrides), as mergekit's "
+                                         "per-model parameters; a `weight` here is the model's weight")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mergekit_spelling(cls, data: Any) -> Any:
+        """mergekit's `model: x` for path, and its `parameters: {weight: w}` for weight."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "model" in data:
+            if "path" in data:
+                raise ValueError("give a model's path once: `path` or mergekit's `model`, not both")
+            data["path"] = data.pop("model")
+        params = data.get("parameters")
+        if isinstance(params, dict) and "weight" in params:
+            if "weight" in data:
+                raise ValueError("give a model's weight once: `weight` or `parameters.weight`, not both")
+            params = dict(params)
+            data["weight"], data["parameters"] = params.pop("weight"), params
+        return data
 
 
 class Override(Section):
@@ -126,6 +161,7 @@ class MergeConfig(Section):
             if override.weights is not None and len(override.weights) != len(self.models):
                 raise ValueError(f"overrides.{i}.weights has {len(override.weights)} entries; give one per "
                                  f"model ({len(self.models)})")
+        self._check_model_parameters(methods)
         with_fisher = [i for i, m in enumerate(self.models) if m.fisher]
         if with_fisher and self.method == LINEAR:
             raise ValueError("fisher files weight task vectors: use a task-vector method (fisher), not "
@@ -136,6 +172,31 @@ class MergeConfig(Section):
             raise ValueError(f"models {with_fisher} have a fisher file and the others do not: give "
                              "every model one, or none")
         return self
+
+    def model_parameters(self) -> tuple[dict[str, float], ...] | None:
+        """Each model's own parameters, for TaskVectorMerge.merge_tensor; None when no model has any."""
+        params = tuple(dict(m.parameters) for m in self.models)
+        return params if any(params) else None
+
+    def _check_model_parameters(self, methods: list[TaskVectorMerge | None]) -> None:
+        for i, m in enumerate(self.models):
+            where = f"models.{i}.parameters"
+            unknown = sorted(m.parameters.keys() - set(PER_MODEL))
+            if unknown:
+                raise ValueError(unknown_key(where, unknown[0], ["weight", *PER_MODEL]) +
+                                 f" (a model's own parameters are weight, {', '.join(PER_MODEL)})")
+            if m.parameters and self.method == LINEAR:
+                raise ValueError(f"method 'linear' takes only a weight per model, not {where} "
+                                 f"{sorted(m.parameters)}; use a task-vector method such as ties")
+            for method in methods:  # with the global parameters and with each override's
+                if method is None or not m.parameters:
+                    continue
+                params = [{}] * len(self.models)
+                params[i] = m.parameters
+                try:
+                    method.for_models(params, len(self.models))
+                except ValueError as err:
+                    raise ValueError(f"{where}: {str(err).replace(f' of model {i}', '')}") from None
 
     def merge_method(self, parameters: dict[str, Any], where: str = "parameters") -> TaskVectorMerge | None:
         """The validated method for these parameters; None for linear (a soup has no parameters)."""

@@ -82,6 +82,7 @@ class Rule:
     pattern: str | None
     method: TaskVectorMerge | None  # None = linear soup
     weights: tuple[float, ...]
+    model_parameters: tuple[dict[str, float], ...] | None = None  # each model's own density, ...
 
     def matches(self, name: str) -> bool:
         return self.pattern is None or matcher(self.pattern)(name, None)
@@ -151,17 +152,17 @@ def check_inputs(base: CheckpointReader, others: Sequence[CheckpointReader], nam
 
 def build_rules(config: MergeConfig, names: Sequence[str]) -> list[Rule]:
     """Overrides first, in config order, then the default; an override that matches no tensor is an error."""
-    weights = tuple(m.weight for m in config.models)
+    weights, own = tuple(m.weight for m in config.models), config.model_parameters()
     rules = [Rule(o.pattern,
                   config.merge_method({**config.parameters, **o.parameters}, f"overrides.{i}.parameters"),
-                  tuple(o.weights) if o.weights is not None else weights)
+                  tuple(o.weights) if o.weights is not None else weights, own)
              for i, o in enumerate(config.overrides)]
     for i, rule in enumerate(rules):
         if not any(rule.matches(n) for n in names):
             raise ValueError(f"overrides.{i}.pattern {rule.pattern!r} matches no tensor; use a name or "
                              f"dotted suffix ('mlp.down_proj.weight') or 're:<regex>' matching whole names "
                              f"such as '{names[len(names) // 2]}'")
-    return [*rules, Rule(None, config.merge_method(config.parameters), weights)]
+    return [*rules, Rule(None, config.merge_method(config.parameters), weights, own)]
 
 
 def merge_one(name: str, rule: Rule, base: CheckpointReader, finetuned: Sequence[CheckpointReader],
@@ -172,13 +173,13 @@ def merge_one(name: str, rule: Rule, base: CheckpointReader, finetuned: Sequence
     tensors = [r.read(name, rows) for r in finetuned]
     if rule.method is None:
         return linear([{name: t} for t in tensors], rule.weights)[name]
-    generator = tensor_generator(seed, name)
+    generator, own = tensor_generator(seed, name), rule.model_parameters
     if importance is None:
-        return rule.method.merge_tensor(base.read(name, rows), tensors, rule.weights, generator)
+        return rule.method.merge_tensor(base.read(name, rows), tensors, rule.weights, generator, model_parameters=own)
     if name in importance[0]:
         return rule.method.merge_tensor(base.read(name, rows), tensors, rule.weights, generator,
-                                        importance=[r.read(name, rows) for r in importance])
-    return rule.plain.merge_tensor(base.read(name, rows), tensors, rule.weights, generator)
+                                        importance=[r.read(name, rows) for r in importance], model_parameters=own)
+    return rule.plain.merge_tensor(base.read(name, rows), tensors, rule.weights, generator, model_parameters=own)
 
 
 def peak_rss() -> int:
@@ -277,7 +278,8 @@ def _merge_adapters(config: MergeConfig, inputs: Sequence[Path], start: float) -
                          "them, or merge each adapter into its base and merge the checkpoints")
     method = LINEAR if config.method == LINEAR else config.merge_method(config.parameters)
     report = merge_adapters(inputs, [m.weight for m in config.models], method, rank=o.rank, energy=o.energy,
-                            out=o.path, format=o.format, seed=config.seed, overwrite=o.overwrite)
+                            out=o.path, format=o.format, seed=config.seed, overwrite=o.overwrite,
+                            model_parameters=config.model_parameters())
     files = weight_files_of(Path(o.path))
     tensors = sum(len(CheckpointReader(f)) for f in files)
     return MergeReport(Path(o.path), tensors, len(report.layers), 0, sum(f.stat().st_size for f in files),

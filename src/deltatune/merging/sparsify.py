@@ -2,6 +2,11 @@
 
 `density` is always the fraction of entries kept (in expectation for the random ones). Every function
 computes in float32 and returns the input dtype.
+
+The deterministic cuts follow mergekit's conventions, so that TIES and Breadcrumbs agree with it entry for
+entry: counts are `kept_count` (int(density * numel), truncated, not rounded), and the ranking is the same
+float32 torch sort mergekit runs on CPU (the default, unstable one), so that equal magnitudes at the cut
+fall the same way in both tools on one torch build.
 """
 
 from __future__ import annotations
@@ -19,10 +24,17 @@ def _check_fraction(name: str, value: float) -> None:
         raise ValueError(f"{name} must be in [0, 1], got {value}")
 
 
-def _keep_ranked(delta: Tensor, start: int, stop: int) -> Tensor:
-    """Keep the entries ranked [start, stop) by ascending |delta| over the whole tensor; zero the rest."""
+def kept_count(fraction: float, numel: int) -> int:
+    """How many of `numel` entries a fraction selects: int(fraction * numel), mergekit's count (truncated:
+    round() would keep one more entry whenever the product's fractional part is >= 0.5)."""
+    return int(fraction * numel)
+
+
+def _keep_ranked(delta: Tensor, start: int, stop: int, descending: bool = False) -> Tensor:
+    """Keep the entries ranked [start, stop) by |delta| over the whole tensor (ascending, or descending);
+    zero the rest. Exactly stop - start entries, however many share the magnitude at a cut."""
     x = delta.float().flatten()
-    order = torch.argsort(x.abs(), stable=True)  # ascending magnitude
+    order = torch.argsort(x.abs(), descending=descending)  # mergekit's sort, for its tie order (see above)
     mask = torch.zeros_like(x, dtype=torch.bool)
     mask[order[start:stop]] = True
     return (x * mask).reshape(delta.shape).to(delta.dtype)
@@ -34,11 +46,10 @@ def none(delta: Tensor) -> Tensor:
 
 
 def magnitude(delta: Tensor, density: float) -> Tensor:
-    """Keep the round(density * numel) largest |entries| (TIES trim step; Yadav et al. 2023, arXiv:2306.01708)."""
+    """Keep the kept_count(density, numel) largest |entries| (TIES trim step; Yadav et al. 2023,
+    arXiv:2306.01708), ranked as mergekit's `magnitude` ranks them."""
     _check_fraction("density", density)
-    n = delta.numel()
-    k = round(density * n)
-    return _keep_ranked(delta, n - k, n)
+    return _keep_ranked(delta, 0, kept_count(density, delta.numel()), descending=True)
 
 
 def random_drop(
@@ -67,12 +78,16 @@ def random_drop(
 
 
 def breadcrumbs(delta: Tensor, density: float, gamma: float) -> Tensor:
-    """Model Breadcrumbs: drop the top gamma and the smallest |entries| so density remains (arXiv:2312.06795)."""
+    """Model Breadcrumbs: drop the top gamma and the smallest |entries| so density remains (arXiv:2312.06795).
+
+    Counts as mergekit's `magnitude_outliers`: kept_count(density, n) kept, kept_count(gamma, n) outliers
+    dropped (fewer when density needs them). Unlike mergekit, a gamma cut of 0 entries keeps the density
+    (mergekit's slice [n_bot:-0] then keeps nothing)."""
     _check_fraction("density", density)
     _check_fraction("gamma", gamma)
     n = delta.numel()
-    n_keep = round(density * n)
-    n_top = min(round(gamma * n), n - n_keep)  # never drop so many outliers that density cannot be met
+    n_keep = kept_count(density, n)
+    n_top = min(kept_count(gamma, n), n - n_keep)  # never drop so many outliers that density cannot be met
     return _keep_ranked(delta, n - n_top - n_keep, n - n_top)
 
 

@@ -4,6 +4,8 @@ Task vectors tau_i = theta_i - theta_0 (Ilharco et al. 2022, arXiv:2212.04089). 
 picked by an enum, and TIES, DARE (and DAREx-q), Breadcrumbs, DELLA, Fisher and PCB merging are presets of
 one frozen config (`MERGE_METHODS`). The weight stage is per entry: w_i times an optional `importance[i]` (a
 diagonal Fisher) times the balance scores (PCB), so consensus and normalisation see the same entry weights.
+Each model may have its own sparsifier parameters (`model_parameters`: density, gamma, epsilon, as mergekit's
+per-model parameters), over the config's.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor
 
 from deltatune.engine.registry import did_you_mean
@@ -84,6 +86,10 @@ NEEDS_IMPORTANCE = (
     "deltatune.merging.fisher.estimate_fisher(model, batches) and save_fisher(...), then pass "
     "importance=[...] (or give each model a `fisher:` file in a merge config)"
 )
+
+
+# The parameters one model may set for its own task vector (mergekit's per-model `parameters`, weight aside).
+PER_MODEL = ("density", "gamma", "epsilon")
 
 
 def stack_importance(importance: Sequence[Tensor], base: Tensor, n: int, floor: float) -> Tensor:
@@ -168,6 +174,34 @@ class TaskVectorMerge(BaseModel):
             raise ValueError("rescale_q (DAREx-q) rescales DARE survivors: set sparsify='random', rescale=True")
         return self
 
+    def for_models(self, model_parameters: Sequence[Mapping[str, float]] | None, n: int) -> list[TaskVectorMerge]:
+        """One validated config per model: this one with the model's own PER_MODEL values (None: this one)."""
+        if model_parameters is None:
+            return [self] * n
+        if len(model_parameters) != n:
+            raise ValueError(f"need one model_parameters mapping per model, got {len(model_parameters)} for {n}")
+        methods = []
+        for i, params in enumerate(model_parameters):
+            unknown = sorted(set(params) - set(PER_MODEL))
+            if unknown:
+                hint = " (weights are given as `weights`)" if unknown[0] == "weight" else ""
+                raise ValueError(f"unknown per-model parameter '{unknown[0]}' of model {i}"
+                                 f"{did_you_mean(unknown[0], PER_MODEL)}{hint}; known: {', '.join(PER_MODEL)}")
+            if "density" in params and self.balance is Balance.pcb:
+                raise ValueError("PCB's density is its pcb_ratio over all models' entries together, so it cannot "
+                                 "differ per model; set it once in the method's parameters")
+            try:
+                methods.append(self.model_validate({**self.model_dump(), **params}) if params else self)
+            except ValidationError as err:
+                what = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+                raise ValueError(f"per-model parameters of model {i} are invalid: {what}") from None
+        return methods
+
+    def sparsify_options(self) -> dict[str, object]:
+        """The keyword arguments of `sparsify` that this config sets."""
+        return dict(density=self.density, gamma=self.gamma, epsilon=self.epsilon, rescale=self.rescale,
+                    rescale_q=self.rescale_q)
+
     def merge_tensor(
         self,
         base: Tensor,
@@ -175,21 +209,25 @@ class TaskVectorMerge(BaseModel):
         weights: Sequence[float],
         generator: torch.Generator | None = None,
         importance: Sequence[Tensor] | None = None,
+        model_parameters: Sequence[Mapping[str, float]] | None = None,
     ) -> Tensor:
         """Run the pipeline for one tensor; computes in float32 and returns base's dtype.
 
         `importance[i]` (base's shape, >= 0) multiplies w_i entry-wise before consensus and normalisation;
         with normalize=True and F_i = importance[i] this is Fisher merging (Matena & Raffel, arXiv:2111.09832):
         theta0 + sum_i w_i F_i tau_i / sum_i w_i F_i = sum_i w_i F_i theta_i / sum_i w_i F_i.
+
+        `model_parameters[i]` (optional, e.g. {"density": 0.7}): model i's own PER_MODEL values for
+        sparsifying its task vector, over this config's (mergekit's per-model parameters).
         """
         if not finetuned or len(finetuned) != len(weights):
             raise ValueError(f"need one weight per fine-tuned tensor, got {len(finetuned)} and {len(weights)}")
         if importance is None and self.balance is Balance.fisher:
             raise ValueError(NEEDS_IMPORTANCE)
         theta0 = base.float()
-        kw = dict(density=self.density, gamma=self.gamma, epsilon=self.epsilon, rescale=self.rescale,
-                  rescale_q=self.rescale_q)
-        taus = torch.stack([sparsify(self.sparsify, t.float() - theta0, generator=generator, **kw) for t in finetuned])
+        methods = self.for_models(model_parameters, len(finetuned))
+        taus = torch.stack([sparsify(m.sparsify, t.float() - theta0, generator=generator, **m.sparsify_options())
+                            for m, t in zip(methods, finetuned)])
         taus, scores = BALANCE[self.balance](taus, self)  # (N, ...), scores broadcast to it
         w = torch.tensor(list(weights), dtype=torch.float32).reshape(-1, *[1] * base.dim()) * scores  # (N, ...)
         if importance is not None:
@@ -215,17 +253,20 @@ class TaskVectorMerge(BaseModel):
         weights: Sequence[float],
         seed: int = 0,
         importance: Sequence[StateDict] | None = None,
+        model_parameters: Sequence[Mapping[str, float]] | None = None,
     ) -> dict[str, Tensor]:
         """Merge tensor by tensor; non-float tensors (int buffers) are copied from base.
 
         `importance[i][key]` is passed through to merge_tensor. Tensors the importance dicts do not cover
         (frozen parameters, buffers) are merged without it, i.e. with isotropic Fisher: the weighted mean.
+        `model_parameters` (one mapping per model, see merge_tensor) applies to every tensor.
         """
         check_compatible(base, finetuned)
         if importance is None and self.balance is Balance.fisher:
             raise ValueError(NEEDS_IMPORTANCE)
         if importance is not None:
             check_importance(base, importance, len(finetuned))
+        self.for_models(model_parameters, len(finetuned))  # bad per-model parameters fail before any work
         covered = importance[0].keys() if importance else set()
         plain = self.model_copy(update={"balance": Balance.none}) if self.balance is Balance.fisher else self
         merged = {}
@@ -236,9 +277,10 @@ class TaskVectorMerge(BaseModel):
             tensors, generator = [sd[key] for sd in finetuned], tensor_generator(seed, key)
             if key in covered:
                 per_model = [imp[key] for imp in importance]
-                merged[key] = self.merge_tensor(b, tensors, weights, generator, importance=per_model)
+                merged[key] = self.merge_tensor(b, tensors, weights, generator, importance=per_model,
+                                                model_parameters=model_parameters)
             else:
-                merged[key] = plain.merge_tensor(b, tensors, weights, generator)
+                merged[key] = plain.merge_tensor(b, tensors, weights, generator, model_parameters=model_parameters)
         return merged
 
 

@@ -27,6 +27,7 @@ from ...engine.fused import LowRank
 from ...engine.kinds import kaiming_uniform_
 from ...engine.layer import Delta, DeltaLayer
 from ...engine.registry import DeltaConfig, register
+from ...engine.targeting import matcher
 
 _PISSA = re.compile(r"pissa(?:_niter_(\d+))?")
 
@@ -38,6 +39,10 @@ class LoRAConfig(DeltaConfig):
     bias: Literal["none", "lora_only"] = Field("none", description="'lora_only': train a bias delta on adapted layers")
     rslora: bool = Field(False, description="rank-stabilised scale alpha/sqrt(r)")
     init: str = Field("kaiming", description="A's init: 'kaiming', 'gaussian', 'pissa' or 'pissa_niter_K' (fast SVD)")
+    rank_pattern: dict[str, int] = Field({}, description="per-layer r over `r` (PEFT's rank_pattern): layer path, "
+                                         "dotted suffix or 're:<regex>' -> rank; an exact path wins, then the first match")
+    alpha_pattern: dict[str, float] = Field({}, description="per-layer alpha over `alpha` (PEFT's alpha_pattern), "
+                                            "keyed as rank_pattern")
 
     @field_validator("init")
     @classmethod
@@ -46,9 +51,25 @@ class LoRAConfig(DeltaConfig):
             raise ValueError(f"unknown init '{v}': use 'kaiming', 'gaussian', 'pissa' or 'pissa_niter_K'")
         return v
 
+    @field_validator("rank_pattern", "alpha_pattern")
+    @classmethod
+    def _positive(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: x for k, x in v.items() if x <= 0}
+        if bad:
+            raise ValueError(f"rank_pattern and alpha_pattern values must be > 0, got {bad}")
+        return v
+
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    def for_layer(self, path: str) -> tuple[int, float]:
+        """(r, alpha) of the layer at `path`: rank_pattern / alpha_pattern over r / alpha."""
+        def pick(pattern: dict, default: float) -> float:
+            if path in pattern:
+                return pattern[path]
+            return next((v for k, v in pattern.items() if matcher(k)(path, None)), default)
+        return int(pick(self.rank_pattern, self.r)), float(pick(self.alpha_pattern, self.alpha))
 
     @property
     def pissa(self) -> bool:
@@ -77,11 +98,16 @@ def adapter_dtype(layer: DeltaLayer) -> torch.dtype:
 class LoRA(Delta):
     def __init__(self, config: LoRAConfig, layer: DeltaLayer, initialize: bool = True, shared: nn.Module | None = None):
         super().__init__(config, layer, shared=shared)
-        d_out, d_in = check_rank(config.r, layer, self.method)
+        r, alpha = config.r, config.alpha
+        if config.rank_pattern or config.alpha_pattern:
+            if type(self) is not LoRA:  # subclasses read config.r themselves
+                raise ValueError(f"{self.method} does not take rank_pattern/alpha_pattern; only lora does")
+            r, alpha = config.for_layer(layer.path)
+        d_out, d_in = check_rank(r, layer, self.method)
         kw = {"dtype": adapter_dtype(layer), "device": layer.weight.device}
-        self.scale = config.scaling
-        self.lora_A = nn.Parameter(torch.zeros(config.r, d_in, **kw))  # (r, d_in)
-        self.lora_B = nn.Parameter(torch.zeros(d_out, config.r, **kw))  # (d_out, r)
+        self.scale = alpha / (math.sqrt(r) if config.rslora else r)  # config.scaling, at this layer's r and alpha
+        self.lora_A = nn.Parameter(torch.zeros(r, d_in, **kw))  # (r, d_in)
+        self.lora_B = nn.Parameter(torch.zeros(d_out, r, **kw))  # (d_out, r)
         has_bias = config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None
         self.lora_bias = nn.Parameter(torch.zeros(d_out, **kw)) if has_bias else None
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -93,10 +119,11 @@ class LoRA(Delta):
 
     @torch.no_grad()
     def _init_weights(self, layer: DeltaLayer) -> None:
+        r = self.lora_A.shape[0]  # this layer's rank (rank_pattern)
         if self.config.init == "gaussian":
-            nn.init.normal_(self.lora_A, std=1 / self.config.r)
+            nn.init.normal_(self.lora_A, std=1 / r)
         elif self.config.pissa:
-            B0, A0 = pissa_factors(layer.matrix(), self.config.r, self.scale, self.config.init)
+            B0, A0 = pissa_factors(layer.matrix(), r, self.scale, self.config.init)
             for p, v in ((self.lora_A, A0), (self.lora_B, B0), (self.lora_A0, A0), (self.lora_B0, B0)):
                 p.copy_(v)
         else:
