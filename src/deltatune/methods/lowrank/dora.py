@@ -59,12 +59,15 @@ class DoRA(LoRA):
 
     def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor | None) -> Tensor:
         g = self.lora_magnitude / self.weight_norm(layer)  # m / ||V||, (d_out,)
-        if self._fused() and x.dtype == self.lora_A.dtype:
-            A, B = self.factors()
+        term = LowRank(*self.factors(), self.scale)
+        if self._fused() and term.fuses_with(x):
             bias = layer.base_layer.bias
-            z = lowrank_linear(x, layer.weight, bias, [LowRank(A, B, self.scale)])  # W0 x + b + s B A x
-            y = z * g if bias is None else torch.addcmul(bias * (1 - g), z, g)
-            return y if self.lora_bias is None else y + self.lora_bias
+            z = lowrank_linear(x, layer.weight, bias, [term])  # W0 x + b + s B A x
+            if z.dtype == g.dtype:
+                y = z * g if bias is None else torch.addcmul(bias * (1 - g), z, g)
+            else:  # a bf16/fp16 base: g near 1 would round to 1 there (bf16 steps by 2^-7), g - 1 does not
+                y = torch.addcmul(z, z if bias is None else z - bias, (g - 1).to(z.dtype))
+            return y if self.lora_bias is None else y + self.lora_bias.to(y.dtype)
         if out is None:
             out = layer.base_layer(x)
         g = layer.per_channel(g, out)
