@@ -101,17 +101,19 @@ CASES: dict[str, Case] = {
     # Capacity off: with it, which tokens an expert takes depends on the whole call, so rows are not independent.
     "sira": Case({"experts": 2, "top_k": 1, "r": 2, "capacity_factor": None},
                  each(lambda o, i, c: c.experts * c.r * (i + o) + c.experts * i), kinds=()),
-    "boft": Case({"block_size": 4}, each(lambda o, i, c: c.n_butterfly_factor * i * c.block_size + o), kinds=("conv",), unmerge_rtol=SOLVED),
+    "boft": Case({"block_size": 4}, each(lambda o, i, c: c.n_butterfly_factor * i * c.block_size + o),
+                 kinds=("conv",), unmerge_rtol=SOLVED),
     "ether": Case({}, each(lambda o, i, c: i), at_base=None, kinds=("conv",),
                   why="a Householder reflection is never the identity (||H - I||_F = 2)", unmerge_rtol=SOLVED),
     "ether_plus": Case({}, each(lambda o, i, c: 2 * i), at_base="close", kinds=("conv",), unmerge_rtol=SOLVED),
     "goft": Case({}, each(lambda o, i, c: i - 1), kinds=("conv",), unmerge_rtol=SOLVED),
     "ia3": Case({"feedforward": ["down"]}, lambda layers, c: sum(i if p.endswith("down") else o
                                                                  for p, (o, i) in layers.items()), kinds=("conv",)),
-    "oft": Case({"block_size": 4}, each(lambda o, i, c: i * (c.block_size - 1) // 2), kinds=("conv",), unmerge_rtol=SOLVED),
+    "oft": Case({"block_size": 4}, each(lambda o, i, c: i * (c.block_size - 1) // 2), kinds=("conv",),
+                unmerge_rtol=SOLVED),
     "qgoft": Case({}, each(lambda o, i, c: 4 * (i - 1)), kinds=("conv",), unmerge_rtol=SOLVED),
     "ssf": Case({}, each(lambda o, i, c: 2 * o), kinds=("conv",)),  # no merge into a bias-free Embedding
-    "circulant": Case({}, each(lambda o, i, c: o * i // math.gcd(o, i))),
+    "circulant": Case({}, each(lambda o, i, c: o * i // math.gcd(o, i))),  # block n = gcd(d_out, d_in)
     "flora": Case({"r": 2, "r_kernel": 1}, each(lambda o, i, c: c.r * c.r + c.r * o + c.r * i)),
     "loha": Case({"r": 2}, each(lambda o, i, c: 2 * c.r * (i + o)), kinds=("conv",)),
     "lokr": Case({"r": 2}, each(lokr_count), kinds=("conv",)),
@@ -121,7 +123,7 @@ CASES: dict[str, Case] = {
     "loretta_rep": Case({"r": 2, "tensor_rank": 2, "max_mode": 4}, each(
         lambda o, i, c: tt(pow2_modes(i, c.max_mode) + pow2_modes(c.r, c.max_mode), c.tensor_rank)
         + tt(pow2_modes(c.r, c.max_mode) + pow2_modes(o, c.max_mode), c.tensor_rank))),
-    "toeplitz": Case({}, each(lambda o, i, c: (o // math.gcd(o, i)) * (i // math.gcd(o, i)) * (2 * math.gcd(o, i) - 1))),
+    "toeplitz": Case({}, each(lambda o, i, c: (o // (n := math.gcd(o, i))) * (i // n) * (2 * n - 1))),
 }
 SKIPPED = {"full"}  # module copies, not deltas (see the module docstring)
 METHODS = [s.name for s in list_methods() if s.name not in SKIPPED]
@@ -170,7 +172,7 @@ class Kinds(nn.Module):
 
 
 def build(method: str, kind: str = "linear", dtype=torch.float32):
-    """(model, injected DeltaModel, input): adapter 'default' on Net's Linears or on the supported other kinds."""
+    """(model, config, input): the method's table config on Net's Linears, or on the other kinds it adapts."""
     case = CASES[method]
     if kind == "linear":
         model, targets = Net(dtype), ["up", "down"]
@@ -244,12 +246,13 @@ def test_init_gradients_merge_and_round_trip(method, kind, tmp_path):
     fresh = (Net if kind == "linear" else Kinds)().eval()
     assert_round_trip(dm, fresh, x, tmp_path / "adapter")
 
-    # Merge equals the unmerged forward; unmerge restores W0 to within one ulp.
+    # Merge equals the unmerged forward; unmerge restores W0 (to one ulp, or the solve's tolerance).
     spec = dt.get_method(method)
     if not spec.delta.mergeable:
         with pytest.raises(ValueError, match="cannot be merged"):
             dm.merge()
         return
+
     def base_weights():
         return {n.replace(".base_layer.", "."): p.clone() for n, p in model.named_parameters() if ".deltas." not in n}
 

@@ -66,7 +66,8 @@ def test_fused_node_on_a_half_base_matches_float32_math(dtype, train_base, fused
     g = torch.randn(out.shape).to(dtype)
     ours = [x, A1, B1, A2, B2] + ([W, b] if train_base else [])
     theirs = [xf, A1, B1, A2, B2] + ([Wf, bf] if train_base else [])
-    for name, a, e in zip(["x", "A1", "B1", "A2", "B2", "W", "b"], _grads(out, ours, g), _grads(ref, theirs, g.float())):
+    names = ["x", "A1", "B1", "A2", "B2", "W", "b"]
+    for name, a, e in zip(names, _grads(out, ours, g), _grads(ref, theirs, g.float())):
         assert a.dtype == (torch.float32 if name[0] in "AB" else dtype), name  # fp32 masters get fp32 grads
         assert_close(a, e, rtol=RTOL[dtype], msg=name)
 

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
 HALF = (torch.float16, torch.bfloat16)
 
 
