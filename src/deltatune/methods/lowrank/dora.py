@@ -8,7 +8,8 @@ norm is a constant in backward. It is computed from W0, A and B without forming 
     ||V_i||^2 = ||W0_i||^2 + 2s <B_i, (W0 A^T)_i> + s^2 <B_i, (B A A^T)_i>.
 On a stock linear layer (without dropout in training) the forward is g · (W0 x + b + s B A x) + (1 - g) b
 with g = m / ||V||: the engine's fused low-rank linear, then one multiply-add, so DoRA costs one
-elementwise pass more than LoRA.
+elementwise pass more than LoRA. On a bf16/fp16 base it is z + (g - 1)(z - b), z = W0 x + b + s B A x:
+g near 1 would round to 1 in bf16 (whose step above 1 is 2^-7), g - 1 keeps its digits.
 """
 
 from __future__ import annotations
