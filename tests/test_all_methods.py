@@ -279,7 +279,12 @@ def test_init_gradients_merge_and_round_trip(method, kind, tmp_path):
 def test_mixed_adapter_batch_equals_each_row_alone(method, kind):
     model, config, x = build(method, kind)
     dm = dt.inject(model, config, name="a")
-    dm.add_adapter("b", config)
+    # The second adapter differs where the config allows: another seed (other random bases or masks) and
+    # rank (the fused mixed path pads ranks).
+    other = {"seed": 1} if "seed" in type(config).model_fields else {}
+    if "r" in CASES[method].options and method != "mos":  # MoS: a larger r needs more shards than one layer pools
+        other["r"] = config.r + 1
+    dm.add_adapter("b", type(config)(**{**config.model_dump(), **other}))
     perturb(dm, std=0.1)
     dm.eval()
     names = ["a", dt.BASE, "b", "a"]
