@@ -3,7 +3,7 @@
 import peft
 import pytest
 import torch
-from helpers import max_diff, perturb
+from helpers import assert_close, max_diff, perturb
 from torch import nn
 
 import deltatune as dt
@@ -57,10 +57,10 @@ def test_dropout_mask_is_shared_by_forward_and_backward_and_keeps_one_minus_p():
     torch.manual_seed(5)
     mask = fused._keep_mask(x, p)  # the forward's mask: same generator state, same draw
     ref = _reference(x, W, None, [LowRank(A, B, 1.5, p)], [mask])
-    torch.testing.assert_close(out, ref)
+    assert_close(out, ref)
     g = torch.randn_like(out)
     for a, e in zip(torch.autograd.grad(out, [x, A, B], g), torch.autograd.grad(ref, [x, A, B], g)):
-        torch.testing.assert_close(a, e)
+        assert_close(a, e)
     many = fused._keep_mask(torch.empty(200_000), p).float().mean().item()
     assert abs(many - (1 - p)) < 0.005
     assert not torch.equal(fused._keep_mask(x, p), fused._keep_mask(x, p))  # fresh draws each call

@@ -10,6 +10,13 @@ A method opts in by returning its factors from `Delta.low_rank()`. Three paths t
 * the same arithmetic without autograd when no gradient is needed (inference).
 * `mixed_lowrank`: a batch whose rows use different adapters, as two batched matmuls over per-row
   factors (a gather of thin matrices), so its cost does not grow with the number of adapters.
+
+On a bf16/fp16 base the adapters are fp32 (methods/lowrank/lora.py `adapter_dtype`). The paths then cast
+the thin factors to the base dtype once per forward and run every product in it, as torch.autocast runs an
+fp32 nn.Linear: the matmul kernels accumulate in fp32, the output is rounded to the base dtype (as it is
+anyway when added to the base output), and the factors' gradients, rounded once to the base dtype, reach
+the fp32 master weights as fp32. PEFT casts x up to fp32 for its LoRA branch instead: a 4-byte copy of
+every adapted layer's input, saved for backward, and fp32 matmuls, for a sum then rounded to bf16.
 """
 
 from __future__ import annotations
@@ -21,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+HALF = (torch.float16, torch.bfloat16)
+
 
 class LowRank(NamedTuple):
     """ΔW = scale · B A, with dropout p on the delta's input (p = 0 in eval mode)."""
@@ -29,6 +38,11 @@ class LowRank(NamedTuple):
     B: Tensor  # (d_out, r)
     scale: float
     dropout: float = 0.0
+
+    def fuses_with(self, x: Tensor) -> bool:
+        """True when the fused paths take this term on input x: factors of x's dtype, or fp32 factors on a
+        half-precision x (the fp32 adapters of a bf16/fp16 base), which they cast to x's dtype once per forward."""
+        return self.A.dtype == x.dtype or (self.A.dtype == torch.float32 and x.dtype in HALF)
 
 
 def _keep_mask(x: Tensor, p: float) -> Tensor:
@@ -46,6 +60,10 @@ class _LowRankLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, specs: tuple[tuple[float, float], ...],
                 *factors: Tensor) -> Tensor:
+        # fp32 factors on a half-precision base run in the base dtype, as torch.autocast runs an fp32 Linear:
+        # cast once here (they are thin) and saved cast; backward returns their gradients in their own dtype.
+        ctx.factor_dtypes = tuple(f.dtype for f in factors)
+        factors = tuple(f.to(x.dtype) for f in factors)
         lead, d_in = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, d_in)
         out = F.linear(x2, weight, bias)
@@ -94,6 +112,7 @@ class _LowRankLinear(torch.autograd.Function):
                 else:
                     grad_x.add_((gB @ A).mul_(mask), alpha=1.0 / (1.0 - p))
             grads += [grad_A, grad_B]
+        grads = [g if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.factor_dtypes)]
         if grad_x is not None:
             grad_x = grad_x.view(ctx.x_shape)
         return grad_x, grad_w, grad_b, None, *grads
@@ -112,7 +131,7 @@ def lowrank_linear(x: Tensor, weight: Tensor, bias: Tensor | None, terms: Sequen
     flat, x2 = out.view(-1, out.shape[-1]), x.reshape(-1, x.shape[-1])
     for t in terms:
         src = x2 if t.dropout == 0 else x2 * _keep_mask(x2, t.dropout) / (1.0 - t.dropout)
-        flat.addmm_(src @ t.A.t(), t.B.t(), alpha=t.scale)
+        flat.addmm_(src @ t.A.to(x.dtype).t(), t.B.to(x.dtype).t(), alpha=t.scale)
     return out
 
 
@@ -126,8 +145,9 @@ def mixed_lowrank(x: Tensor, out: Tensor, index: Tensor, terms: Sequence[LowRank
     none_A = terms[0].A.new_zeros(r, terms[0].A.shape[1])  # the slot of rows without a delta here
     none_B = terms[0].B.new_zeros(terms[0].B.shape[0], r)
     # Stacked out of place, so gradients reach every adapter's factors (mixed-batch training works).
-    A = torch.stack([F.pad(t.A, (0, 0, 0, r - t.A.shape[0])) for t in terms] + [none_A])
-    B = torch.stack([F.pad(t.B * t.scale, (0, r - t.B.shape[1])) for t in terms] + [none_B])
+    # Cast to x's dtype once, after stacking (fp32 factors on a half-precision base; autograd casts back).
+    A = torch.stack([F.pad(t.A, (0, 0, 0, r - t.A.shape[0])) for t in terms] + [none_A]).to(x.dtype)
+    B = torch.stack([F.pad(t.B * t.scale, (0, r - t.B.shape[1])) for t in terms] + [none_B]).to(x.dtype)
     rows = x.shape[0]
     x3 = x.reshape(rows, -1, x.shape[-1])
     h = torch.bmm(x3, A[index].transpose(1, 2))  # (batch, tokens, r)

@@ -190,7 +190,7 @@ class DeltaLayer(nn.Module):
         mask = self.token_mask
         if mask is None and not args and not kwargs and self.kind is LINEAR and self.stock:
             terms = [d.low_rank() if d.additive else None for d in pending]
-            if all(t is not None and t.A.dtype == x.dtype for t in terms):
+            if all(t is not None and t.fuses_with(x) for t in terms):
                 return lowrank_linear(x, self.base_layer.weight, self.base_layer.bias, terms)
         base = self.base_layer(x, *args, **kwargs) if pending[0].uses_base_output or mask is not None else None
         out = base
@@ -219,7 +219,7 @@ class DeltaLayer(nn.Module):
             return out
         if mask is None and self.kind is LINEAR and self.stock:  # a custom forward is not x Aᵀ
             terms = [self.deltas[n].low_rank() if self.deltas[n].additive else None for n in names]
-            if all(t is not None and t.dropout == 0 and t.A.dtype == x.dtype for t in terms):
+            if all(t is not None and t.dropout == 0 and t.fuses_with(x) for t in terms):
                 return mixed_lowrank(x, out, route.index(names, x.device), terms)
         # Rows are written in place, each group's cost in its own rows, where nothing saved `out` for
         # backward: a stock layer's output, or any output when no gradient is recorded.

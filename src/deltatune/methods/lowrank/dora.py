@@ -8,7 +8,8 @@ norm is a constant in backward. It is computed from W0, A and B without forming 
     ||V_i||^2 = ||W0_i||^2 + 2s <B_i, (W0 A^T)_i> + s^2 <B_i, (B A A^T)_i>.
 On a stock linear layer (without dropout in training) the forward is g · (W0 x + b + s B A x) + (1 - g) b
 with g = m / ||V||: the engine's fused low-rank linear, then one multiply-add, so DoRA costs one
-elementwise pass more than LoRA.
+elementwise pass more than LoRA. On a bf16/fp16 base it is z + (g - 1)(z - b), z = W0 x + b + s B A x:
+g near 1 would round to 1 in bf16 (whose step above 1 is 2^-7), g - 1 keeps its digits.
 """
 
 from __future__ import annotations
@@ -59,12 +60,15 @@ class DoRA(LoRA):
 
     def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor | None) -> Tensor:
         g = self.lora_magnitude / self.weight_norm(layer)  # m / ||V||, (d_out,)
-        if self._fused() and x.dtype == self.lora_A.dtype:
-            A, B = self.factors()
+        term = LowRank(*self.factors(), self.scale)
+        if self._fused() and term.fuses_with(x):
             bias = layer.base_layer.bias
-            z = lowrank_linear(x, layer.weight, bias, [LowRank(A, B, self.scale)])  # W0 x + b + s B A x
-            y = z * g if bias is None else torch.addcmul(bias * (1 - g), z, g)
-            return y if self.lora_bias is None else y + self.lora_bias
+            z = lowrank_linear(x, layer.weight, bias, [term])  # W0 x + b + s B A x
+            if z.dtype == g.dtype:
+                y = z * g if bias is None else torch.addcmul(bias * (1 - g), z, g)
+            else:  # a bf16/fp16 base: g near 1 would round to 1 there (bf16 steps by 2^-7), g - 1 does not
+                y = torch.addcmul(z, z if bias is None else z - bias, (g - 1).to(z.dtype))
+            return y if self.lora_bias is None else y + self.lora_bias.to(y.dtype)
         if out is None:
             out = layer.base_layer(x)
         g = layer.per_channel(g, out)

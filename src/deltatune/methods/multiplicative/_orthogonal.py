@@ -181,7 +181,8 @@ class Orthogonal(Delta):
             lin = y if bias is None else y - bias  # W0 h, reused from the base output
         else:
             lin = layer.apply_matrix(h, layer.matrix().to(h.dtype))
-        return y - lin + self.map_out(lin.to(self.kw["dtype"])).to(y.dtype)
+        lin = lin.to(self.kw["dtype"])
+        return y + (self.map_out(lin) - lin).to(y.dtype)  # only the change is rounded to y's dtype: exact at init
 
     @torch.no_grad()
     def merge(self, layer: DeltaLayer) -> None:
