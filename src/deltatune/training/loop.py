@@ -26,15 +26,16 @@ from tqdm import tqdm
 import deltatune as dt
 from deltatune.engine.atomic import atomic_write_text
 
-from . import checkpoint
+from . import checkpoint, rundir
 from .data import Splits, load_splits
 from .loraplus import loraplus_param_groups
 from .recipe import Recipe
+from .rundir import ADAPTER, CHECKPOINTS, METRICS, RECIPE
 from .tasks import TASKS, Task, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
-METRICS, ADAPTER, CHECKPOINTS, RECIPE = "metrics.jsonl", "adapter", "checkpoints", "recipe.yaml"
+__all__ = ["ADAPTER", "CHECKPOINTS", "METRICS", "RECIPE", "Trainer", "TrainResult"]
 
 
 # --- building blocks shared with the CLI ---------------------------------------------------------
@@ -42,7 +43,8 @@ def load_data(recipe: Recipe) -> Splits:
     """The recipe's train/eval records, with the columns its task reads."""
     d = recipe.data
     columns = {field: getattr(d, f"{field}_column") for field in TASKS[recipe.model.task].fields}
-    return load_splits(d.source, columns, d.eval_size, d.split_seed, d.max_train, d.max_eval, recipe.model.labels)
+    return load_splits(d.source, columns, d.eval_size, d.split_seed, d.max_train, d.max_eval, recipe.model.labels,
+                       encoding=d.encoding)
 
 
 def make_task(recipe: Recipe, label_names: list[str] | None) -> Task:
@@ -104,15 +106,33 @@ class TrainResult:
 class Trainer:
     """Fine-tune one adapter as a recipe says; `setup()`, then `train()`."""
 
-    def __init__(self, recipe: Recipe, resume: bool = False):
+    def __init__(self, recipe: Recipe, resume: bool = False, overwrite: bool = False):
         self.recipe = recipe
         self.resume = resume
+        self.overwrite = overwrite
         self.output_dir = recipe.output_dir
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.lock = rundir.RunLock(self.output_dir)
 
     # --- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Load data and model, build optimizer and schedule, and restore a checkpoint when resuming."""
+        """Lock and claim the output folder, load data and model, build optimizer and schedule, and
+        restore a checkpoint when resuming. The lock is held until `train()` ends (or `close()`)."""
+        created = not self.output_dir.exists()
+        self.lock.acquire()
+        try:
+            rundir.claim(self.output_dir, self.recipe.model_dump(mode="json"), self.resume, self.overwrite)
+            self._setup()
+        except BaseException:
+            self.close()
+            rundir.discard_if_unused(self.output_dir, created)
+            raise
+
+    def close(self) -> None:
+        """Release the output folder for the next run."""
+        self.lock.release()
+
+    def _setup(self) -> None:
         splits = load_data(self.recipe)
         # the resolved recipe records the label order, so eval/export can rebuild the same head
         self.recipe = self.recipe.model_copy(
@@ -132,8 +152,6 @@ class Trainer:
         self.initial_eval: dict[str, float] | None = None
         if self.resume:
             self._restore()
-        else:
-            self._start_afresh()
 
     def _optimizer(self) -> AdamW:
         """AdamW over the trainable parameters only, in LoRA+ groups when asked for."""
@@ -154,24 +172,28 @@ class Trainer:
         return max(1, math.ceil(t.epochs * self._batches_per_epoch() / t.grad_accum))
 
     def _start_afresh(self) -> None:
-        """A fresh run owns its output directory: earlier checkpoints and metrics would mislead a resume."""
-        old = self.output_dir / CHECKPOINTS
-        if old.exists():
-            logger.warning("starting afresh: removing the earlier run's checkpoints in %s", old)
-            shutil.rmtree(old)
+        """A resume that found no checkpoint starts over: the killed run's metrics would be logged twice."""
+        shutil.rmtree(self.output_dir / CHECKPOINTS, ignore_errors=True)  # at most partial `.tmp` ones
         (self.output_dir / METRICS).unlink(missing_ok=True)
 
     def _restore(self) -> None:
-        """Continue from the newest complete checkpoint (or start afresh when there is none)."""
-        ckpt = checkpoint.load_latest(self.output_dir / CHECKPOINTS)
+        """Continue from the newest valid checkpoint; invalid ones are skipped with a warning naming why."""
+        root = self.output_dir / CHECKPOINTS
+        ckpt = checkpoint.load_latest(root, self._check_checkpoint)
+        if ckpt is None and checkpoint.checkpoints(root):
+            raise ValueError(f"no valid checkpoint in {root} to resume from (see the warnings above): "
+                             "pass --overwrite to start afresh")
         if ckpt is None:
-            logger.warning("no checkpoint in %s to resume from: starting afresh", self.output_dir / CHECKPOINTS)
+            if (self.output_dir / ADAPTER).exists():
+                raise ValueError(f"{self.output_dir} holds a finished run without checkpoints, so there is "
+                                 "nothing to resume: pass --overwrite to train it again")
+            logger.warning("no checkpoint in %s to resume from: starting afresh", root)
             self._start_afresh()
             return
         state = ckpt.trainer_state
-        if state["recipe"] != self.recipe.model_dump(mode="json"):
-            changed = _changed_keys(state["recipe"], self.recipe.model_dump(mode="json"))
-            raise ValueError(f"{ckpt.path} was written by a different recipe (changed: {', '.join(changed)})")
+        if changed := rundir.changed_keys(state["recipe"], self.recipe.model_dump(mode="json")):
+            raise ValueError(f"{ckpt.path} was written by a different recipe (changed: {', '.join(changed)}): "
+                             "resume with that recipe, or pass --overwrite to start afresh")
         self.model.load_adapter_state_dict(ckpt.params)
         self.optimizer.load_state_dict(ckpt.torch_state["optimizer"])
         self.scheduler.load_state_dict(ckpt.torch_state["scheduler"])
@@ -180,6 +202,35 @@ class Trainer:
         self.elapsed, self.initial_eval = state["elapsed"], state["initial_eval"]
         self._truncate_metrics(self.step)
         logger.info("resumed from %s", ckpt.path)
+
+    def _check_checkpoint(self, ckpt: checkpoint.Checkpoint) -> None:
+        """Raise ValueError unless `ckpt` fits this run: its tensors, data position, schedule and optimizer."""
+        state, step = ckpt.trainer_state, ckpt.trainer_state["step"]
+        own = self.model.adapter_state_dict()
+        missing, unexpected = sorted(own.keys() - ckpt.params.keys()), sorted(ckpt.params.keys() - own.keys())
+        if missing or unexpected:
+            raise ValueError(f"its adapter tensors do not match the model: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+        if bad := [k for k, t in own.items() if t.shape != ckpt.params[k].shape]:
+            raise ValueError(f"its adapter tensors have other shapes than the model's: {bad[:3]}")
+        # micro-batches consumed so far; the epoch advances lazily, at the first batch of the next one
+        consumed, per_epoch = step * self.recipe.train.grad_accum, self._batches_per_epoch()
+        epoch, batch = state["epoch"], state["batch_in_epoch"]
+        if epoch * per_epoch + batch != consumed or not (0 < batch <= per_epoch or consumed == 0):
+            raise ValueError(f"its data position (epoch {epoch}, batch {batch}) is not where step {step} "
+                             f"leaves {per_epoch} batches per epoch")
+        if (last := ckpt.torch_state["scheduler"].get("last_epoch")) != step:
+            raise ValueError(f"its schedule is at step {last}, its trainer state at step {step}")
+        saved, ours = ckpt.torch_state["optimizer"], self.optimizer.state_dict()
+        if [len(g["params"]) for g in saved.get("param_groups", [])] != [len(g["params"]) for g in ours["param_groups"]]:
+            raise ValueError("its optimizer state holds other parameter groups than this run's optimizer")
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for i, moments in saved.get("state", {}).items():
+            for name, t in moments.items():
+                if t.dim() and (i >= len(params) or t.shape != params[i].shape):
+                    raise ValueError(f"its optimizer state '{name}' of parameter {i} does not fit the parameter")
+                if not torch.isfinite(t).all():
+                    raise ValueError(f"its optimizer state '{name}' of parameter {i} holds NaN or inf")
 
     # --- data ----------------------------------------------------------------------------------
     def _next_batch(self) -> dict[str, Tensor]:
@@ -219,7 +270,14 @@ class Trainer:
         return loss_sum, samples
 
     def train(self) -> TrainResult:
-        """Evaluate, run the remaining steps (evaluating and checkpointing as asked), evaluate, save."""
+        """Evaluate, run the remaining steps (evaluating and checkpointing as asked), evaluate, save;
+        then release the output folder."""
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> TrainResult:
         t = self.recipe.train
         start = time.perf_counter() - self.elapsed
         if self.initial_eval is None:
@@ -304,15 +362,3 @@ class Trainer:
 
 def _prefixed(metrics: dict[str, float]) -> dict[str, float]:
     return {f"eval_{k}": v for k, v in metrics.items()}
-
-
-def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts."""
-    changed = []
-    for key in sorted(old.keys() | new.keys()):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changed += _changed_keys(a, b, f"{prefix}{key}.")
-        elif a != b:
-            changed.append(f"{prefix}{key}")
-    return changed
