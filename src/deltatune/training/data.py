@@ -56,15 +56,26 @@ def read_table(source: str, encoding: str = "utf-8") -> list[dict]:
         # also .csv.gz / .csv.bz2: pandas infers the compression;
         # keep_default_na=False: an empty cell stays "" instead of becoming a float NaN
         return pd.read_csv(path, keep_default_na=False, encoding=encoding).to_dict("records")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"data file {str(path)!r} is not valid {encoding} (byte {e.object[e.start]:#04x} at offset "
-                         f"{e.start}): set data.encoding to its encoding (e.g. data.encoding=latin-1) "
-                         "or save it as UTF-8") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"data file {str(path)!r} is not valid {encoding} ({_first_bad_byte(path, encoding)}): "
+                         "set data.encoding to its encoding (e.g. data.encoding=latin-1) or save it as UTF-8") from None
     except pd.errors.EmptyDataError:
         raise ValueError(f"data file {str(path)!r} is empty: a CSV needs a header line naming its columns, "
                          "then one row per example") from None
     except pd.errors.ParserError as e:
         raise ValueError(f"data file {str(path)!r} is not a valid CSV: {str(e).strip()}") from None
+
+
+def _first_bad_byte(path: Path, encoding: str) -> str:
+    """Where `path` first fails to decode, as 'byte 0xe9 on line 2' (pandas reports offsets within its chunks)."""
+    if path.suffix in (".csv", ".jsonl"):  # not compressed: the bytes on disk are the text
+        raw = path.read_bytes()
+        try:
+            raw.decode(encoding)
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            return f"byte {raw[e.start]:#04x} on line {line}"
+    return "after decompression"
 
 
 def _read_jsonl(path: Path, encoding: str = "utf-8") -> list[dict]:

@@ -137,7 +137,7 @@ def claim(folder: Path, recipe: dict, resume: bool, overwrite: bool) -> None:
     marker = folder / MARKER
     if unused(folder):  # nothing to lose: a run that failed before it wrote anything is not a run
         marker.unlink(missing_ok=True)
-    if foreign := foreign_entries(folder):
+    if foreign := sorted(foreign_entries(folder)):
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         why = "files deltatune did not write" if marker.is_file() else f"files but no {MARKER} (not a deltatune run)"
         raise ValueError(f"{folder} holds {why}: {shown}; choose an empty or new train.output_dir "
