@@ -227,6 +227,8 @@ class Trainer:
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         for i, moments in saved.get("state", {}).items():
             for name, t in moments.items():
+                if not isinstance(t, Tensor):
+                    continue
                 if t.dim() and (i >= len(params) or t.shape != params[i].shape):
                     raise ValueError(f"its optimizer state '{name}' of parameter {i} does not fit the parameter")
                 if not torch.isfinite(t).all():
