@@ -232,7 +232,7 @@ def files(tmp_path_factory, finished) -> dict[str, str]:
 
     return {
         "empty": csv("empty.csv", [], b""),
-        "latin1": csv("latin1.csv", [], "text,label\n".encode() + "".join(
+        "latin1": csv("latin1.csv", [], b"text,label\n" + "".join(
             f"café crème {i},{i % 2}\n" for i in range(20)).encode("latin-1")),
         "floats": csv("floats.csv", [0.5, 1.0] * 10),
         "sparse": csv("sparse.csv", [0, 1000] * 10),

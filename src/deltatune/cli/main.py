@@ -18,7 +18,14 @@ from deltatune.cli import bench as bench_cli
 from deltatune.cli import compress as compress_cli
 from deltatune.cli import merge as merge_cli
 from deltatune.training.loop import ADAPTER, RECIPE, Trainer, build_model, evaluate, load_data, make_task
-from deltatune.training.recipe import DEFAULT_RECIPE, Recipe, apply_override, builtin_recipe, load_recipe, validate
+from deltatune.training.recipe import (
+    DEFAULT_RECIPE,
+    Recipe,
+    apply_override,
+    builtin_recipe,
+    load_recipe,
+    validate,
+)
 from deltatune.training.tasks import BUILTIN_MODELS, TASKS, Task, resolve_model_path
 
 console = Console(soft_wrap=True, markup=False)  # long paths stay on one line; brackets in paths stay text
