@@ -278,6 +278,7 @@ BAD_INPUT = [
     (["train", "--resume", "--overwrite"], r"--resume continues .* and --overwrite replaces it: pass one"),
     (["train", "train.output_dir={run}"], r"already holds a deltatune run .*pass --resume to continue it, "
                                           r"--overwrite to replace it"),
+    (["train", "train.output_dir={plain_file}"], r"train.output_dir \S+out.bin is a file: choose a folder"),
     (["eval", "{run}", "method.r=16", "optimizer.lr=1"],
      r"cannot apply method.r, optimizer.lr to a trained adapter \(fixed when it was trained\); "
      r"eval applies: data.\*, eval.\*, train.max_length, model.path"),
@@ -300,3 +301,12 @@ def test_bad_input_gets_one_clear_line(files, tmp_path, argv, message):
 def test_the_encoding_option_reads_a_latin1_csv(files, tmp_path):
     code, out, err = run("validate", f"data.source={files['latin1']}", "data.encoding=latin-1", "data.eval_size=4")
     assert code == 0 and "16 train / 4 eval" in out, err
+
+
+def test_eval_takes_only_the_evaluation_keys_of_another_recipe_or_overrides(finished, tmp_path):
+    other = tmp_path / "other.yaml"
+    other.write_text("data: {max_eval: 8}\nmethod: {name: lora, r: 64}\ntrain: {max_length: 20, steps: 99}\n")
+    code, out, err = run("eval", str(finished), str(other))
+    assert code == 0 and "eval on 8 held-out examples" in out, err  # the adapter's r=8 loads: method.r ignored
+    code, out, err = run("eval", str(finished), "data.max_eval=4", "train.max_length=20")
+    assert code == 0 and "eval on 4 held-out examples" in out, err

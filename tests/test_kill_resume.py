@@ -48,7 +48,7 @@ import transformers.models.bert.modeling_bert  # loaded once here, not in every 
 assets.rotten_tomatoes()  # cached: the children read it from memory
 
 def child(argv, log, stop_at, snapshots):
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     sys.stdout = os.fdopen(1, "w", buffering=1)
@@ -124,6 +124,7 @@ class Runs:
     def start(self, out: Path, resume: bool, stop_at: int = 0, snapshots: Path | None = None) -> tuple[int, Path]:
         self.count += 1
         log = self.tmp / f"run{self.count}.log"
+        log.write_text("")  # before the child starts, so that following it never finds no file
         argv = ["train", *RECIPE, f"train.output_dir={out}", *(["--resume"] if resume else [])]
         pid = self.ask({"argv": argv, "log": str(log), "stop_at": stop_at, "snapshots": snapshots and str(snapshots)})
         return pid, log

@@ -41,6 +41,8 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise ValueError(f"train.output_dir {self.path.parent} is a file: choose a folder")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
