@@ -93,6 +93,24 @@ def test_overwrite_replaces_only_deltatunes_files(finished, tmp_path):
     assert max(json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
+def test_what_a_killed_atomic_write_leaves_is_deltatunes(finished, tmp_path):
+    out = copy_of(finished, tmp_path)
+    (out / ".metrics.jsonl.k2x_9q.tmp").write_text('{"step": 1')  # killed inside atomic_write_text
+    (out / "adapter" / ".adapter.safetensors.a8b7.tmp").write_bytes(b"half")
+    resumed = trainer(out, resume=True)
+    resumed.close()
+    assert resumed.step == 6 and not (out / ".metrics.jsonl.k2x_9q.tmp").exists()
+
+
+def test_an_unreadable_run_marker_needs_overwrite(finished, tmp_path):
+    out = copy_of(finished, tmp_path)
+    (out / rundir.MARKER).write_text("{")
+    code, _, err = run("train", *SHORT, f"train.output_dir={out}", "--resume")
+    assert code == 2 and "whose deltatune_run.json is unreadable" in err and "--overwrite to replace it" in err
+    trainer(out, "train.steps=1", overwrite=True).close()
+    assert json.loads((out / rundir.MARKER).read_text())["recipe"]["train"]["steps"] == 1
+
+
 def test_resume_and_overwrite_together_are_refused(tmp_path):
     code, _, err = run("train", *SHORT, f"train.output_dir={tmp_path}", "--resume", "--overwrite")
     assert code == 2 and "pass one" in err
@@ -103,6 +121,16 @@ def test_a_copied_run_folder_resumes_where_it_stopped(finished, tmp_path):
     resumed = trainer(out, resume=True)
     resumed.close()
     assert resumed.step == 6
+
+
+def test_resuming_a_finished_run_logs_its_final_eval_once(finished, tmp_path):
+    out = copy_of(finished, tmp_path)
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    for _ in range(2):
+        trainer(out, resume=True).train()  # from ckpt-6, the last step: only the final eval runs again
+    again = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in again] == [json.loads(r)["step"] for r in rows]
+    assert [json.loads(r).get("eval_loss") for r in again] == [json.loads(r).get("eval_loss") for r in rows]
 
 
 def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path):

@@ -96,6 +96,7 @@ def checkpoints(root: Path) -> list[tuple[int, Path]]:
 # what a trainer state must hold, and the types it must have
 STATE_KEYS = {"step": int, "epoch": int, "batch_in_epoch": int, "elapsed": (int, float),
               "initial_eval": (dict, type(None)), "recipe": dict}
+OPTIONAL_KEYS = {"metrics_rows": int}  # absent from checkpoints of older versions
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -105,7 +106,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise ValueError(f"{TRAINER_STATE} holds a {type(trainer_state).__name__}, not an object")
     if missing := sorted(STATE_KEYS.keys() - trainer_state.keys()):
         raise ValueError(f"{TRAINER_STATE} lacks {missing}")
-    for key, kind in STATE_KEYS.items():
+    for key, kind in {**STATE_KEYS, **OPTIONAL_KEYS}.items():
+        if key not in trainer_state:
+            continue
         value = trainer_state[key]
         if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
             raise ValueError(f"{TRAINER_STATE} has an invalid {key!r}: {value!r}")

@@ -150,6 +150,7 @@ class Trainer:
         self.scheduler = LambdaLR(self.optimizer, factor)
         self.step, self.epoch, self.batch_in_epoch, self.elapsed = 0, 0, 0, 0.0
         self.initial_eval: dict[str, float] | None = None
+        self.rows = 0  # metrics rows logged, so a resume keeps exactly those its checkpoint had seen
         if self.resume:
             self._restore()
 
@@ -200,7 +201,7 @@ class Trainer:
         checkpoint.set_rng_state(ckpt.torch_state["rng"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.elapsed, self.initial_eval = state["elapsed"], state["initial_eval"]
-        self._truncate_metrics(self.step)
+        self._truncate_metrics(self.step, state.get("metrics_rows"))
         logger.info("resumed from %s", ckpt.path)
 
     def _check_checkpoint(self, ckpt: checkpoint.Checkpoint) -> None:
@@ -321,15 +322,24 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with open(self.output_dir / METRICS, "a", encoding="utf-8") as f:
             f.write(json.dumps({**row, "time": round(time.perf_counter() - start, 3)}) + "\n")
+        self.rows += 1
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop rows the stopped run logged after its last checkpoint; the resumed run logs them again."""
+    def _truncate_metrics(self, step: int, rows: int | None) -> None:
+        """Keep the `rows` metrics rows logged before the checkpoint (older checkpoints: those up to `step`);
+        the resumed run logs the rest again. A finished run's final eval row shares the last step."""
         path = self.output_dir / METRICS
-        if path.exists():
-            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-            # a line cut short by the kill has no newline, and is dropped with the rest of the tail
-            kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
-            atomic_write_text(path, "".join(kept))
+        # a line cut short by the kill has no newline, and is dropped with the rest of the tail
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if path.exists() else []
+        complete = [line for line in lines if line.endswith("\n")]
+        if rows is None:
+            kept = [line for line in complete if json.loads(line)["step"] <= step]
+        else:
+            kept = complete[:rows]
+            if len(kept) < rows:
+                logger.warning("%s holds %d rows, fewer than the %d its checkpoint saw: the resumed run's "
+                               "metrics will lack some", path, len(kept), rows)
+        atomic_write_text(path, "".join(kept))
+        self.rows = len(kept)
 
     def save_checkpoint(self, elapsed: float) -> Path:
         """A resumable checkpoint of the current step."""
@@ -343,6 +353,7 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "elapsed": elapsed,
             "initial_eval": self.initial_eval,
+            "metrics_rows": self.rows,
             "recipe": self.recipe.model_dump(mode="json"),
         }
         return checkpoint.save_checkpoint(

@@ -24,7 +24,17 @@ MARKER, LOCK = "deltatune_run.json", ".deltatune.lock"
 OWN = (MARKER, METRICS, CHECKPOINTS, ADAPTER)  # what --overwrite may replace
 ADAPTER_FILES = ("adapter.safetensors", "deltatune_config.json", RECIPE)
 _CKPT = re.compile(r"ckpt-\d+(\.tmp)?")
-_ATOMIC_TMP = re.compile(r"\..+\.tmp")  # what engine.atomic leaves behind when killed mid-write
+
+
+def _leftover(name: str, files: tuple[str, ...]) -> bool:
+    """Whether `name` is what engine.atomic leaves of one of `files` when killed mid-write (`.<file>.<random>.tmp`)."""
+    return any(re.fullmatch(rf"\.{re.escape(file)}\.\w+\.tmp", name) for file in files)
+
+
+_OWN_INSIDE = {  # what deltatune writes inside its folders
+    CHECKPOINTS: lambda name: _CKPT.fullmatch(name) is not None,
+    ADAPTER: lambda name: name in ADAPTER_FILES or _leftover(name, ADAPTER_FILES),
+}
 # keys that do not change what a run computes: a copied or moved run folder resumes as it is
 IGNORED_KEYS = ("train.output_dir",)
 
@@ -69,7 +79,7 @@ class RunLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            self.path.unlink(missing_ok=True)  # before unlocking, so a waiter never locks a removed file
+            self.path.unlink(missing_ok=True)  # while still locked; acquire() retries if it locked this inode
             os.close(self._fd)
             self._fd = None
 
@@ -85,18 +95,13 @@ def foreign_entries(folder: Path) -> list[str]:
     entries = sorted(p.name for p in folder.iterdir() if p.name != LOCK) if folder.is_dir() else []
     if MARKER not in entries:
         return entries
-    foreign = [name for name in entries if name not in OWN]
-    for name, pattern in ((CHECKPOINTS, _CKPT), (ADAPTER, None)):
+    foreign = [name for name in entries if name not in OWN and not _leftover(name, (MARKER, METRICS))]
+    for name, ours in _OWN_INSIDE.items():
         sub = folder / name
-        if not sub.exists():
-            continue
-        if not sub.is_dir():
+        if sub.exists() and not sub.is_dir():
             foreign.append(name)
-            continue
-        for p in sub.iterdir():
-            ours = pattern.fullmatch(p.name) if pattern else p.name in ADAPTER_FILES or _ATOMIC_TMP.fullmatch(p.name)
-            if not ours:
-                foreign.append(f"{name}/{p.name}")
+        elif sub.is_dir():
+            foreign += [f"{name}/{p.name}" for p in sub.iterdir() if not ours(p.name)]
     if (folder / METRICS).exists() and not (folder / METRICS).is_file():
         foreign.append(METRICS)
     return foreign
@@ -144,13 +149,16 @@ def claim(folder: Path, recipe: dict, resume: bool, overwrite: bool) -> None:
         why = "files deltatune did not write" if marker.is_file() else f"files but no {MARKER} (not a deltatune run)"
         raise ValueError(f"{folder} holds {why}: {shown}; choose an empty or new train.output_dir "
                          "(--overwrite replaces only deltatune's own files)")
+    for leftover in folder.glob(".*.tmp"):  # a killed write's; no other run writes here while we hold the lock
+        if _leftover(leftover.name, (MARKER, METRICS)):
+            leftover.unlink()
     if marker.is_file():
         try:
             old = json.loads(marker.read_text(encoding="utf-8"))["recipe"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise ValueError(f"{marker} is unreadable ({e}): pass --overwrite to start this run afresh") from None
-        changed = changed_keys(old, recipe)
-        other = f" of a different recipe (changed: {', '.join(changed)})" if changed else ""
+            changed = changed_keys(old, recipe)
+            other = f" of a different recipe (changed: {', '.join(changed)})" if changed else ""
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            changed, other = True, f" whose {MARKER} is unreadable ({e})"
         if overwrite:
             logger.warning("--overwrite: replacing the run%s in %s", other, folder)
             for name in (CHECKPOINTS, ADAPTER):
