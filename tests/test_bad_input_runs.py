@@ -301,8 +301,8 @@ BAD_INPUT = [
     (["train", "data.source={single}"], r"hold a single class \('pos'\): classification needs at least 2: "
                                         r"set model.labels .* or data.label_column"),
     (["train", "model.labels=[pos]"], r"model.labels=\['pos'\] must name at least 2 distinct classes"),
-    (["train", "train.max_length=1000"], r"train.max_length=1000 exceeds the 512 positions of \S+ "
-                                         r"\(max_position_embeddings\): set train.max_length=512 or less"),
+    (["train", "train.max_length=1000"], r"train.max_length=1000 exceeds the model's 512 positions "
+                                         r"\(max_position_embeddings in \S+config.json\): set train.max_length=512"),
     (["train", "--resume", "--overwrite"], r"--resume continues .* and --overwrite replaces it: pass one"),
     (["train", "train.output_dir={run}"], r"already holds a deltatune run .*pass --resume to continue it, "
                                           r"--overwrite to replace it"),
@@ -338,3 +338,10 @@ def test_eval_takes_only_the_evaluation_keys_of_another_recipe_or_overrides(fini
     assert code == 0 and "eval on 8 held-out examples" in out, err  # the adapter's r=8 loads: method.r ignored
     code, out, err = run("eval", str(finished), "data.max_eval=4", "train.max_length=20")
     assert code == 0 and "eval on 4 held-out examples" in out, err
+
+
+@pytest.mark.parametrize(("data", "labels"), [("floats", "['0.5', '1.0']"), ("sparse", "['0', '1000']"),
+                                              ("single", "[neg, pos]")])
+def test_the_fix_the_label_errors_name_works(files, data, labels):
+    code, out, err = run("validate", f"data.source={files[data]}", f"model.labels={labels}", "data.eval_size=4")
+    assert code == 0 and "16 train / 4 eval" in out, err

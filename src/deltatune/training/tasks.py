@@ -52,8 +52,9 @@ class Task(ABC):
         # checked up front: longer inputs would fail deep in the position embeddings mid-run
         limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
         if limit is not None and max_length > limit:
-            raise ValueError(f"train.max_length={max_length} exceeds the {limit} positions of {model_path.name} "
-                             f"(max_position_embeddings): set train.max_length={limit} or less")
+            raise ValueError(f"train.max_length={max_length} exceeds the model's {limit} positions "
+                             f"(max_position_embeddings in {model_path / 'config.json'}): "
+                             f"set train.max_length={limit} or less")
         self.model_path = model_path
         self.max_length = max_length
         self.label_names = label_names
