@@ -216,6 +216,7 @@ def optimizer_inf(ckpt: Path):
         (lambda c: (c / "optimizer.pt").unlink(), r"No such file"),
         (optimizer_inf, r"optimizer state 'exp_avg' of parameter 0 holds NaN or inf"),
         (lambda c: [p.unlink() for p in c.iterdir()], r"No such file"),  # an empty checkpoint folder
+        (lambda c: (c / "trainer_state.json").write_text('{"step": 6, "ep'), r"Unterminated string"),  # torn
     ],
 )
 def test_resume_skips_an_invalid_checkpoint_to_the_previous_one_and_says_why(finished, tmp_path, caplog, damage,
