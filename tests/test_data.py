@@ -99,8 +99,12 @@ def test_subsampling_takes_seeded_prefixes(csv_file):
 
 
 def test_int_labels_name_themselves_and_given_names_fix_the_order():
-    rows, names = encode_labels([{"label": 2}, {"label": 0}])
-    assert names == ["0", "1", "2"] and [r["label"] for r in rows] == [2, 0]
+    rows, names = encode_labels([{"label": 2}, {"label": 0}, {"label": 1}])
+    assert names == ["0", "1", "2"] and [r["label"] for r in rows] == [2, 0, 1]
+    with pytest.raises(ValueError, match=r"must be 0..K-1 for K classes, got \{0, 2\}"):
+        encode_labels([{"label": 2}, {"label": 0}])  # class 1 absent: the head's size must be said
+    rows, names = encode_labels([{"label": 2}, {"label": 0}], names=["0", "1", "2"])
+    assert [r["label"] for r in rows] == [2, 0]
     rows, names = encode_labels([{"label": "pos"}, {"label": "neg"}], names=["pos", "neg"])
     assert [r["label"] for r in rows] == [0, 1]
     with pytest.raises(ValueError, match="not among the label names"):

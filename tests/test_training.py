@@ -139,7 +139,8 @@ def test_resume_refuses_a_changed_recipe(tmp_path):
 def save(root, step, keep=3, params=None):
     params = params or {"w": torch.full((2, 2), float(step))}
     opt = {"optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "betas": (0.9, 0.99)}]}, "rng": checkpoint.rng_state()}
-    return checkpoint.save_checkpoint(root, step, params, opt, {"epoch": 0}, keep)
+    state = {"epoch": 0, "batch_in_epoch": step, "elapsed": 0.0, "initial_eval": None, "recipe": {}}
+    return checkpoint.save_checkpoint(root, step, params, {**opt, "scheduler": {}}, state, keep)
 
 
 def test_checkpoints_are_renamed_into_place_and_pruned(tmp_path):
@@ -162,7 +163,7 @@ def test_partial_and_corrupt_checkpoints_are_skipped_with_a_warning(tmp_path, ca
         ckpt = checkpoint.load_latest(tmp_path)
     assert ckpt.trainer_state["step"] == 2
     assert "partial checkpoint" in caplog.text and "ckpt-6.tmp" in caplog.text
-    assert "corrupt checkpoint" in caplog.text and "ckpt-4" in caplog.text
+    assert "invalid checkpoint" in caplog.text and "ckpt-4" in caplog.text
 
 
 def test_optimizer_state_is_never_unpickled_beyond_tensors(tmp_path, caplog):
@@ -170,7 +171,7 @@ def test_optimizer_state_is_never_unpickled_beyond_tensors(tmp_path, caplog):
     torch.save({"optimizer": {}, "payload": Killed("arbitrary object")}, path / checkpoint.TORCH_STATE)
     with caplog.at_level(logging.WARNING, logger="deltatune"):
         assert checkpoint.load_latest(tmp_path) is None
-    assert "corrupt checkpoint" in caplog.text
+    assert "invalid checkpoint" in caplog.text
 
 
 # --- LoRA+ and the schedule ------------------------------------------------------------------------------

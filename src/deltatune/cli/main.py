@@ -18,7 +18,14 @@ from deltatune.cli import bench as bench_cli
 from deltatune.cli import compress as compress_cli
 from deltatune.cli import merge as merge_cli
 from deltatune.training.loop import ADAPTER, RECIPE, Trainer, build_model, evaluate, load_data, make_task
-from deltatune.training.recipe import DEFAULT_RECIPE, Recipe, builtin_recipe, load_recipe
+from deltatune.training.recipe import (
+    DEFAULT_RECIPE,
+    Recipe,
+    apply_override,
+    builtin_recipe,
+    load_recipe,
+    validate,
+)
 from deltatune.training.tasks import BUILTIN_MODELS, TASKS, Task, resolve_model_path
 
 console = Console(soft_wrap=True, markup=False)  # long paths stay on one line; brackets in paths stay text
@@ -28,6 +35,10 @@ RECIPE_HELP = "an optional recipe .yaml, then section.key=value overrides"
 def _recipe_args(items: list[str]) -> tuple[str | None, list[str]]:
     """Split positional items into (recipe file or None, key=value overrides)."""
     files = [item for item in items if "=" not in item]
+    for item in files:  # a key without "=" would otherwise be looked for as a file
+        if not item.endswith((".yaml", ".yml")) and not Path(item).is_file():
+            raise ValueError(f"{item!r} is neither a recipe .yaml file nor a key=value override "
+                             f"(e.g. {item}=VALUE)")
     if len(files) > 1:
         raise ValueError(f"expected one recipe file and key=value overrides, got several files: {files}")
     return (files[0] if files else None), [item for item in items if "=" in item]
@@ -41,10 +52,32 @@ def _adapter_dir(path: str) -> Path:
     raise FileNotFoundError(f"no trained adapter in {path!r}: expected {RECIPE} beside it, as `deltatune train` saves")
 
 
+# what can change how a trained adapter is evaluated; the method, head and training keys are fixed by training
+EVAL_KEYS = ("data", "eval", "train.max_length", "model.path")
+
+
+def _applies(key: str) -> bool:
+    return any(key == k or key.startswith(f"{k}.") for k in EVAL_KEYS)
+
+
 def _adapter_recipe(adapter: Path, items: list[str]) -> Recipe:
-    """The adapter's stored recipe (or a given one), with overrides."""
+    """The adapter's stored recipe, with the evaluation keys (EVAL_KEYS) of another recipe or of overrides."""
     path, overrides = _recipe_args(items)
-    return load_recipe(path or adapter / RECIPE, overrides)
+    if ignored := [item.partition("=")[0] for item in overrides if not _applies(item.partition("=")[0])]:
+        raise ValueError(f"cannot apply {', '.join(ignored)} to a trained adapter (fixed when it was trained); "
+                         f"eval applies: {', '.join(k if '.' in k else k + '.*' for k in EVAL_KEYS)}")
+    data = load_recipe(adapter / RECIPE).model_dump(mode="json")
+    if path is not None:
+        other = load_recipe(path).model_dump(mode="json")
+        for key in EVAL_KEYS:  # a section, or one key of a section
+            section, _, leaf = key.partition(".")
+            if leaf:
+                data[section][leaf] = other[section][leaf]
+            else:
+                data[section] = other[section]
+    for item in overrides:
+        apply_override(data, item)
+    return validate(data)
 
 
 def _load_adapter(adapter: Path, recipe: Recipe) -> tuple[Task, dt.DeltaModel]:
@@ -67,7 +100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Fine-tune as a recipe says (default: the embedded MiniLM / Rotten Tomatoes recipe)."""
     path, overrides = _recipe_args(args.items)
     recipe = load_recipe(path, overrides)
-    trainer = Trainer(recipe, resume=args.resume)
+    trainer = Trainer(recipe, resume=args.resume, overwrite=args.overwrite)
     trainer.setup()
     r = trainer.recipe
     console.print(f"{r.name}: {r.method.name} on {r.model.path} ({r.model.task}), data {r.data.source}")
@@ -97,6 +130,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a trained adapter in another library's format."""
     adapter = _adapter_dir(args.adapter)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file: give a folder for the PEFT adapter")
     _, model = _load_adapter(adapter, _adapter_recipe(adapter, []))
     model.export_peft(args.out)
     console.print(f"PEFT adapter written to {args.out}")
@@ -169,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description=f"{cmd_train.__doc__} Embedded recipe: {builtin_recipe(DEFAULT_RECIPE)}")
     p.add_argument("items", nargs="*", metavar="RECIPE|key=value", help=RECIPE_HELP)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an output dir that holds an earlier run (replaces only deltatune's files)")
     p.set_defaults(handler=cmd_train)
 
     p = sub.add_parser("eval", help=cmd_eval.__doc__)
@@ -234,3 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"deltatune {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

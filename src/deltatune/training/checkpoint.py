@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,9 +71,18 @@ def save_checkpoint(
     if final.exists():  # a stale checkpoint of the same step from a run that was resumed earlier
         shutil.rmtree(final)
     os.replace(tmp, final)
+    _fsync_dir(root)  # the rename itself reaches the disk before older checkpoints are pruned
     for _, old in checkpoints(root)[:-keep]:
         shutil.rmtree(old)
     return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -83,23 +93,52 @@ def checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+# what a trainer state must hold, and the types it must have
+STATE_KEYS = {"step": int, "epoch": int, "batch_in_epoch": int, "elapsed": (int, float),
+              "initial_eval": (dict, type(None)), "recipe": dict}
+OPTIONAL_KEYS = {"metrics_rows": int}  # absent from checkpoints of older versions
+
+
 def load_checkpoint(path: Path) -> Checkpoint:
-    """Load one checkpoint; never unpickles anything but tensors and plain containers."""
+    """Load one checkpoint and check that it is whole; never unpickles anything but tensors and plain containers."""
     trainer_state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
-    if trainer_state.get("step") != int(_NAME.fullmatch(path.name).group(1)):
-        raise ValueError(f"trainer_state.json step {trainer_state.get('step')} does not match the directory name")
+    if not isinstance(trainer_state, dict):
+        raise ValueError(f"{TRAINER_STATE} holds a {type(trainer_state).__name__}, not an object")
+    if missing := sorted(STATE_KEYS.keys() - trainer_state.keys()):
+        raise ValueError(f"{TRAINER_STATE} lacks {missing}")
+    for key, kind in {**STATE_KEYS, **OPTIONAL_KEYS}.items():
+        if key not in trainer_state:
+            continue
+        value = trainer_state[key]
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+            raise ValueError(f"{TRAINER_STATE} has an invalid {key!r}: {value!r}")
+    if trainer_state["step"] != int(_NAME.fullmatch(path.name).group(1)):
+        raise ValueError(f"{TRAINER_STATE} step {trainer_state['step']} does not match the directory name")
     params = load_file(path / PARAMS)
+    if bad := [name for name, t in params.items() if t.is_floating_point() and not torch.isfinite(t).all()]:
+        raise ValueError(f"adapter tensors hold NaN or inf: {bad[:3]}")
     torch_state = torch.load(path / TORCH_STATE, weights_only=True, map_location="cpu")
+    if not isinstance(torch_state, dict) or (missing := sorted({"optimizer", "scheduler", "rng"} - torch_state.keys())):
+        raise ValueError(f"{TORCH_STATE} lacks {missing if isinstance(torch_state, dict) else 'its sections'}")
     return Checkpoint(path, params, torch_state, trainer_state)
 
 
-def load_latest(root: Path) -> Checkpoint | None:
-    """The newest checkpoint under `root` that loads; partial and corrupt ones are skipped with a warning."""
+def load_latest(root: Path, check: Callable[[Checkpoint], None] | None = None) -> Checkpoint | None:
+    """The newest checkpoint under `root` that loads and passes `check` (which raises to reject one);
+    partial, corrupt and rejected ones are skipped with a warning that says why."""
     for partial in sorted(root.glob("ckpt-*.tmp")):
         logger.warning("ignoring partial checkpoint %s (a run stopped while writing it)", partial)
+    skipped = []
     for _, path in reversed(checkpoints(root)):
         try:
-            return load_checkpoint(path)
+            ckpt = load_checkpoint(path)
+            if check is not None:
+                check(ckpt)
         except Exception as e:  # any failure to read means the checkpoint cannot be trusted
-            logger.warning("ignoring corrupt checkpoint %s: %s", path, e)
+            logger.warning("ignoring invalid checkpoint %s: %s", path, e)
+            skipped.append(path.name)
+            continue
+        if skipped:
+            logger.warning("resuming from %s, the newest valid checkpoint (skipped: %s)", path, ", ".join(skipped))
+        return ckpt
     return None

@@ -26,15 +26,16 @@ from tqdm import tqdm
 import deltatune as dt
 from deltatune.engine.atomic import atomic_write_text
 
-from . import checkpoint
+from . import checkpoint, rundir
 from .data import Splits, load_splits
 from .loraplus import loraplus_param_groups
 from .recipe import Recipe
+from .rundir import ADAPTER, CHECKPOINTS, METRICS, RECIPE
 from .tasks import TASKS, Task, resolve_model_path
 
 logger = logging.getLogger(__name__)
 
-METRICS, ADAPTER, CHECKPOINTS, RECIPE = "metrics.jsonl", "adapter", "checkpoints", "recipe.yaml"
+__all__ = ["ADAPTER", "CHECKPOINTS", "METRICS", "RECIPE", "Trainer", "TrainResult"]
 
 
 # --- building blocks shared with the CLI ---------------------------------------------------------
@@ -42,7 +43,8 @@ def load_data(recipe: Recipe) -> Splits:
     """The recipe's train/eval records, with the columns its task reads."""
     d = recipe.data
     columns = {field: getattr(d, f"{field}_column") for field in TASKS[recipe.model.task].fields}
-    return load_splits(d.source, columns, d.eval_size, d.split_seed, d.max_train, d.max_eval, recipe.model.labels)
+    return load_splits(d.source, columns, d.eval_size, d.split_seed, d.max_train, d.max_eval, recipe.model.labels,
+                       encoding=d.encoding)
 
 
 def make_task(recipe: Recipe, label_names: list[str] | None) -> Task:
@@ -104,15 +106,33 @@ class TrainResult:
 class Trainer:
     """Fine-tune one adapter as a recipe says; `setup()`, then `train()`."""
 
-    def __init__(self, recipe: Recipe, resume: bool = False):
+    def __init__(self, recipe: Recipe, resume: bool = False, overwrite: bool = False):
         self.recipe = recipe
         self.resume = resume
+        self.overwrite = overwrite
         self.output_dir = recipe.output_dir
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.lock = rundir.RunLock(self.output_dir)
 
     # --- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Load data and model, build optimizer and schedule, and restore a checkpoint when resuming."""
+        """Lock and claim the output folder, load data and model, build optimizer and schedule, and
+        restore a checkpoint when resuming. The lock is held until `train()` ends (or `close()`)."""
+        created = not self.output_dir.exists()
+        self.lock.acquire()
+        try:
+            rundir.claim(self.output_dir, self.recipe.model_dump(mode="json"), self.resume, self.overwrite)
+            self._setup()
+        except BaseException:
+            self.close()
+            rundir.discard_if_unused(self.output_dir, created)
+            raise
+
+    def close(self) -> None:
+        """Release the output folder for the next run."""
+        self.lock.release()
+
+    def _setup(self) -> None:
         splits = load_data(self.recipe)
         # the resolved recipe records the label order, so eval/export can rebuild the same head
         self.recipe = self.recipe.model_copy(
@@ -130,10 +150,9 @@ class Trainer:
         self.scheduler = LambdaLR(self.optimizer, factor)
         self.step, self.epoch, self.batch_in_epoch, self.elapsed = 0, 0, 0, 0.0
         self.initial_eval: dict[str, float] | None = None
+        self.rows = 0  # metrics rows logged, so a resume keeps exactly those its checkpoint had seen
         if self.resume:
             self._restore()
-        else:
-            self._start_afresh()
 
     def _optimizer(self) -> AdamW:
         """AdamW over the trainable parameters only, in LoRA+ groups when asked for."""
@@ -154,32 +173,67 @@ class Trainer:
         return max(1, math.ceil(t.epochs * self._batches_per_epoch() / t.grad_accum))
 
     def _start_afresh(self) -> None:
-        """A fresh run owns its output directory: earlier checkpoints and metrics would mislead a resume."""
-        old = self.output_dir / CHECKPOINTS
-        if old.exists():
-            logger.warning("starting afresh: removing the earlier run's checkpoints in %s", old)
-            shutil.rmtree(old)
+        """A resume that found no checkpoint starts over: the killed run's metrics would be logged twice."""
+        shutil.rmtree(self.output_dir / CHECKPOINTS, ignore_errors=True)  # at most partial `.tmp` ones
         (self.output_dir / METRICS).unlink(missing_ok=True)
 
     def _restore(self) -> None:
-        """Continue from the newest complete checkpoint (or start afresh when there is none)."""
-        ckpt = checkpoint.load_latest(self.output_dir / CHECKPOINTS)
+        """Continue from the newest valid checkpoint; invalid ones are skipped with a warning naming why."""
+        root = self.output_dir / CHECKPOINTS
+        ckpt = checkpoint.load_latest(root, self._check_checkpoint)
+        if ckpt is None and checkpoint.checkpoints(root):
+            raise ValueError(f"no valid checkpoint in {root} to resume from (see the warnings above): "
+                             "pass --overwrite to start afresh")
         if ckpt is None:
-            logger.warning("no checkpoint in %s to resume from: starting afresh", self.output_dir / CHECKPOINTS)
+            if (self.output_dir / ADAPTER).exists():
+                raise ValueError(f"{self.output_dir} holds a finished run without checkpoints, so there is "
+                                 "nothing to resume: pass --overwrite to train it again")
+            logger.warning("no checkpoint in %s to resume from: starting afresh", root)
             self._start_afresh()
             return
         state = ckpt.trainer_state
-        if state["recipe"] != self.recipe.model_dump(mode="json"):
-            changed = _changed_keys(state["recipe"], self.recipe.model_dump(mode="json"))
-            raise ValueError(f"{ckpt.path} was written by a different recipe (changed: {', '.join(changed)})")
+        if changed := rundir.changed_keys(state["recipe"], self.recipe.model_dump(mode="json")):
+            raise ValueError(f"{ckpt.path} was written by a different recipe (changed: {', '.join(changed)}): "
+                             "resume with that recipe, or pass --overwrite to start afresh")
         self.model.load_adapter_state_dict(ckpt.params)
         self.optimizer.load_state_dict(ckpt.torch_state["optimizer"])
         self.scheduler.load_state_dict(ckpt.torch_state["scheduler"])
         checkpoint.set_rng_state(ckpt.torch_state["rng"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.elapsed, self.initial_eval = state["elapsed"], state["initial_eval"]
-        self._truncate_metrics(self.step)
+        self._truncate_metrics(self.step, state.get("metrics_rows"))
         logger.info("resumed from %s", ckpt.path)
+
+    def _check_checkpoint(self, ckpt: checkpoint.Checkpoint) -> None:
+        """Raise ValueError unless `ckpt` fits this run: its tensors, data position, schedule and optimizer."""
+        state, step = ckpt.trainer_state, ckpt.trainer_state["step"]
+        own = self.model.adapter_state_dict()
+        missing, unexpected = sorted(own.keys() - ckpt.params.keys()), sorted(ckpt.params.keys() - own.keys())
+        if missing or unexpected:
+            raise ValueError(f"its adapter tensors do not match the model: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+        if bad := [k for k, t in own.items() if t.shape != ckpt.params[k].shape]:
+            raise ValueError(f"its adapter tensors have other shapes than the model's: {bad[:3]}")
+        # micro-batches consumed so far; the epoch advances lazily, at the first batch of the next one
+        consumed, per_epoch = step * self.recipe.train.grad_accum, self._batches_per_epoch()
+        epoch, batch = state["epoch"], state["batch_in_epoch"]
+        if epoch * per_epoch + batch != consumed or not (0 < batch <= per_epoch or consumed == 0):
+            raise ValueError(f"its data position (epoch {epoch}, batch {batch}) is not where step {step} "
+                             f"leaves {per_epoch} batches per epoch")
+        if (last := ckpt.torch_state["scheduler"].get("last_epoch")) != step:
+            raise ValueError(f"its schedule is at step {last}, its trainer state at step {step}")
+        saved, ours = ckpt.torch_state["optimizer"], self.optimizer.state_dict()
+        if [len(g["params"]) for g in saved.get("param_groups", [])] != [len(g["params"]) for g in ours["param_groups"]]:
+            raise ValueError("its optimizer state holds other parameter groups than this run's optimizer")
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for i, moments in saved.get("state", {}).items():
+            for name, t in moments.items():
+                if not isinstance(t, Tensor):
+                    continue
+                if t.dim() and (i >= len(params) or t.shape != params[i].shape):
+                    raise ValueError(f"its optimizer state '{name}' of parameter {i} does not fit the parameter")
+                if not torch.isfinite(t).all():
+                    raise ValueError(f"its optimizer state '{name}' of parameter {i} holds NaN or inf")
 
     # --- data ----------------------------------------------------------------------------------
     def _next_batch(self) -> dict[str, Tensor]:
@@ -219,7 +273,14 @@ class Trainer:
         return loss_sum, samples
 
     def train(self) -> TrainResult:
-        """Evaluate, run the remaining steps (evaluating and checkpointing as asked), evaluate, save."""
+        """Evaluate, run the remaining steps (evaluating and checkpointing as asked), evaluate, save;
+        then release the output folder."""
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> TrainResult:
         t = self.recipe.train
         start = time.perf_counter() - self.elapsed
         if self.initial_eval is None:
@@ -261,15 +322,24 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with open(self.output_dir / METRICS, "a", encoding="utf-8") as f:
             f.write(json.dumps({**row, "time": round(time.perf_counter() - start, 3)}) + "\n")
+        self.rows += 1
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop rows the stopped run logged after its last checkpoint; the resumed run logs them again."""
+    def _truncate_metrics(self, step: int, rows: int | None) -> None:
+        """Keep the `rows` metrics rows logged before the checkpoint (older checkpoints: those up to `step`);
+        the resumed run logs the rest again. A finished run's final eval row shares the last step."""
         path = self.output_dir / METRICS
-        if path.exists():
-            lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-            # a line cut short by the kill has no newline, and is dropped with the rest of the tail
-            kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
-            atomic_write_text(path, "".join(kept))
+        # a line cut short by the kill has no newline, and is dropped with the rest of the tail
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if path.exists() else []
+        complete = [line for line in lines if line.endswith("\n")]
+        if rows is None:
+            kept = [line for line in complete if json.loads(line)["step"] <= step]
+        else:
+            kept = complete[:rows]
+            if len(kept) < rows:
+                logger.warning("%s holds %d rows, fewer than the %d its checkpoint saw: the resumed run's "
+                               "metrics will lack some", path, len(kept), rows)
+        atomic_write_text(path, "".join(kept))
+        self.rows = len(kept)
 
     def save_checkpoint(self, elapsed: float) -> Path:
         """A resumable checkpoint of the current step."""
@@ -283,6 +353,7 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "elapsed": elapsed,
             "initial_eval": self.initial_eval,
+            "metrics_rows": self.rows,
             "recipe": self.recipe.model_dump(mode="json"),
         }
         return checkpoint.save_checkpoint(
@@ -304,15 +375,3 @@ class Trainer:
 
 def _prefixed(metrics: dict[str, float]) -> dict[str, float]:
     return {f"eval_{k}": v for k, v in metrics.items()}
-
-
-def _changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts."""
-    changed = []
-    for key in sorted(old.keys() | new.keys()):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changed += _changed_keys(a, b, f"{prefix}{key}.")
-        elif a != b:
-            changed.append(f"{prefix}{key}")
-    return changed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import typing
 from importlib import resources
 from pathlib import Path
@@ -30,6 +31,12 @@ class ModelSection(Section):
         None, description="class names in label order (classification); null = read from the data and recorded"
     )
 
+    @model_validator(mode="after")
+    def _valid_labels(self) -> ModelSection:
+        if self.labels is not None and (len(self.labels) < 2 or len(set(self.labels)) < len(self.labels)):
+            raise ValueError(f"model.labels={self.labels} must name at least 2 distinct classes")
+        return self
+
 
 class DataSection(Section):
     source: str = Field(
@@ -43,6 +50,15 @@ class DataSection(Section):
     max_train: int | None = Field(None, ge=1, description="use at most this many training rows; null = all")
     max_eval: int | None = Field(None, ge=1, description="use at most this many eval rows; null = all")
     split_seed: int = Field(0, description="seed of the train/eval split, independent of the training seed")
+    encoding: str = Field("utf-8", description="text encoding of a .csv/.jsonl file, e.g. latin-1, cp1252")
+
+    @model_validator(mode="after")
+    def _known_encoding(self) -> DataSection:
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ValueError(f"unknown encoding 'data.encoding={self.encoding}' (e.g. utf-8, latin-1, cp1252)") from None
+        return self
 
 
 class MethodSection(Section):

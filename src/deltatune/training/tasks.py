@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from deltatune import assets
 
@@ -49,6 +49,12 @@ class Task(ABC):
     fields: ClassVar[tuple[str, ...]]  # record fields, read from data.<field>_column
 
     def __init__(self, model_path: Path, max_length: int, label_names: list[str] | None = None):
+        # checked up front: longer inputs would fail deep in the position embeddings mid-run
+        limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+        if limit is not None and max_length > limit:
+            raise ValueError(f"train.max_length={max_length} exceeds the model's {limit} positions "
+                             f"(max_position_embeddings in {model_path / 'config.json'}): "
+                             f"set train.max_length={limit} or less")
         self.model_path = model_path
         self.max_length = max_length
         self.label_names = label_names
