@@ -236,3 +236,171 @@ def test_load_adapter_state_dict_refuses_integer_values(make_synthetic):
     state = {k: v.long() for k, v in dm.adapter_state_dict().items()}
     with pytest.raises(ValueError, match=r"'lin\.lora_A' is torch\.int64 in the state but the adapter holds"):
         dm.load_adapter_state_dict(state)
+
+
+# --- merging adapters ------------------------------------------------------------------------
+MERGE_INPUTS = [
+    ("truncated", PEFT, truncate, ValueError, r"corrupt safetensors file '.*adapter_model\.safetensors'"),
+    ("edited", NATIVE, lambda f, p: edit_config(f, p, lambda m: m["options"].update(alpha=99.0)), ValueError,
+     r"deltatune_config\.json' was changed after saving"),
+    ("pickle", PEFT, pickle_only, ValueError, r"adapter_model\.bin' is a pickle, which deltatune never loads"),
+    ("nan", NATIVE, CORRUPT[[c[:2] for c in CORRUPT].index(("nan", NATIVE))][2], ValueError, r"NaN/inf values"),
+    ("int64", PEFT, CORRUPT[[c[:2] for c in CORRUPT].index(("int64", PEFT))][2], ValueError,
+     r"layer 'c1', holds tensors that are not floating point: lora_A \(torch\.int64\), lora_B \(torch\.int64\); "
+     r"the file is damaged"),
+    ("no_adapter_files", NATIVE, only_notes, FileNotFoundError,
+     r"no adapter at '.*': expected deltatune_config\.json \(deltatune\) or adapter_config\.json \(PEFT\)"),
+]
+
+
+@pytest.mark.parametrize("case, fmt, corrupt, error, message", MERGE_INPUTS, ids=[f"{f}-{c}" for c, f, *_ in MERGE_INPUTS])
+def test_merge_adapters_refuses_a_broken_input_and_writes_nothing(case, fmt, corrupt, error, message, saved, tmp_path):
+    from deltatune.merging import merge_adapters
+
+    good = saved[NATIVE if fmt == PEFT else PEFT]
+    corrupt(fmt, saved[fmt])
+    with pytest.raises(error, match=message):
+        merge_adapters([good, saved[fmt]], [0.5, 0.5], out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("target", ["file", "missing"])
+def test_merge_adapters_names_a_path_that_is_a_file_or_missing(target, saved, tmp_path):
+    from deltatune.merging import merge_adapters
+
+    bad = saved[NATIVE] / dio.WEIGHTS_NAME if target == "file" else tmp_path / "nope"
+    why = "it is a file; pass the adapter folder" if target == "file" else "it does not exist; check the path"
+    with pytest.raises(FileNotFoundError, match=f"no adapter at '.*': {why}"):
+        merge_adapters([saved[NATIVE], bad], [0.5, 0.5], out=tmp_path / "out")
+
+
+def _lora_on(model: nn.Module, path: Path, fmt: str, seed: int = 0) -> Path:
+    dm = dt.inject(model, dt.LoRAConfig(r=2, targets=["lin", "c1"]))
+    perturb(dm, seed=seed)
+    dm.save(path) if fmt == NATIVE else dm.export_peft(path)
+    return path
+
+
+def test_merge_adapters_refuses_adapters_of_different_base_models(saved, tmp_path):
+    """Native adapters carry fingerprints, PEFT ones a base name and shapes: each mismatch names both folders."""
+    from conftest import Synthetic
+
+    from deltatune.merging import merge_adapters
+
+    torch.manual_seed(7)  # same architecture, other weights
+    other = _lora_on(Synthetic().eval(), tmp_path / "other", NATIVE)
+    with pytest.raises(ValueError, match=r"adapters '.*native' and '.*other' were trained on different base models "
+                                         r"\(layer '(lin|c1)' differs\)"):
+        merge_adapters([saved[NATIVE], other], [0.5, 0.5], out=tmp_path / "out")
+    wide = _lora_on(Synthetic(dim=12).eval(), tmp_path / "wide", PEFT)  # other shapes
+    with pytest.raises(ValueError, match=r"layer 'c1' differs across the adapters \('.*peft': 8x8 linear, '.*wide': "
+                                         r"12x12 linear\): they were trained on different base models"):
+        merge_adapters([saved[PEFT], wide], [0.5, 0.5], out=tmp_path / "out")
+    for path, name in ((saved[PEFT], "org/model-a"), (saved[NATIVE].parent / "peft2", "org/model-b")):
+        if not path.exists():
+            shutil.copytree(saved[PEFT], path)
+        edit_config(PEFT, path, lambda m, name=name: m.update(base_model_name_or_path=name))
+    with pytest.raises(ValueError, match=r"adapters '.*peft' \(base 'org/model-a'\) and '.*peft2' \(base "
+                                         r"'org/model-b'\) were trained on different base models.*save it again"):
+        merge_adapters([saved[PEFT], saved[PEFT].parent / "peft2"], [0.5, 0.5], out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # a hub id and a local copy of it are one base
+    edit_config(PEFT, saved[PEFT].parent / "peft2", lambda m: m.update(base_model_name_or_path="/models/model-a"))
+    merge_adapters([saved[PEFT], saved[PEFT].parent / "peft2"], [0.5, 0.5], out=tmp_path / "out")
+
+
+@pytest.mark.parametrize("adapters, weights, kwargs, message", [
+    ("one_str", [1.0], {}, "adapters and weights are lists"),
+    ([NATIVE], 1.0, {}, "adapters and weights are lists"),
+    ([NATIVE, PEFT], [1.0], {}, "need one weight per adapter, got 1 weights for 2 adapters"),
+    ([], [], {}, "need one weight per adapter"),
+    ([NATIVE], [float("nan")], {}, r"weights must be finite numbers, got \[nan\]"),
+    ([NATIVE], ["half"], {}, r"weights must be finite numbers, got \['half'\]"),
+    ([NATIVE], [1.0], {"method": "tie"}, "unknown merge method 'tie'; did you mean 'ties'?"),
+    ([NATIVE], [1.0], {"rank": 0}, "rank must be >= 1, got 0"),
+    ([NATIVE], [1.0], {"energy": 1.5}, r"energy is a fraction of sum s\^2 in \(0, 1\], got 1.5"),
+    ([NATIVE], [1.0], {"rank": 2, "energy": 0.5}, "pass rank or energy, not both"),
+    ([NATIVE], [1.0], {"format": "pef"}, "unknown format 'pef'; did you mean 'peft'?"),
+])
+def test_merge_adapters_bad_arguments(adapters, weights, kwargs, message, saved, tmp_path):
+    from deltatune.merging import merge_adapters
+
+    adapters = str(saved[NATIVE]) if adapters == "one_str" else [saved[a] for a in adapters]
+    with pytest.raises(ValueError, match=message):
+        merge_adapters(adapters, weights, out=tmp_path / "out", **kwargs)
+    assert not (tmp_path / "out").exists()
+
+
+def test_deltatune_merge_of_a_broken_adapter_exits_2_naming_it(saved, tmp_path, capsys):
+    import yaml
+
+    from deltatune.cli.main import main
+
+    truncate(PEFT, saved[PEFT])
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text(yaml.safe_dump({"method": "linear", "models": [{"path": str(saved[NATIVE])},
+                                                                 {"path": str(saved[PEFT])}],
+                                   "output": {"path": str(tmp_path / "out")}}))
+    assert main(["merge", str(cfg), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deltatune merge: error: corrupt safetensors file") and str(saved[PEFT]) in err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+# --- deltatune export --out ------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def run_adapter(tmp_path_factory) -> Path:
+    """An adapter folder as `deltatune train` leaves it (adapter + recipe.yaml), without training."""
+    from deltatune.training.loop import ADAPTER, RECIPE, build_model, make_task
+    from deltatune.training.recipe import load_recipe
+
+    recipe = load_recipe(None, ["train.max_length=32", "model.labels=[neg, pos]"])
+    model = build_model(recipe, make_task(recipe, recipe.model.labels))
+    path = tmp_path_factory.mktemp("run") / ADAPTER
+    model.save(path)
+    (path / RECIPE).write_text(recipe.to_yaml())
+    return path
+
+
+def export(*argv: str) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    from deltatune.cli.main import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["export", *argv])
+    return code, err.getvalue()
+
+
+def test_export_refuses_a_folder_with_other_files_unless_overwrite(run_adapter, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, err = export(str(run_adapter), "--out", str(out))
+    assert code == 2 and "--out" in err and "holds files that are not a PEFT export (notes.txt)" in err
+    assert "pass --overwrite" in err and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    code, err = export(str(run_adapter), "--out", str(out), "--overwrite")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == sorted(["notes.txt", pio.CONFIG_NAME, pio.WEIGHTS_NAME])
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_export_replaces_a_previous_export_and_its_leftover_temp_files(run_adapter, tmp_path):
+    out = tmp_path / "out"
+    assert export(str(run_adapter), "--out", str(out))[0] == 0
+    first = load_file(str(out / pio.WEIGHTS_NAME))
+    (out / f".{pio.WEIGHTS_NAME}.abc123.tmp").write_bytes(b"half")  # as a killed export leaves it
+    code, err = export(str(run_adapter), "--out", str(out))
+    assert code == 0, err
+    again = load_file(str(out / pio.WEIGHTS_NAME))
+    assert sorted(again) == sorted(first) and all(torch.equal(again[k], first[k]) for k in first)
+
+
+def test_export_refuses_a_file_as_out_and_the_adapter_folder_itself(run_adapter, tmp_path):
+    (tmp_path / "f").write_text("x")
+    code, err = export(str(run_adapter), "--out", str(tmp_path / "f"))
+    assert code == 2 and "is a file; pass a folder" in err
+    code, err = export(str(run_adapter), "--out", str(run_adapter))
+    assert code == 2 and f"holds files that are not a PEFT export ({dio.WEIGHTS_NAME}, {dio.CONFIG_NAME}" in err

@@ -84,12 +84,7 @@ def read_adapter_deltas(path: str | Path) -> AdapterDeltas:
     else:
         raise FileNotFoundError(f"no adapter at '{path}': expected {io.CONFIG_NAME} (deltatune) or "
                                 f"{peft_format.CONFIG_NAME} (PEFT)")
-    deltas = read(path)
-    for p, f in deltas.layers.items():  # an integer file would merge silently as integer-valued factors
-        if not (f.A.is_floating_point() and f.B.is_floating_point()):
-            raise ValueError(f"adapter '{path}', layer '{p}': factors are {f.A.dtype}/{f.B.dtype}, not floating "
-                             "point; the file is damaged: save the adapter again")
-    return deltas
+    return read(path)
 
 
 def _additive_lora(method: str, where: str) -> MethodSpec:
@@ -104,6 +99,9 @@ def _factors(spec: MethodSpec, config: Any, state: dict[str, Tensor], where: str
     """(A, B, scale) through the method's own code: its Delta on a weightless stand-in layer of the same shape."""
     if "lora_A" not in state or "lora_B" not in state:
         raise ValueError(f"{where} lacks lora_A or lora_B (has {sorted(state)}); save the adapter again")
+    if ints := sorted(f"{k} ({t.dtype})" for k, t in state.items() if not t.is_floating_point()):
+        raise ValueError(f"{where} holds tensors that are not floating point: {', '.join(ints)}; the file is "
+                         "damaged: save the adapter again")
     d_out, d_in = state["lora_B"].shape[0], state["lora_A"].shape[1]
     stand_in = DeltaLayer(nn.Linear(d_in, d_out, bias="lora_bias" in state, device="meta"), LINEAR)
     delta = spec.delta(config, stand_in, initialize=False)
