@@ -404,3 +404,151 @@ def test_export_refuses_a_file_as_out_and_the_adapter_folder_itself(run_adapter,
     assert code == 2 and "is a file; pass a folder" in err
     code, err = export(str(run_adapter), "--out", str(run_adapter))
     assert code == 2 and f"holds files that are not a PEFT export ({dio.WEIGHTS_NAME}, {dio.CONFIG_NAME}" in err
+
+
+# --- prune: low rank, FLoRA's rank -----------------------------------------------------------
+def test_a_lowrank_step_that_would_change_nothing_is_refused_with_the_largest_useful_rank(tiny_llama):
+    from deltatune.compression.config import validate_prune_config
+    from deltatune.compression.lowrank import LowRankLinear, max_useful_rank
+
+    # tiny Llama blocks: 32x32 (useful rank <= 15), 16x32 (k/v), 64x32 and 32x64 (the MLP: <= 21)
+    assert max_useful_rank(64, 32) == 21
+    step = validate_prune_config({"steps": [{"method": "lowrank", "rank": 22}]}).steps[0]
+    with pytest.raises(ValueError, match=r"lowrank: rank 22 factorises none of the 14 target layers, so the model would "
+                                         r"be unchanged.*largest useful rank is 21 \(layer 'model\.layers\.0\.mlp\."
+                                         r"\w+_proj', (64x32|32x64)\): pass rank <= 21"):
+        step.apply(tiny_llama, None)
+    assert not any(isinstance(m, LowRankLinear) for m in tiny_llama.modules())
+    energy = validate_prune_config({"steps": [{"method": "lowrank", "energy": 1.0}]}).steps[0]
+    with pytest.raises(ValueError, match=r"energy 1\.0 \(rank \d+ or more\) factorises none.*lower the energy"):
+        energy.apply(tiny_llama, None)
+    summary = validate_prune_config({"steps": [{"method": "lowrank", "rank": 21}]}).steps[0].apply(tiny_llama, None)
+    assert summary.startswith("Low-rank factorisation: 6 of 14 layers factorised")  # gate/up/down of 2 blocks
+
+
+def test_a_lowrank_step_on_no_linear_layer_says_so():
+    from deltatune.compression.config import validate_prune_config
+
+    step = validate_prune_config({"steps": [{"method": "lowrank", "rank": 1, "targets": ["conv"]}]}).steps[0]
+    holder = nn.Module()
+    holder.conv = nn.Conv2d(4, 4, 3)
+    with pytest.raises(ValueError, match=r"none of the 1 target layers is an nn\.Linear.*target linear layers"):
+        step.apply(holder, None)
+
+
+def test_flora_warns_when_its_rank_gives_more_parameters_than_the_layer(caplog):
+    import logging
+
+    from deltatune.methods.structured.flora import parameter_count
+
+    holder = nn.Module()
+    holder.layer = nn.Linear(64, 32)  # 2,048 weights; r=18: 324 + 18*96 = 2,052 >= 2,048; r=17: 1,921
+    assert parameter_count((32, 64), 17, 2) < 2048 <= parameter_count((32, 64), 18, 2)
+    with caplog.at_level(logging.WARNING, logger="deltatune.methods.structured.flora"):
+        dm = dt.inject(holder, dt.make_config("flora", r=10000, targets=["layer"]))
+    assert dm.trainable_parameters() == parameter_count((32, 64), 64, 2) == 32 * 64 + 32**2 + 64**2
+    (record,) = caplog.records
+    assert "flora r=10000 (capped at the mode sizes [32, 64])" in record.getMessage()
+    assert "holds 7,168 parameters, as many as the layer's 2,048 or more; use r <= 17" in record.getMessage()
+    caplog.clear()
+    other = nn.Module()
+    other.layer = nn.Linear(64, 32)
+    with caplog.at_level(logging.WARNING, logger="deltatune.methods.structured.flora"):
+        dt.inject(other, dt.make_config("flora", r=17, targets=["layer"]))
+    assert not caplog.records  # the largest rank below the layer's size is accepted quietly
+
+
+# --- the Python API and merge / prune configs --------------------------------------------------
+def _api(make_synthetic, call):
+    dm = dt.inject(make_synthetic(), dt.LoRAConfig(r=2, targets=["lin"]))
+    return call(dm, torch.randint(0, 10, (3, 5)))
+
+
+API = [
+    ("unknown_target", lambda dm, x: dm.add_adapter("b", dt.LoRAConfig(targets=["lni"])), ValueError,
+     r"target 'lni' matches no module of the model; closest module names: lin"),
+    ("unknown_option", lambda dm, x: dt.LoRAConfig(alhpa=3), ValueError,
+     r"unknown option 'alhpa' for LoRAConfig; did you mean 'alpha'\?"),
+    ("wrong_option_type", lambda dm, x: dt.LoRAConfig(r="eight"), ValueError, r"r\n.*valid integer"),
+    ("unknown_method", lambda dm, x: dt.make_config("lorra"), ValueError, r"unknown method 'lorra'; did you mean 'lora'\?"),
+    ("rank_above_layer", lambda dm, x: dm.add_adapter("b", dt.LoRAConfig(r=100, targets=["lin"])), ValueError,
+     r"lora rank r=100 is larger than the layer \(8 x 8, Linear\); use r <= 8"),
+    ("name_with_dot", lambda dm, x: dm.add_adapter("a.b", dt.LoRAConfig(targets=["lin"])), ValueError,
+     r"invalid adapter name 'a\.b': use a non-empty name without dots"),
+    ("existing_name", lambda dm, x: dm.add_adapter("default", dt.LoRAConfig(targets=["lin"])), ValueError,
+     r"adapter 'default' exists already; delete_adapter\('default'\) first"),
+    ("set_active_unknown", lambda dm, x: dm.set_active("defualt"), ValueError,
+     r"unknown adapter 'defualt'; did you mean 'default'\? \(adapters: default\)"),
+    ("adapter_names_unknown", lambda dm, x: dm(x, adapter_names=["default", "defualt", "default"]), ValueError,
+     r"unknown adapter 'defualt'; did you mean 'default'\?"),
+    ("adapter_names_length", lambda dm, x: dm(x, adapter_names=["default"]), ValueError,
+     r"adapter_names has 1 entries but the batch has 3 rows"),
+    ("adapter_names_string", lambda dm, x: dm(x, adapter_names="default"), ValueError,
+     r"adapter_names takes one adapter name per batch row, got the string 'default'; pass \['default'\] \* batch_size"),
+    ("token_mask_shape", lambda dm, x: dm(x, token_mask=torch.ones(3, 4)), ValueError,
+     r"token_mask has shape \(3, 4\) but this layer's output has tokens \(3, 5\)"),
+]
+
+
+@pytest.mark.parametrize("case, call, error, message", API, ids=[c[0] for c in API])
+def test_bad_api_input(case, call, error, message, make_synthetic):
+    with pytest.raises(error, match=message):
+        _api(make_synthetic, call)
+
+
+MERGE = {"method": "ties", "base_model": "base", "models": [{"path": "a"}, {"path": "b"}], "output": {"path": "o"}}
+MERGE_CONFIGS = [
+    ("bad_key", {"methd": "ties"}, r"unknown key 'methd'; did you mean 'method'\?"),
+    ("unknown_method", {"method": "tise"}, r"unknown method 'tise'; did you mean 'ties'\?"),
+    ("density_above_1", {"parameters": {"density": 1.5}}, r"invalid value 1\.5 for 'parameters\.density': .*less than or equal to 1"),
+    ("density_negative", {"parameters": {"density": -0.1}}, r"'parameters\.density': .*greater than or equal to 0"),
+    ("parameter_key", {"parameters": {"densty": 0.5}}, r"unknown key 'parameters\.densty'; did you mean 'parameters\.density'\?"),
+    ("override_weights_count", {"overrides": [{"pattern": "x", "weights": [1.0]}]},
+     r"overrides\.0\.weights has 1 entries; give one per model \(2\)"),
+    ("model_key", {"models": [{"pth": "a"}]}, r"unknown key 'models\.0\.pth'; did you mean 'models\.0\.path'\?"),
+    ("weight_type", {"models": [{"path": "a", "weight": "heavy"}]}, r"invalid value 'heavy' for 'models\.0\.weight'"),
+    ("no_models", {"models": []}, r"invalid value \[\] for 'models'"),
+    ("shard_size", {"output": {"path": "o", "max_shard_size": "2 bananas"}}, r"output\.max_shard_size: size '2 bananas'"),
+]
+
+
+@pytest.mark.parametrize("case, change, message", MERGE_CONFIGS, ids=[c[0] for c in MERGE_CONFIGS])
+def test_bad_merge_config(case, change, message):
+    from deltatune.merging.config import MergeConfig
+    from deltatune.training.recipe import validated
+
+    with pytest.raises(ValueError, match=message) as info:
+        validated(MergeConfig, {**MERGE, **change})
+    assert "\n" not in str(info.value)
+
+
+PRUNE_CONFIGS = [
+    ("sparsity_above_1", {"method": "magnitude", "sparsity": 1.5}, r"invalid value 1\.5 for 'steps\.0\.sparsity': .*less than 1"),
+    ("sparsity_zero", {"method": "magnitude", "sparsity": 0}, r"invalid value 0 for 'steps\.0\.sparsity'"),
+    ("unknown_method", {"method": "magnitde"}, r"unknown method 'steps\.0\.method=magnitde'; did you mean 'magnitude'\?"),
+    ("unknown_key", {"method": "magnitude", "sparsty": 0.5}, r"unknown key 'steps\.0\.sparsty'; did you mean 'steps\.0\.sparsity'\?"),
+    ("n_above_m", {"method": "magnitude", "n_m": [5, 4]}, r"n_m=\(5, 4\) is not an N:M pattern: use whole numbers 0 < N < M"),
+    ("n_zero", {"method": "magnitude", "n_m": [0, 4]}, r"n_m=\(0, 4\) is not an N:M pattern"),
+    ("n_m_with_layer_scope", {"method": "magnitude", "n_m": [2, 4], "scope": "layer"},
+     r"n_m=\[2, 4\] keeps N weights in groups of each row; use scope row, not layer"),
+    ("scope", {"method": "magnitude", "scope": "rows"}, r"invalid value 'rows' for 'steps\.0\.scope'"),
+    ("lowrank_rank_and_energy", {"method": "lowrank", "rank": 2, "energy": 0.5}, r"exactly one of rank or energy"),
+    ("lowrank_rank_0", {"method": "lowrank", "rank": 0}, r"invalid value 0 for 'steps\.0\.rank'"),
+    ("needs_calibration", {"method": "wanda"}, r"step 0 \(wanda\) needs calibration data: set calibration\.dataset"),
+]
+
+
+@pytest.mark.parametrize("case, step, message", PRUNE_CONFIGS, ids=[c[0] for c in PRUNE_CONFIGS])
+def test_bad_prune_config(case, step, message):
+    from deltatune.compression.config import validate_prune_config
+
+    with pytest.raises(ValueError, match=message) as info:
+        validate_prune_config({"steps": [step]})
+    assert "\n" not in str(info.value)
+
+
+def test_n_m_whose_m_does_not_divide_a_layer_names_it(make_synthetic):
+    from deltatune.compression.pruning import prune
+
+    with pytest.raises(ValueError, match=r"2:3 sparsity needs in_features divisible by 3, but 'lin' has 8; exclude it"):
+        prune(make_synthetic(), "magnitude", 0.5, n_m=(2, 3), targets=["lin"])

@@ -115,6 +115,9 @@ class DeltaModel(nn.Module):
         """Within the block, row i of every batch goes through adapter `adapter_names[i]` ("__base__": none)."""
         if adapter_names is None:
             return contextlib.nullcontext()
+        if isinstance(adapter_names, str):  # a string is a sequence too: 'default' would route rows to 'd', 'e'...
+            raise ValueError(f"adapter_names takes one adapter name per batch row, got the string {adapter_names!r}; "
+                             f"pass [{adapter_names!r}] * batch_size, or set_active({adapter_names!r})")
         self._check_names([n for n in dict.fromkeys(adapter_names) if n != BASE])
         return self._layers_set("route", Routing(adapter_names), None)
 
