@@ -73,6 +73,13 @@ def pickle_only(fmt, path):
     (path / "adapter_model.bin").write_bytes(b"\x80\x04 not unpickled, ever")
 
 
+def only_pickle(name):
+    def corrupt(fmt, path):
+        empty(fmt, path)
+        (path / name).write_bytes(b"\x80\x04 not unpickled, ever")
+    return corrupt
+
+
 def only_notes(fmt, path):
     for f in path.iterdir():
         f.unlink()
@@ -139,6 +146,10 @@ CORRUPT = [
     *[("pickle", fmt, pickle_only, {}, ValueError,
        rf"adapter_model\.bin' is a pickle, which deltatune never loads.*re-save it as safetensors.*{WEIGHTS[fmt]}")
       for fmt in (NATIVE, PEFT)],
+    ("only_adapter_model_bin", PEFT, only_pickle("adapter_model.bin"), {}, ValueError,
+     r"adapter_model\.bin' is a pickle, which deltatune never loads"),
+    ("model_pickle_not_an_adapter", PEFT, only_pickle("pytorch_model.bin"), {}, FileNotFoundError,
+     r"adapter_config\.json is missing \(it holds pytorch_model\.bin\)"),
     *[("weights_missing", fmt, lambda f, p: (p / WEIGHTS[f]).unlink(), {}, FileNotFoundError,
        rf"weights '.*{WEIGHTS[fmt]}' are missing; save the adapter") for fmt in (NATIVE, PEFT)],
     *[("no_adapter_files", fmt, only_notes, {}, FileNotFoundError,

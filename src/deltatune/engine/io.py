@@ -94,7 +94,7 @@ def adapter_folder(path: Any, config_name: str, kind: str, weights_name: str) ->
         raise FileNotFoundError(f"no {kind} adapter at '{path}': it does not exist; check the path")
     if not path.is_dir():
         raise NotADirectoryError(f"'{path}' is a file, not an adapter folder; pass the folder holding {config_name}")
-    refuse_pickles(path, weights_name)
+    refuse_pickles(path, config_name, weights_name)
     if not (path / config_name).is_file():
         others = {CONFIG_NAME: "a deltatune adapter: use deltatune.load / --format deltatune",
                   "adapter_config.json": "a PEFT adapter: use load_peft / --format peft"}
@@ -107,10 +107,15 @@ def adapter_folder(path: Any, config_name: str, kind: str, weights_name: str) ->
     return path
 
 
-def refuse_pickles(path: Path, weights_name: str) -> None:
-    """Refuse a folder whose weights exist only as pickles: deltatune never unpickles (it can run code)."""
-    pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
-    if pickles and not (path / weights_name).is_file():
+def refuse_pickles(path: Path, config_name: str, weights_name: str) -> None:
+    """Refuse an adapter whose weights exist only as a pickle: deltatune never unpickles (it can run code).
+    A pickle counts as the adapter's when the config is there or it bears the weights' name (adapter_model.bin)."""
+    if (path / weights_name).is_file():
+        return
+    stem = Path(weights_name).stem
+    pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file()
+                     and ((path / config_name).is_file() or p.stem == stem))
+    if pickles:
         file = pickles[0]
         raise ValueError(f"'{file}' is a pickle, which deltatune never loads (unpickling can run code); if you "
                          "trust it, re-save it as safetensors: python -c \"import torch; from safetensors.torch "
