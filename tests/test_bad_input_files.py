@@ -111,7 +111,7 @@ CORRUPT = [
     ("missing_method", NATIVE, lambda f, p: edit_config(f, p, lambda m: m.pop("method")), {}, ValueError,
      r"deltatune_config\.json' lacks the key 'method'; save the adapter again"),
     ("missing_peft_type", PEFT, lambda f, p: edit_config(f, p, lambda m: m.pop("peft_type")), {}, ValueError,
-     r"adapter_config\.json' lacks the key 'peft_type'"),
+     r"adapter_config\.json' has no 'peft_type', so it is no PEFT adapter config; save the adapter from PEFT"),
     ("misspelt_lora_alpha", PEFT, lambda f, p: edit_config(f, p, lambda m: m.update(lora_alph=m.pop("lora_alpha"))),
      {}, ValueError, r"adapter_config\.json' lacks the key 'lora_alpha' \(it has 'lora_alph': misspelt\?\)"),
     ("wrong_field_type", NATIVE, lambda f, p: edit_config(f, p, lambda m: m.update(targets="lin")), {}, ValueError,
@@ -126,7 +126,7 @@ CORRUPT = [
     *[("extra_tensor", fmt, lambda f, p: edit_tensors(f, p, lambda t: {**t, "lin.extra": torch.zeros(2)}), {},
        ValueError, msg) for fmt, msg in ((NATIVE, r"adapter\.safetensors' does not match its deltatune_config\.json: "
                                          r".*unexpected \['lin\.extra'\]; save the adapter again"),
-                                        (PEFT, r"unexpected tensor 'lin\.extra' in PEFT adapter .*save the adapter"))],
+                                        (PEFT, r"unexpected tensor 'lin\.extra' in PEFT adapter .*damaged file\); save the adapter"))],
     *[("missing_tensor", fmt, lambda f, p: edit_tensors(f, p, lambda t: {k: v for k, v in t.items()
                                                                           if k != first_key(t)}), {},
        ValueError, msg) for fmt, msg in ((NATIVE, r"does not match its deltatune_config\.json: .*missing \['c1\.lora_A'\]"),

@@ -156,6 +156,9 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     cannot be detected; the tensors are still checked finite (and, on load, of the adapter's dtypes)."""
     path = adapter_folder(path, CONFIG_NAME, "PEFT", WEIGHTS_NAME)
     pc = PeftConfig(read_json(path / CONFIG_NAME), path / CONFIG_NAME)
+    if "peft_type" not in pc:
+        raise ValueError(f"'{pc.file}' has no 'peft_type', so it is no PEFT adapter config; save the adapter "
+                         "from PEFT again")
     if pc["peft_type"] not in _CODECS:
         raise ValueError(f"PEFT adapter type {pc.get('peft_type')!r} at '{path}' is not supported; "
                          f"deltatune imports {', '.join(sorted(_CODECS))}")
@@ -197,7 +200,8 @@ def load_peft(dm: DeltaModel, path: Any, name: str) -> Adapter:
     try:
         config, state = codec.load(dm, pc, own, path)
     except KeyError as err:
-        raise ValueError(f"PEFT {pc['peft_type']} adapter '{path}' lacks tensor {err.args[0] if err.args else err}; its {WEIGHTS_NAME} is "
+        missing = err.args[0] if err.args else err  # layer_tensors names the tensor key(s) a layer lacks
+        raise ValueError(f"PEFT {pc['peft_type']} adapter '{path}' lacks tensor {missing}; its {WEIGHTS_NAME} is "
                          "incomplete: save the adapter again") from None
     for p, params in heads.items():
         state.update({f"{p}.params.{k.replace('.', '__')}": v for k, v in params.items()})
@@ -214,8 +218,8 @@ def layer_tensors(tensors: Tensors, suffixes: dict[str, str], path: Any) -> dict
     for key, value in tensors.items():
         suffix = next((s for s in suffixes if key.endswith("." + s)), None)
         if suffix is None:
-            raise ValueError(f"unexpected tensor '{key}' in PEFT adapter '{path}'; it holds another method's "
-                             "or a damaged file: save the adapter again")
+            raise ValueError(f"unexpected tensor '{key}' in PEFT adapter '{path}' (an option deltatune does not "
+                             "import, or a damaged file); save the adapter again without it")
         layer = key[: -len(suffix) - 1]
         per_layer.setdefault(layer, _LayerParts(layer, suffixes))[suffixes[suffix]] = value
     return per_layer
