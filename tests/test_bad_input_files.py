@@ -563,3 +563,15 @@ def test_n_m_whose_m_does_not_divide_a_layer_names_it(make_synthetic):
 
     with pytest.raises(ValueError, match=r"2:3 sparsity needs in_features divisible by 3, but 'lin' has 8; exclude it"):
         prune(make_synthetic(), "magnitude", 0.5, n_m=(2, 3), targets=["lin"])
+
+
+def test_merge_adapters_takes_weights_as_any_sequence_of_numbers(saved, tmp_path):
+    import numpy as np
+
+    from deltatune.merging import merge_adapters
+
+    a = merge_adapters([saved[NATIVE]], (1.0,), out=tmp_path / "tuple")
+    b = merge_adapters([saved[NATIVE]], np.array([1.0]), out=tmp_path / "numpy")
+    assert a.weights == b.weights == (1.0,)
+    ta, tb = load_file(str(tmp_path / "tuple" / dio.WEIGHTS_NAME)), load_file(str(tmp_path / "numpy" / dio.WEIGHTS_NAME))
+    assert sorted(ta) == sorted(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)

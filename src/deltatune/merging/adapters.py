@@ -412,7 +412,7 @@ def merge_adapters(
     Refuses DoRA and `full` modules (train_modules / modules_to_save): their change depends on W0.
     """
     merger, method_name = _merger(method)
-    if isinstance(adapters, (str, Path)) or not isinstance(weights, Sequence):
+    if isinstance(adapters, (str, Path)) or isinstance(weights, (int, float, str)):
         raise ValueError(f"adapters and weights are lists (one weight per adapter folder), got {adapters!r} and "
                          f"{weights!r}")
     if not adapters or len(weights) != len(adapters):

@@ -18,8 +18,9 @@ Checked against SJTU-DeepVisionLab/FLoRA flora/layers.py (FLoRALayer, Linear, Co
 - dropout on the adapter's input (drop_rate); the official forward forms ΔW and runs one F.linear/F.conv.
 Defaults here: r = 8 for the channel modes (FLoRALayer's default [8, 8]), r_kernel = 2 (the example).
 Departures: a mode's rank is capped at the mode's size (a larger Tucker rank adds parameters, never
-expressiveness), so 1x1 kernels get rank 1; the official Embedding variant (one vector added to every
-token) is not reproduced, an Embedding is adapted as its dim x num matrix like a linear layer.
+expressiveness), so 1x1 kernels get rank 1; when the capped adapter still holds as many parameters as the
+layer (r=10000, say) a warning names the largest r below that. The official Embedding variant (one vector
+added to every token) is not reproduced, an Embedding is adapted as its dim x num matrix like a linear layer.
 
 Forward, never forming the d_out x d_in delta: without kernel modes x -> U_in^T -> G -> U_out (three
 thin products); for a conv, the core is lifted to the input side, K = G ×_in U_in ×_k U_k (r_out x in x k…),
@@ -71,8 +72,8 @@ def check_rank(modes: tuple[int, ...], r: int, r_kernel: int, layer: DeltaLayer)
     fits = [k for k in range(1, max(modes[:2]) + 1) if parameter_count(modes, k, r_kernel) < size]
     advice = f"use r <= {fits[-1]} to stay below it" if fits else "FLoRA cannot be smaller than this layer"
     capped = f" (capped at the mode sizes {mode_ranks(modes, r, r_kernel)})" if r > min(modes[:2]) else ""
-    logger.warning("flora r=%d%s on %s with modes %s holds %s parameters, as many as the layer's %s or more; %s", r, capped,
-                   type(layer.base_layer).__name__, modes, f"{count:,}", f"{size:,}", advice)
+    logger.warning("flora r=%d%s on %s with modes %s holds %s parameters, as many as the layer's %s or more; %s",
+                   r, capped, type(layer.base_layer).__name__, modes, f"{count:,}", f"{size:,}", advice)
 
 
 def tucker_full(G: Tensor, factors: list[Tensor]) -> Tensor:
