@@ -4,6 +4,7 @@ and the fix, and leaves the model and the output folder as they were. Nothing he
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -292,6 +293,13 @@ def _lora_on(model: nn.Module, path: Path, fmt: str, seed: int = 0) -> Path:
     return path
 
 
+def _two_bases(saved):
+    shutil.copytree(saved[PEFT], saved[PEFT].parent / "peft2")
+    for path, name in ((saved[PEFT], "org/model-a"), (saved[PEFT].parent / "peft2", "org/model-b")):
+        edit_config(PEFT, path, lambda m, name=name: m.update(base_model_name_or_path=name))
+    return [saved[PEFT], saved[PEFT].parent / "peft2"]
+
+
 def test_merge_adapters_refuses_adapters_of_different_base_models(saved, tmp_path):
     """Native adapters carry fingerprints, PEFT ones a base name and shapes: each mismatch names both folders."""
     from conftest import Synthetic
@@ -307,10 +315,7 @@ def test_merge_adapters_refuses_adapters_of_different_base_models(saved, tmp_pat
     with pytest.raises(ValueError, match=r"layer 'c1' differs across the adapters \('.*peft': 8x8 linear, '.*wide': "
                                          r"12x12 linear\): they were trained on different base models"):
         merge_adapters([saved[PEFT], wide], [0.5, 0.5], out=tmp_path / "out")
-    for path, name in ((saved[PEFT], "org/model-a"), (saved[NATIVE].parent / "peft2", "org/model-b")):
-        if not path.exists():
-            shutil.copytree(saved[PEFT], path)
-        edit_config(PEFT, path, lambda m, name=name: m.update(base_model_name_or_path=name))
+    _two_bases(saved)
     with pytest.raises(ValueError, match=r"adapters '.*peft' \(base 'org/model-a'\) and '.*peft2' \(base "
                                          r"'org/model-b'\) were trained on different base models.*save it again"):
         merge_adapters([saved[PEFT], saved[PEFT].parent / "peft2"], [0.5, 0.5], out=tmp_path / "out")
@@ -342,19 +347,28 @@ def test_merge_adapters_bad_arguments(adapters, weights, kwargs, message, saved,
     assert not (tmp_path / "out").exists()
 
 
-def test_deltatune_merge_of_a_broken_adapter_exits_2_naming_it(saved, tmp_path, capsys):
+CLI_MERGES = [
+    ("truncated", lambda s: (truncate(PEFT, s[PEFT]), [s[NATIVE], s[PEFT]])[1],
+     r"corrupt safetensors file '.*peft/adapter_model\.safetensors'"),
+    ("pickle", lambda s: (pickle_only(PEFT, s[PEFT]), [s[NATIVE], s[PEFT]])[1],
+     r"peft/adapter_model\.bin' is a pickle, which deltatune never loads"),
+    ("two_bases", _two_bases, r"adapters '.*peft' \(base 'org/model-a'\) and '.*peft2' \(base 'org/model-b'\)"),
+    ("a_file", lambda s: [s[NATIVE], s[NATIVE] / dio.WEIGHTS_NAME], r"models\.1\.path: .*adapter\.safetensors"),
+]
+
+
+@pytest.mark.parametrize("case, inputs, message", CLI_MERGES, ids=[c[0] for c in CLI_MERGES])
+def test_deltatune_merge_of_bad_adapters_exits_2_naming_them(case, inputs, message, saved, tmp_path, capsys):
     import yaml
 
     from deltatune.cli.main import main
 
-    truncate(PEFT, saved[PEFT])
     cfg = tmp_path / "merge.yaml"
-    cfg.write_text(yaml.safe_dump({"method": "linear", "models": [{"path": str(saved[NATIVE])},
-                                                                 {"path": str(saved[PEFT])}],
+    cfg.write_text(yaml.safe_dump({"method": "linear", "models": [{"path": str(p)} for p in inputs(saved)],
                                    "output": {"path": str(tmp_path / "out")}}))
     assert main(["merge", str(cfg), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("deltatune merge: error: corrupt safetensors file") and str(saved[PEFT]) in err
+    assert err.startswith("deltatune merge: error: ") and re.search(message, err), err
     assert err.count("\n") == 1 and not (tmp_path / "out").exists()
 
 
@@ -575,3 +589,19 @@ def test_merge_adapters_takes_weights_as_any_sequence_of_numbers(saved, tmp_path
     assert a.weights == b.weights == (1.0,)
     ta, tb = load_file(str(tmp_path / "tuple" / dio.WEIGHTS_NAME)), load_file(str(tmp_path / "numpy" / dio.WEIGHTS_NAME))
     assert sorted(ta) == sorted(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_a_failed_export_over_a_previous_one_leaves_no_stale_pair(run_adapter, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert export(str(run_adapter), "--out", str(out))[0] == 0
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(pio, "save_file", disk_full)
+    code, err = export(str(run_adapter), "--out", str(out))
+    assert code == 2 and "No space left on device" in err
+    # the old weights may stay, but never under a config: the folder reads as incomplete, not as a wrong adapter
+    assert sorted(p.name for p in out.iterdir()) == [pio.WEIGHTS_NAME]
+    with pytest.raises(FileNotFoundError, match="adapter_config.json is missing"):
+        dt.load_peft(nn.Linear(2, 2), out)
