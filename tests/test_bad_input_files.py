@@ -108,7 +108,7 @@ CORRUPT = [
     *[("json_list", fmt, lambda f, p: (p / CONFIG[f]).write_text("[1, 2]"), {}, ValueError,
        rf"'.*{CONFIG[fmt]}' holds a JSON list, not an adapter config") for fmt in (NATIVE, PEFT)],
     ("unknown_key", NATIVE, lambda f, p: edit_config(f, p, lambda m: m.update(targetz=["lin"])), {}, ValueError,
-     r"unknown key 'targetz' in '.*deltatune_config\.json'; did you mean 'targets'\?; remove or rename it"),
+     r"unknown key 'targetz' in '.*deltatune_config\.json' \(did you mean 'targets'\?\); remove or rename it"),
     ("missing_method", NATIVE, lambda f, p: edit_config(f, p, lambda m: m.pop("method")), {}, ValueError,
      r"deltatune_config\.json' lacks the key 'method'; save the adapter again"),
     ("missing_peft_type", PEFT, lambda f, p: edit_config(f, p, lambda m: m.pop("peft_type")), {}, ValueError,
@@ -126,11 +126,11 @@ CORRUPT = [
      {"check_integrity": False}, ValueError, r"invalid options of the lora adapter .*\(r\)"),
     *[("extra_tensor", fmt, lambda f, p: edit_tensors(f, p, lambda t: {**t, "lin.extra": torch.zeros(2)}), {},
        ValueError, msg) for fmt, msg in ((NATIVE, r"adapter\.safetensors' does not match its deltatune_config\.json: "
-                                         r".*unexpected \['lin\.extra'\]; save the adapter again"),
+                                         r".*state does not fit: unexpected \['lin\.extra'\]; save the adapter again"),
                                         (PEFT, r"unexpected tensor 'lin\.extra' in PEFT adapter .*damaged file\); save the adapter"))],
     *[("missing_tensor", fmt, lambda f, p: edit_tensors(f, p, lambda t: {k: v for k, v in t.items()
                                                                           if k != first_key(t)}), {},
-       ValueError, msg) for fmt, msg in ((NATIVE, r"does not match its deltatune_config\.json: .*missing \['c1\.lora_A'\]"),
+       ValueError, msg) for fmt, msg in ((NATIVE, r"does not match its deltatune_config\.json: .*fit: missing \['c1\.lora_A'\]; save"),
                                         (PEFT, r"lacks tensor 'c1\.lora_A\.weight' or 'c1\.lora_embedding_A'; its "
                                                r"adapter_model\.safetensors is incomplete"))],
     *[("wrong_shape", fmt, lambda f, p: edit_tensors(f, p, lambda t: {k: v[:, :-1].contiguous() if k == first_key(t) else v

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from .atomic import atomic_path, atomic_write_text
-from .registry import DeltaConfig, did_you_mean, make_config
+from .registry import DeltaConfig, closest, make_config
 from .targeting import named_layers, require_layers
 
 if TYPE_CHECKING:
@@ -159,8 +159,10 @@ def check_meta(meta: dict[str, Any], cfg_file: Path, check_integrity: bool = Tru
         raise ValueError(f"'{cfg_file}' is not a {FORMAT} adapter config (format={meta.get('format')!r})")
     for key in meta:
         if key not in FIELDS:
-            raise ValueError(f"unknown key '{key}' in '{cfg_file}'{did_you_mean(key, FIELDS)}; remove or rename "
-                             "it (or save the adapter again)")
+            close = closest(key, FIELDS)
+            hint = f" (did you mean '{close}'?)" if close else ""
+            raise ValueError(f"unknown key '{key}' in '{cfg_file}'{hint}; remove or rename it, or save the adapter "
+                             "again")
     for key, kind in FIELDS.items():
         if key not in meta and key not in OPTIONAL:
             raise ValueError(f"'{cfg_file}' lacks the key '{key}'; save the adapter again")

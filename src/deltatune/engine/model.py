@@ -57,7 +57,8 @@ def _copy_state(own: dict[str, Tensor], state: dict[str, Tensor], name: str) -> 
     """Copy `state` into an adapter's tensors `own`, after checking that keys, shapes and dtypes all fit."""
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     if missing or unexpected:
-        raise StateMismatch(f"adapter '{name}' state does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        parts = [f"{what} {keys[:5]}" for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise StateMismatch(f"adapter '{name}' state does not fit: {', '.join(parts)}")
     for key, t in own.items():
         s = state[key]
         if t.shape != s.shape:
