@@ -605,3 +605,24 @@ def test_a_failed_export_over_a_previous_one_leaves_no_stale_pair(run_adapter, t
     assert sorted(p.name for p in out.iterdir()) == [pio.WEIGHTS_NAME]
     with pytest.raises(FileNotFoundError, match="adapter_config.json is missing"):
         dt.load_peft(nn.Linear(2, 2), out)
+
+
+def test_deltatune_prune_with_a_useless_lowrank_rank_exits_2_and_writes_nothing(tiny_llama, tmp_path, capsys):
+    import yaml
+    from transformers import AutoTokenizer
+
+    from deltatune import assets
+    from deltatune.cli.main import main
+
+    tiny_llama.save_pretrained(tmp_path / "model")
+    AutoTokenizer.from_pretrained(assets.smollm2_path()).save_pretrained(tmp_path / "model")
+    cfg = tmp_path / "prune.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"path": str(tmp_path / "model"), "task": "causal_lm"},
+                                   "steps": [{"method": "lowrank", "rank": 10000}],
+                                   "output": {"path": str(tmp_path / "out")}}))
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert main(["prune", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("deltatune prune: error: lowrank: rank 10000 factorises none of the 14 target layers")
+    assert "largest useful rank is 21" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
