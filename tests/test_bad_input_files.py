@@ -626,3 +626,20 @@ def test_deltatune_prune_with_a_useless_lowrank_rank_exits_2_and_writes_nothing(
     assert err.startswith("deltatune prune: error: lowrank: rank 10000 factorises none of the 14 target layers")
     assert "largest useful rank is 21" in err and err.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_minus_inf_logits_of_a_top_k_vblora_are_values_not_damage(tmp_path):
+    """VB-LoRA's top-k PEFT form marks unchosen bank vectors with -inf logits (as PEFT does): such an adapter
+    loads, saves natively and loads again, while NaN and +inf stay refused (see CORRUPT)."""
+    from helpers import TwoLinears
+
+    dm = dt.inject(TwoLinears(), dt.make_config("vblora", r=2, num_vectors=10, vector_length=2, topk=2,
+                                                save_only_topk_weights=True, targets=["a", "b"]))
+    perturb(dm)
+    dm.export_peft(tmp_path / "peft")
+    imported = dt.load_peft(TwoLinears(), tmp_path / "peft")
+    assert imported.model.a.deltas["default"].vblora_logits_A.isneginf().any()
+    imported.save(tmp_path / "native")
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_close(dt.load(TwoLinears(), tmp_path / "native")(x), imported(x))

@@ -4,7 +4,7 @@ Integrity: the config stores the SHA-256 of the weights file (`weights_sha256`) 
 fields (`config_sha256`, canonical JSON), so a damaged or hand-edited file (alpha changed, a tensor
 replaced) fails to load unless the caller accepts it knowingly with `check_integrity=False`. Configs
 saved before `config_sha256` existed load with the weights checked only. On every load, whatever
-the integrity setting, tensors must be finite and of the kind the adapter holds (see engine.model).
+the integrity setting, tensors must hold no NaN or +inf and be of the kind the adapter holds (see engine.model).
 Pickles (`.bin`, `.pt`) are never read: unpickling can run arbitrary code.
 """
 
@@ -146,8 +146,8 @@ def read_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"corrupt safetensors file '{file}' ({err}): it is truncated or damaged; "
                          "save the adapter again") from None
     for key, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
+        # -inf is a value, not damage: VB-LoRA's top-k logits (as PEFT stores them) mark unchosen vectors with it
+        if t.is_floating_point() and (bad := int((t.isnan() | t.isposinf()).sum())):
             raise ValueError(f"tensor '{key}' in '{file}' holds {bad} NaN/inf values of {t.numel()}: the run "
                              "diverged or the file is damaged; use an earlier checkpoint or retrain (lower lr)")
     return tensors

@@ -66,8 +66,10 @@ def _copy_state(own: dict[str, Tensor], state: dict[str, Tensor], name: str) -> 
         # a float is cast to the adapter's dtype; an int64 or bool for a float (or the reverse) is no adapter value
         if t.is_floating_point() != s.is_floating_point() or (not t.is_floating_point() and t.dtype != s.dtype):
             raise StateMismatch(f"'{key}' is {s.dtype} in the state but the adapter holds {t.dtype}")
-        if t.is_floating_point() and s.numel() and float(s.abs().max()) > torch.finfo(t.dtype).max:
-            raise StateMismatch(f"'{key}' holds values up to {float(s.abs().max()):.3g}, beyond {t.dtype}'s range")
+        if t.is_floating_point() and s.numel():  # finite values the cast would turn into inf (an inf stays one)
+            top = float(s.nan_to_num(0.0, 0.0, 0.0).abs().max())
+            if top > torch.finfo(t.dtype).max:
+                raise StateMismatch(f"'{key}' holds values up to {top:.3g}, beyond {t.dtype}'s range")
     for key, t in own.items():
         t.copy_(state[key])
 
