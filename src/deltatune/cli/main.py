@@ -114,15 +114,10 @@ def _check_export_out(out: Path, overwrite: bool) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a trained adapter in another library's format."""
-    from deltatune.engine import peft_format
-
     adapter = _adapter_dir(args.adapter)
     _check_export_out(Path(args.out), args.overwrite)  # before the model loads: a refusal costs nothing
     _, model = _load_adapter(adapter, _adapter_recipe(adapter, []))
-    # each file is written atomically, weights first; dropping a previous config first means a killed
-    # export never leaves the old config beside the new weights
-    (Path(args.out) / peft_format.CONFIG_NAME).unlink(missing_ok=True)
-    model.export_peft(args.out)
+    model.export_peft(args.out)  # atomic files; a killed export never pairs an old config with new weights
     console.print(f"PEFT adapter written to {args.out}")
     return 0
 

@@ -128,6 +128,7 @@ def _lora_export(dm: DeltaModel, adapter: Adapter) -> tuple[dict[str, Any], Tens
 def write_peft(path: Any, tensors: dict[str, torch.Tensor], peft_config: dict[str, Any]) -> Path:
     """Write a PEFT adapter folder: weights first, then adapter_config.json (each file atomically)."""
     path = Path(path)
+    (path / CONFIG_NAME).unlink(missing_ok=True)  # over an older save: never its config beside the new weights
     with atomic_path(path / WEIGHTS_NAME) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
                   metadata={"format": "pt"})
