@@ -132,6 +132,7 @@ def test_corrupt_or_truncated_weights(tmp_path, make_synthetic):
     weights.write_bytes(b"\xff" * 64)
     meta = json.loads((path / dio.CONFIG_NAME).read_text())
     meta["weights_sha256"] = dio.sha256(weights)
+    meta["config_sha256"] = dio.config_sha256(meta)
     (path / dio.CONFIG_NAME).write_text(json.dumps(meta))
     model = make_synthetic()
     with pytest.raises(ValueError, match="corrupt"):
@@ -201,6 +202,7 @@ def test_a_file_with_wrong_shapes_fails_and_leaves_nothing_behind(tmp_path, make
     save_file(tensors, str(weights))
     meta = json.loads((path / dio.CONFIG_NAME).read_text())
     meta["weights_sha256"] = dio.sha256(weights)
+    meta["config_sha256"] = dio.config_sha256(meta)
     (path / dio.CONFIG_NAME).write_text(json.dumps(meta))
     model = make_synthetic()
     with pytest.raises(ValueError, match=r"'lin\.lora_B'"):

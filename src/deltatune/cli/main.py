@@ -127,13 +127,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_export_out(out: Path, overwrite: bool) -> None:
+    """Refuse to write PEFT files among a user's files: --out must be new, empty or a previous export."""
+    from deltatune.engine import peft_format
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a folder for the PEFT adapter")
+    own = (peft_format.CONFIG_NAME, peft_format.WEIGHTS_NAME)
+
+    def exported(name: str) -> bool:  # an export's files, or the temp files an interrupted one left
+        return name in own or (name.endswith(".tmp") and name.startswith(tuple(f".{n}." for n in own)))
+
+    others = sorted(p.name for p in out.iterdir() if not exported(p.name)) if out.is_dir() else []
+    if others and not overwrite:
+        raise ValueError(f"--out {out} holds files that are not a PEFT export ({', '.join(others[:3])}"
+                         f"{', ...' if len(others) > 3 else ''}); choose a new or empty folder, or pass --overwrite "
+                         "to write the PEFT files beside them")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     """Write a trained adapter in another library's format."""
     adapter = _adapter_dir(args.adapter)
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out} is a file: give a folder for the PEFT adapter")
+    _check_export_out(Path(args.out), args.overwrite)  # before the model loads: a refusal costs nothing
     _, model = _load_adapter(adapter, _adapter_recipe(adapter, []))
-    model.export_peft(args.out)
+    model.export_peft(args.out)  # atomic files; a killed export never pairs an old config with new weights
     console.print(f"PEFT adapter written to {args.out}")
     return 0
 
@@ -216,7 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help=cmd_export.__doc__)
     p.add_argument("adapter", metavar="ADAPTER_DIR")
     p.add_argument("--format", choices=["peft"], default="peft", help="peft: adapter_config.json + safetensors")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder: new, empty, or a previous export (replaced)")
+    p.add_argument("--overwrite", action="store_true", help="write into a folder that holds other files too")
     p.set_defaults(handler=cmd_export)
 
     p = sub.add_parser("merge-adapter", help=cmd_merge.__doc__)

@@ -48,6 +48,17 @@ class UnstructuredStep(Step):
                                                "official code (true), or all on the dense model in one pass "
                                                "(false: one forward instead of one per block)")
 
+    @model_validator(mode="after")
+    def _pattern(self) -> UnstructuredStep:  # checked here, not after the model and data have loaded
+        if self.n_m is not None:
+            from deltatune.compression.pruning import _check_nm
+
+            _check_nm(*self.n_m)
+            if self.scope != "row":
+                raise ValueError(f"n_m={list(self.n_m)} keeps N weights in groups of each row; use scope row, "
+                                 f"not {self.scope}")
+        return self
+
     def requires_data(self) -> bool:
         return self.method != "magnitude"
 
@@ -122,6 +133,7 @@ class LowRankStep(Step):
         from deltatune.compression.lowrank import factorize
 
         report = factorize(model, self.targets, rank=self.rank, energy=self.energy, exclude=self.exclude)
+        report.require_change(self.rank, self.energy)  # an unchanged model is never what a lowrank step asks for
         return report.to_markdown().splitlines()[0]
 
 

@@ -135,6 +135,23 @@ class LowRankReport:
     def factorized(self) -> list[FactorizedLayer]:
         return [layer for layer in self.layers if not layer.skipped]
 
+    def require_change(self, rank: int | None, energy: float | None) -> None:
+        """Refuse a factorisation that left every layer dense (an unchanged model), naming the rank that helps."""
+        if self.factorized:
+            return
+        linear = [x for x in self.layers if x.rank]  # skipped for size; non-Linear layers have rank 0
+        if not linear:
+            kinds = sorted({x.skipped for x in self.layers if x.skipped})
+            raise ValueError(f"lowrank: none of the {len(self.layers)} target layers is an nn.Linear ({kinds[:2]}); "
+                             "target linear layers")
+        best = max(linear, key=lambda x: max_useful_rank(x.d_out, x.d_in))
+        useful = max_useful_rank(best.d_out, best.d_in)
+        asked = f"rank {rank}" if rank is not None else f"energy {energy} (rank {min(x.rank for x in linear)} or more)"
+        fix = f"pass rank <= {useful}" if rank is not None else f"lower the energy, or pass rank <= {useful}"
+        raise ValueError(f"lowrank: {asked} factorises none of the {len(self.layers)} target layers, so the model "
+                         f"would be unchanged: factors save parameters only below d_out*d_in/(d_out+d_in); the "
+                         f"largest useful rank is {useful} (layer '{best.path}', {best.d_out}x{best.d_in}): {fix}")
+
     def to_dict(self) -> dict[str, Any]:
         return {"params_before": self.params_before, "params_after": self.params_after,
                 "flops_per_token_before": self.flops_before, "flops_per_token_after": self.flops_after,

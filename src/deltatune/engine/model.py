@@ -48,15 +48,28 @@ def fingerprint(weight: Tensor) -> str:
     return hashlib.sha1(str(tuple(weight.shape)).encode() + sample).hexdigest()[:16]
 
 
+class StateMismatch(ValueError):
+    """A state dict whose keys, shapes or dtypes do not fit the adapter it is loaded into."""
+
+
 @torch.no_grad()
 def _copy_state(own: dict[str, Tensor], state: dict[str, Tensor], name: str) -> None:
-    """Copy `state` into an adapter's tensors `own`, after checking that keys and shapes all fit."""
+    """Copy `state` into an adapter's tensors `own`, after checking that keys, shapes and dtypes all fit."""
     missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
     if missing or unexpected:
-        raise ValueError(f"adapter '{name}' state does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        parts = [f"{what} {keys[:5]}" for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise StateMismatch(f"adapter '{name}' state does not fit: {', '.join(parts)}")
     for key, t in own.items():
-        if t.shape != state[key].shape:
-            raise ValueError(f"shape mismatch for '{key}': model has {tuple(t.shape)}, state has {tuple(state[key].shape)}")
+        s = state[key]
+        if t.shape != s.shape:
+            raise StateMismatch(f"shape mismatch for '{key}': model has {tuple(t.shape)}, state has {tuple(s.shape)}")
+        # a float is cast to the adapter's dtype; an int64 or bool for a float (or the reverse) is no adapter value
+        if t.is_floating_point() != s.is_floating_point() or (not t.is_floating_point() and t.dtype != s.dtype):
+            raise StateMismatch(f"'{key}' is {s.dtype} in the state but the adapter holds {t.dtype}")
+        if t.is_floating_point() and s.numel():  # finite values the cast would turn into inf (an inf stays one)
+            top = float(s.nan_to_num(0.0, 0.0, 0.0).abs().max())
+            if top > torch.finfo(t.dtype).max:
+                raise StateMismatch(f"'{key}' holds values up to {top:.3g}, beyond {t.dtype}'s range")
     for key, t in own.items():
         t.copy_(state[key])
 
@@ -105,6 +118,9 @@ class DeltaModel(nn.Module):
         """Within the block, row i of every batch goes through adapter `adapter_names[i]` ("__base__": none)."""
         if adapter_names is None:
             return contextlib.nullcontext()
+        if isinstance(adapter_names, str):  # a string is a sequence too: 'default' would route rows to 'd', 'e'...
+            raise ValueError(f"adapter_names takes one adapter name per batch row, got the string {adapter_names!r}; "
+                             f"pass [{adapter_names!r}] * batch_size, or set_active({adapter_names!r})")
         self._check_names([n for n in dict.fromkeys(adapter_names) if n != BASE])
         return self._layers_set("route", Routing(adapter_names), None)
 
@@ -359,10 +375,12 @@ class DeltaModel(nn.Module):
 
         save_adapter(self, path, name or self._only())
 
-    def load_adapter(self, path: Any, name: str | None = None, check_base: bool = True) -> Adapter:
+    def load_adapter(self, path: Any, name: str | None = None, check_base: bool = True,
+                     check_integrity: bool = True) -> Adapter:
+        """Load a saved adapter; check_integrity=False accepts files whose checksums differ (hand-edited)."""
         from .io import load_adapter
 
-        return load_adapter(self, path, name, check_base)
+        return load_adapter(self, path, name, check_base, check_integrity)
 
     def export_peft(self, path: Any, name: str | None = None) -> None:
         """Write adapter `name` in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
@@ -383,10 +401,11 @@ def inject(model: nn.Module, config: DeltaConfig, name: str = "default", train_m
     return dm
 
 
-def load(model: nn.Module, path: Any, name: str | None = None, check_base: bool = True) -> DeltaModel:
-    """Load a saved deltatune adapter onto `model`; checks shapes and the base model's identity."""
+def load(model: nn.Module, path: Any, name: str | None = None, check_base: bool = True,
+         check_integrity: bool = True) -> DeltaModel:
+    """Load a saved deltatune adapter onto `model`; checks shapes, checksums and the base model's identity."""
     dm = model if isinstance(model, DeltaModel) else DeltaModel(model)
-    dm.load_adapter(path, name, check_base)
+    dm.load_adapter(path, name, check_base, check_integrity)
     return dm
 
 

@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from .atomic import atomic_path, atomic_write_text
-from .io import model_name
+from .io import adapter_folder, model_name, read_json, read_tensors
 from .kinds import CONV, CONV1D, EMBEDDING
-from .registry import DeltaConfig, make_config
+from .registry import DeltaConfig, closest, make_config
 from .targeting import require_layers
 
 if TYPE_CHECKING:
@@ -151,6 +150,7 @@ def _lora_export(dm: DeltaModel, adapter: Adapter) -> tuple[dict[str, Any], Tens
 def write_peft(path: Any, tensors: dict[str, torch.Tensor], peft_config: dict[str, Any]) -> Path:
     """Write a PEFT adapter folder: weights first, then adapter_config.json (each file atomically)."""
     path = Path(path)
+    (path / CONFIG_NAME).unlink(missing_ok=True)  # over an older save: never its config beside the new weights
     with atomic_path(path / WEIGHTS_NAME) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp),
                   metadata={"format": "pt"})
@@ -158,18 +158,37 @@ def write_peft(path: Any, tensors: dict[str, torch.Tensor], peft_config: dict[st
     return path
 
 
+class PeftConfig(dict):
+    """adapter_config.json's fields; a key the codec needs but the file lacks is a one-line error naming the file.
+
+    PEFT configs carry many version-dependent fields and PEFT itself ignores unknown ones, so deltatune
+    reads the fields it needs and ignores the rest; a misspelt needed key fails here with the close key."""
+
+    def __init__(self, data: dict[str, Any], file: Path):
+        super().__init__(data)
+        self.file = file
+
+    def __missing__(self, key: str) -> Any:
+        close = closest(key, self)
+        hint = f" (it has '{close}': misspelt?)" if close else ""
+        raise ValueError(f"'{self.file}' lacks the key '{key}'{hint}; add it or save the adapter from PEFT again")
+
+
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    if not (path / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"no PEFT adapter at '{path}': {CONFIG_NAME} is missing")
-    pc = json.loads((path / CONFIG_NAME).read_text())
-    if pc.get("peft_type") not in _CODECS:
+    """(config, tensors) of a PEFT adapter folder. PEFT files have no checksum, so a hand-edited config
+    cannot be detected; the tensors are still checked finite (and, on load, of the adapter's dtypes)."""
+    path = adapter_folder(path, CONFIG_NAME, "PEFT", WEIGHTS_NAME)
+    pc = PeftConfig(read_json(path / CONFIG_NAME), path / CONFIG_NAME)
+    if "peft_type" not in pc:
+        raise ValueError(f"'{pc.file}' has no 'peft_type', so it is no PEFT adapter config; save the adapter "
+                         "from PEFT again")
+    if pc["peft_type"] not in _CODECS:
         raise ValueError(f"PEFT adapter type {pc.get('peft_type')!r} at '{path}' is not supported; "
                          f"deltatune imports {', '.join(sorted(_CODECS))}")
-    try:
-        tensors = load_file(str(path / WEIGHTS_NAME))
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"cannot read '{path / WEIGHTS_NAME}': {err}") from None
-    return pc, tensors
+    if not (path / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"PEFT adapter weights '{path / WEIGHTS_NAME}' are missing; save the adapter "
+                                "from PEFT again (safe_serialization=True)")
+    return pc, read_tensors(path / WEIGHTS_NAME)
 
 
 def _check_lora_config(pc: dict[str, Any], path: Any) -> None:
@@ -186,6 +205,8 @@ def _check_lora_config(pc: dict[str, Any], path: Any) -> None:
 
 
 def load_peft(dm: DeltaModel, path: Any, name: str) -> Adapter:
+    from .model import StateMismatch
+
     pc, tensors = _read(Path(path))
     codec = _CODECS[pc["peft_type"]]
     heads: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
@@ -203,21 +224,41 @@ def load_peft(dm: DeltaModel, path: Any, name: str) -> Adapter:
     try:
         config, state = codec.load(dm, pc, own, path)
     except KeyError as err:
-        raise ValueError(f"PEFT {pc['peft_type']} adapter '{path}' lacks tensor {err}") from None
+        missing = err.args[0] if err.args else err  # layer_tensors names the tensor key(s) a layer lacks
+        raise ValueError(f"PEFT {pc['peft_type']} adapter '{path}' lacks tensor {missing}; its {WEIGHTS_NAME} is "
+                         "incomplete: save the adapter again") from None
     for p, params in heads.items():
         state.update({f"{p}.params.{k.replace('.', '__')}": v for k, v in params.items()})
-    return dm.add_adapter_from_state(name, config, sorted(heads) or None, state)
+    try:
+        return dm.add_adapter_from_state(name, config, sorted(heads) or None, state)
+    except StateMismatch as err:
+        raise ValueError(f"'{Path(path) / WEIGHTS_NAME}' does not fit its {CONFIG_NAME} on this model: {err}; "
+                         "load it onto the model it was trained on, or save it from PEFT again") from None
 
 
 def layer_tensors(tensors: Tensors, suffixes: dict[str, str], path: Any) -> dict[str, dict[str, torch.Tensor]]:
     """Group a tuner's tensors by layer path: {path: {role: tensor}} for keys '<path>.<suffix>'."""
-    per_layer: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    per_layer: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         suffix = next((s for s in suffixes if key.endswith("." + s)), None)
         if suffix is None:
-            raise ValueError(f"unexpected tensor '{key}' in PEFT adapter '{path}'")
-        per_layer[key[: -len(suffix) - 1]][suffixes[suffix]] = value
+            raise ValueError(f"unexpected tensor '{key}' in PEFT adapter '{path}' (an option deltatune does not "
+                             "import, or a damaged file); save the adapter again without it")
+        layer = key[: -len(suffix) - 1]
+        per_layer.setdefault(layer, _LayerParts(layer, suffixes))[suffixes[suffix]] = value
     return per_layer
+
+
+class _LayerParts(dict):
+    """{role: tensor} of one layer; a role the file lacks is a KeyError naming the tensor's key(s)."""
+
+    def __init__(self, layer: str, suffixes: dict[str, str]):
+        super().__init__()
+        self.layer, self.suffixes = layer, suffixes
+
+    def __missing__(self, role: str) -> Any:
+        keys = " or ".join(f"'{self.layer}.{s}'" for s, r in self.suffixes.items() if r == role)
+        raise KeyError(keys or role)
 
 
 def _lora_load(dm: DeltaModel, pc: dict[str, Any], tensors: Tensors, path: Any) -> tuple[DeltaConfig, Tensors]:

@@ -77,11 +77,16 @@ def read_adapter_deltas(path: str | Path) -> AdapterDeltas:
     """Read a deltatune or PEFT LoRA folder into per-layer factors; refuse adapters that are not additive."""
     path = Path(path)
     if (path / io.CONFIG_NAME).is_file():
-        return _read_deltatune(path)
-    if (path / peft_format.CONFIG_NAME).is_file():
-        return _read_peft(path)
-    raise FileNotFoundError(f"no adapter at '{path}': expected {io.CONFIG_NAME} (deltatune) or "
-                            f"{peft_format.CONFIG_NAME} (PEFT)")
+        read = _read_deltatune
+    elif (path / peft_format.CONFIG_NAME).is_file():
+        read = _read_peft
+    elif not path.is_dir():
+        why = "it is a file; pass the adapter folder" if path.exists() else "it does not exist; check the path"
+        raise FileNotFoundError(f"no adapter at '{path}': {why}")
+    else:
+        raise FileNotFoundError(f"no adapter at '{path}': expected {io.CONFIG_NAME} (deltatune) or "
+                                f"{peft_format.CONFIG_NAME} (PEFT)")
+    return read(path)
 
 
 def _additive_lora(method: str, where: str) -> MethodSpec:
@@ -97,6 +102,9 @@ def _factors(spec: MethodSpec, config: Any, state: dict[str, Tensor], where: str
     at `path` (where a rank_pattern applies)."""
     if "lora_A" not in state or "lora_B" not in state:
         raise ValueError(f"{where} lacks lora_A or lora_B (has {sorted(state)}); save the adapter again")
+    if ints := sorted(f"{k} ({t.dtype})" for k, t in state.items() if not t.is_floating_point()):
+        raise ValueError(f"{where} holds tensors that are not floating point: {', '.join(ints)}; the file is "
+                         "damaged: save the adapter again")
     d_out, d_in = state["lora_B"].shape[0], state["lora_A"].shape[1]
     stand_in = DeltaLayer(nn.Linear(d_in, d_out, bias="lora_bias" in state, device="meta"), LINEAR)
     stand_in.path = path
@@ -117,7 +125,7 @@ def _read_deltatune(path: Path) -> AdapterDeltas:
     if meta["train_modules"]:
         raise ValueError(f"{where} trains whole modules {meta['train_modules']} (method `full`): their saved "
                          f"values replace W0 instead of adding to it, so they are no weight delta; {_MERGE_FIRST}")
-    config = make_config(meta["method"], **meta["options"], targets=meta["targets"])
+    config = io.adapter_config(meta, path)
     per_layer: dict[str, dict[str, Tensor]] = defaultdict(dict)
     for key, t in tensors.items():
         layer, name = key.rsplit(".", 1)  # a delta's tensor names hold no dots
@@ -316,13 +324,35 @@ def _layer_paths(inputs: Sequence[AdapterDeltas]) -> list[str]:
         shapes = {a.layers[p].shape for a in inputs if p in a.layers}
         layouts = {a.layers[p].layout for a in inputs if p in a.layers} - {"matrix"}
         if len(shapes) > 1 or len(layouts) > 1:
-            raise ValueError(f"layer '{p}' differs across the adapters (shapes {sorted(shapes)}, kinds "
-                             f"{sorted(layouts)}): they were trained on different base models")
+            seen = ", ".join(f"'{a.path}': {a.layers[p].shape[0]}x{a.layers[p].shape[1]} {a.layers[p].layout}"
+                             for a in inputs if p in a.layers)
+            raise ValueError(f"layer '{p}' differs across the adapters ({seen}): they were trained on different "
+                             "base models; merge adapters of one base model")
     return paths
+
+
+def _check_same_base(inputs: Sequence[AdapterDeltas]) -> None:
+    """Refuse adapters of different base models: by fingerprint where two deltatune adapters share a layer,
+    else by the base model's name (its last path component: a hub id and a local copy agree)."""
+    for i, a in enumerate(inputs):
+        for b in inputs[:i]:
+            fa, fb = a.base_model["fingerprints"], b.base_model["fingerprints"]
+            if shared := sorted(fa.keys() & fb.keys()):
+                differ = [p for p in shared if fa[p] != fb[p]]
+                if differ:
+                    raise ValueError(f"adapters '{b.path}' and '{a.path}' were trained on different base models "
+                                     f"(layer '{differ[0]}' differs); merge adapters of one base model")
+                continue
+            na, nb = a.base_model.get("name_or_path"), b.base_model.get("name_or_path")
+            if na and nb and Path(na).name != Path(nb).name:
+                raise ValueError(f"adapters '{b.path}' (base '{nb}') and '{a.path}' (base '{na}') were trained on "
+                                 "different base models; merge adapters of one base model (if both are the same "
+                                 "model, load each onto it and save it again, which records that model's name)")
 
 
 def _base_model(inputs: Sequence[AdapterDeltas]) -> dict[str, Any]:
     """Base-model identity for the output: from the first deltatune input, fingerprints from all of them."""
+    _check_same_base(inputs)
     native = [a for a in inputs if a.format == "deltatune"]
     first = (native or list(inputs))[0].base_model
     fingerprints: dict[str, str] = {}
@@ -401,8 +431,17 @@ def merge_adapters(
     Refuses DoRA and `full` modules (train_modules / modules_to_save): their change depends on W0.
     """
     merger, method_name = _merger(method)
+    if isinstance(adapters, (str, Path)) or isinstance(weights, (int, float, str)):
+        raise ValueError(f"adapters and weights are lists (one weight per adapter folder), got {adapters!r} and "
+                         f"{weights!r}")
     if not adapters or len(weights) != len(adapters):
         raise ValueError(f"need one weight per adapter, got {len(weights)} weights for {len(adapters)} adapters")
+    try:
+        finite = all(math.isfinite(float(w)) for w in weights)
+    except (TypeError, ValueError):
+        finite = False
+    if not finite:
+        raise ValueError(f"weights must be finite numbers, got {list(weights)}")
     if rank is not None and energy is not None:
         raise ValueError("pass rank or energy, not both")
     if rank is not None and rank < 1:

@@ -18,8 +18,9 @@ Checked against SJTU-DeepVisionLab/FLoRA flora/layers.py (FLoRALayer, Linear, Co
 - dropout on the adapter's input (drop_rate); the official forward forms ΔW and runs one F.linear/F.conv.
 Defaults here: r = 8 for the channel modes (FLoRALayer's default [8, 8]), r_kernel = 2 (the example).
 Departures: a mode's rank is capped at the mode's size (a larger Tucker rank adds parameters, never
-expressiveness), so 1x1 kernels get rank 1; the official Embedding variant (one vector added to every
-token) is not reproduced, an Embedding is adapted as its dim x num matrix like a linear layer.
+expressiveness), so 1x1 kernels get rank 1; when the capped adapter still holds as many parameters as the
+layer (r=10000, say) a warning names the largest r below that. The official Embedding variant (one vector
+added to every token) is not reproduced, an Embedding is adapted as its dim x num matrix like a linear layer.
 
 Forward, never forming the d_out x d_in delta: without kernel modes x -> U_in^T -> G -> U_out (three
 thin products); for a conv, the core is lifted to the input side, K = G ×_in U_in ×_k U_k (r_out x in x k…),
@@ -29,6 +30,7 @@ convs (ΔW is out x in/groups x k…) form the small kernel delta and run one co
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -40,12 +42,38 @@ from ...engine.layer import Delta, DeltaLayer
 from ...engine.registry import DeltaConfig, register
 from ..lowrank.lora import adapter_dtype
 
+logger = logging.getLogger(__name__)
+
 
 class FLoRAConfig(DeltaConfig):
     r: int = Field(8, ge=1, description="Tucker rank of the output- and input-channel modes")
     r_kernel: int = Field(2, ge=1, description="Tucker rank of each conv kernel mode (capped at the kernel size)")
     scale: float = Field(1.0, gt=0, description="constant s multiplying ΔW")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input")
+
+
+def mode_ranks(modes: tuple[int, ...], r: int, r_kernel: int) -> list[int]:
+    """Each mode's Tucker rank: r for the channel modes, r_kernel for kernel modes, capped at the mode's size."""
+    return [min(r, n) for n in modes[:2]] + [min(r_kernel, n) for n in modes[2:]]
+
+
+def parameter_count(modes: tuple[int, ...], r: int, r_kernel: int) -> int:
+    """P = prod(r_k) + sum(r_k n_k): the core and one factor per mode."""
+    ranks = mode_ranks(modes, r, r_kernel)
+    return math.prod(ranks) + sum(k * n for k, n in zip(ranks, modes))
+
+
+def check_rank(modes: tuple[int, ...], r: int, r_kernel: int, layer: DeltaLayer) -> None:
+    """Warn, as PEFT does for LoRA ranks above the smaller side, when the (capped) adapter holds at least as
+    many parameters as the layer: a rank such as r=10000 would otherwise be capped silently to a full Tucker."""
+    size, count = math.prod(modes), parameter_count(modes, r, r_kernel)
+    if count < size:
+        return
+    fits = [k for k in range(1, max(modes[:2]) + 1) if parameter_count(modes, k, r_kernel) < size]
+    advice = f"use r <= {fits[-1]} to stay below it" if fits else "FLoRA cannot be smaller than this layer"
+    capped = f" (capped at the mode sizes {mode_ranks(modes, r, r_kernel)})" if r > min(modes[:2]) else ""
+    logger.warning("flora r=%d%s on %s with modes %s holds %s parameters, as many as the layer's %s or more; %s",
+                   r, capped, type(layer.base_layer).__name__, modes, f"{count:,}", f"{size:,}", advice)
 
 
 def tucker_full(G: Tensor, factors: list[Tensor]) -> Tensor:
@@ -65,7 +93,8 @@ class FLoRA(Delta):
         d_out, d_in = layer.matrix().shape
         # modes (out, in, k_1, ...): the conv weight's own shape (in = in_channels / groups), else the matrix
         self.modes = tuple(layer.weight.shape) if layer.kind is CONV else (d_out, d_in)
-        ranks = [min(config.r, n) for n in self.modes[:2]] + [min(config.r_kernel, n) for n in self.modes[2:]]
+        check_rank(self.modes, config.r, config.r_kernel, layer)
+        ranks = mode_ranks(self.modes, config.r, config.r_kernel)
         kw = {"dtype": adapter_dtype(layer), "device": layer.weight.device}
         self.flora_G = nn.Parameter(torch.zeros(*ranks, **kw))  # (r_out, r_in, r_k...)
         self.flora_U_out = nn.Parameter(torch.zeros(self.modes[0], ranks[0], **kw))  # (d_out, r_out)
