@@ -619,6 +619,7 @@ def test_deltatune_prune_with_a_useless_lowrank_rank_exits_2_and_writes_nothing(
     cfg = tmp_path / "prune.yaml"
     cfg.write_text(yaml.safe_dump({"model": {"path": str(tmp_path / "model"), "task": "causal_lm"},
                                    "steps": [{"method": "lowrank", "rank": 10000}],
+                                   "calibration": {"seq_len": 64},  # the tiny model's positions
                                    "output": {"path": str(tmp_path / "out")}}))
     capsys.readouterr()  # save_pretrained's progress bar
     assert main(["prune", str(cfg)]) == 2

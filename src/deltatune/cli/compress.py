@@ -160,7 +160,7 @@ class PruneRun:
         cfg = self.cfg
         calibration, self.held_out, labels = load_prune_data(cfg)
         path = resolve_model_path(cfg.model.path)
-        self.task = TASKS[cfg.model.task](path, cfg.calibration.seq_len, labels)
+        self.task = TASKS[cfg.model.task](path, cfg.calibration.seq_len, labels, length_key="calibration.seq_len")
         torch.manual_seed(cfg.seed)  # a classifier's new head starts the same in every run
         self.model = self.task.build_model().eval()
         self.batches = calibration_batches(cfg, self.task, calibration) if calibration is not None else None

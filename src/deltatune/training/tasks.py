@@ -48,13 +48,14 @@ class Task(ABC):
 
     fields: ClassVar[tuple[str, ...]]  # record fields, read from data.<field>_column
 
-    def __init__(self, model_path: Path, max_length: int, label_names: list[str] | None = None):
+    def __init__(self, model_path: Path, max_length: int, label_names: list[str] | None = None,
+                 length_key: str = "train.max_length"):
         # checked up front: longer inputs would fail deep in the position embeddings mid-run
         limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
         if limit is not None and max_length > limit:
-            raise ValueError(f"train.max_length={max_length} exceeds the model's {limit} positions "
+            raise ValueError(f"{length_key}={max_length} exceeds the model's {limit} positions "
                              f"(max_position_embeddings in {model_path / 'config.json'}): "
-                             f"set train.max_length={limit} or less")
+                             f"set {length_key}={limit} or less")
         self.model_path = model_path
         self.max_length = max_length
         self.label_names = label_names
@@ -91,10 +92,11 @@ class ClassificationTask(Task):
 
     fields = ("text", "label")
 
-    def __init__(self, model_path: Path, max_length: int, label_names: list[str] | None = None):
+    def __init__(self, model_path: Path, max_length: int, label_names: list[str] | None = None,
+                 length_key: str = "train.max_length"):
         if not label_names:
             raise ValueError("classification needs label names (model.labels, or labels in the data)")
-        super().__init__(model_path, max_length, label_names)
+        super().__init__(model_path, max_length, label_names, length_key)
 
     def build_model(self) -> nn.Module:
         """A sequence classifier whose new head has one output per label."""
