@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils import _pytree as pytree
 
 from .fused import LowRank, lowrank_linear, mixed_lowrank
 from .kinds import LINEAR, LayerKind, apply_weight, is_stock, mix_channels, per_channel
@@ -31,6 +33,7 @@ class Delta(nn.Module):
     additive = True  # False: the delta rescales or replaces the whole layer, so it cannot be stacked
     uses_base_output = True  # False: forward ignores `out` (replacement deltas), so the base is not run
     any_module = False  # True: targets may be any module (SSF on LayerNorm), not only weight layers
+    needs_inputs = False  # True: forward also gets the layer call's other arguments (a delta that reruns the layer)
 
     def __init__(self, config: Any, layer: DeltaLayer, initialize: bool = True, shared: nn.Module | None = None):
         super().__init__()
@@ -93,7 +96,8 @@ class Delta(nn.Module):
         w = layer.weight
         w += sign * layer.kind.to_weight(self.delta_weight(layer).to(w.dtype), w)
         if (b := self.bias_delta()) is not None:
-            layer.base_layer.bias += sign * b.to(layer.base_layer.bias.dtype)
+            bias = layer.bias_parameter
+            bias += sign * b.to(bias.dtype)
 
 
 
@@ -141,11 +145,15 @@ class DeltaLayer(nn.Module):
     # --- views the methods use -------------------------------------------------------------
     @property
     def weight(self) -> Tensor:
-        return self.base_layer.weight
+        return self.base_layer.get_parameter(self.kind.weight) if self.kind else self.base_layer.weight
+
+    @property
+    def bias_parameter(self) -> Tensor | None:
+        return getattr(self.base_layer, self.kind.bias if self.kind else "bias", None)
 
     def matrix(self) -> Tensor:
         """The base weight as a d_out x d_in matrix (a view)."""
-        return self.kind.to_matrix(self.base_layer.weight)
+        return self.kind.to_matrix(self.weight)
 
     @property
     def stock(self) -> bool:
@@ -154,7 +162,7 @@ class DeltaLayer(nn.Module):
 
     def apply_matrix(self, x: Tensor, m: Tensor) -> Tensor:
         """(k x d_in matrix) applied to x through the layer's own op, giving k output channels."""
-        return apply_weight(self.base_layer, self.kind, x, self.kind.to_weight(m, self.base_layer.weight))
+        return apply_weight(self.base_layer, self.kind, x, self.kind.to_weight(m, self.weight))
 
     def mix(self, h: Tensor, B: Tensor) -> Tensor:
         return mix_channels(self.kind, h, B)
@@ -177,6 +185,8 @@ class DeltaLayer(nn.Module):
         if not self.enabled:
             self._require_unmerged("run with adapters disabled")
             return self.base_layer(x, *args, **kwargs)
+        if self.kind is not None and self.kind.op is None:
+            return self._forward_reweighted(x, route, *args, **kwargs)
         if route is not None:
             return self._forward_mixed(x, route, *args, **kwargs)
         pending = [self.deltas[n] for n in self.active if n not in self._merged]
@@ -194,8 +204,36 @@ class DeltaLayer(nn.Module):
         base = self.base_layer(x, *args, **kwargs) if pending[0].uses_base_output or mask is not None else None
         out = base
         for delta in pending:
-            out = delta(self, x, out)
+            out = delta(self, x, out, *args, **kwargs) if delta.needs_inputs else delta(self, x, out)
         return out if mask is None else self._masked(base, out, mask)
+
+    def _forward_reweighted(self, x: Tensor, route: Routing | None, *args: Any, **kwargs: Any) -> Any:
+        """A layer whose forward reads its weight itself (MultiheadAttention): run it with W0 + ΔW.
+
+        Only additive weight deltas (ΔW) qualify, or one replacement delta (a trainable copy) alone.
+        """
+        pending = [self.deltas[n] for n in self.active if n not in self._merged]
+        name = type(self.base_layer).__name__
+        if route is not None and any(n in self.deltas for n in route.groups):
+            raise ValueError(f"mixed-adapter batches cannot route rows through '{name}' ({self.path}): its forward "
+                             "takes one weight for the whole batch; run each adapter's rows as their own batch")
+        if route is not None or not pending:
+            return self.base_layer(x, *args, **kwargs)
+        if self.token_mask is not None:
+            raise ValueError(f"token_mask cannot reach '{name}' ({self.path}): its weight mixes every token; "
+                             "exclude it from the targets")
+        if len(pending) == 1 and not pending[0].additive:
+            return pending[0](self, x, None, *args, **kwargs)
+        if not all(d.additive for d in pending):
+            raise RuntimeError(f"cannot stack unmerged adapters {[d.method for d in pending]} on '{name}'; "
+                               "merge the others first or activate it alone")
+        w, b = self.weight, self.bias_parameter
+        for d in pending:
+            w = w + self.kind.to_weight(d.delta_weight(self).to(w.dtype), w)
+            if (db := d.bias_delta()) is not None:
+                b = b + db.to(b.dtype)
+        params = {self.kind.weight: w} if b is None else {self.kind.weight: w, self.kind.bias: b}
+        return functional_call(self.base_layer, params, (x, *args), kwargs)
 
     def _masked(self, base: Tensor, out: Tensor, mask: Tensor) -> Tensor:
         """The adapted output where `mask` (batch, tokens) is set, the base output elsewhere."""

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .kinds import kind_of
+from .kinds import target_kind, weight_of
 from .layer import BASE, Delta, DeltaLayer, Routing
 from .registry import DeltaConfig, did_you_mean, get_method, method_of
 from .targeting import get_parent, resolve
@@ -155,7 +155,7 @@ class DeltaModel(nn.Module):
         wrapped = {}
         for path in paths + head_paths:
             module = self.model.get_submodule(path)
-            wrapped[path] = module if isinstance(module, DeltaLayer) else DeltaLayer(module, kind_of(module))
+            wrapped[path] = module if isinstance(module, DeltaLayer) else DeltaLayer(module, target_kind(module))
             wrapped[path].path = path
         shared = spec.delta.build_shared(config, [wrapped[p] for p in paths])
         extra = {} if shared is None else {"shared": shared}
@@ -164,12 +164,17 @@ class DeltaModel(nn.Module):
             module, layer = self.model.get_submodule(path), wrapped[path]
             if layer.merged:
                 raise ValueError(f"'{path}' has merged adapters {list(layer.merged)}: unmerge() before adding '{name}'")
-            if path in head_paths and any(isinstance(m, DeltaLayer) for m in module.modules()):
+            if path in head_paths and any(isinstance(m, DeltaLayer) for m in layer.base_layer.modules()):
                 raise ValueError(f"train module '{path}' contains adapted layers; train it in full or adapt its layers")
+            if path in paths and layer.kind is not None and layer.kind.op is None and not spec.delta.additive:
+                raise ValueError(f"{spec.name} cannot adapt '{path}' ({type(layer.base_layer).__name__}): its forward "
+                                 "reads the weight itself, so only additive weight deltas (LoRA, LoHa...) reach it; "
+                                 "train it whole (train_modules) or pick an additive method")
             delta = spec.delta(config, layer, initialize, **extra) if path in paths else full.delta(full.config(), layer)
             delta.train(layer.base_layer.training)  # an adapter loaded onto an eval() model must not drop out
             built.append((path, layer, delta))
-        prints = {path: fingerprint(layer.weight) for path, layer, _ in built if path in paths}
+        prints = {path: fingerprint(w) for path, layer, _ in built
+                  if path in paths and (w := weight_of(layer.base_layer)) is not None}
         return Adapter(name, config, paths, head_paths, prints), built, shared
 
     def _install(self, adapter: Adapter, built: list[tuple[str, DeltaLayer, Delta]], shared: nn.Module | None

