@@ -108,3 +108,66 @@ def test_multihead_attention_as_a_train_module_is_a_trainable_copy():
     assert (trained - base).abs().max() > 1e-3
     dm.merge()
     assert_close(dm(TOKENS), trained)
+
+
+# --- 2. two adapters, each with its own trainable copy of one module ----------------------------------
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin0 = nn.Linear(6, 8)
+        self.lin1 = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin1(torch.tanh(self.lin0(x)))
+
+
+X = torch.randn(4, 6, generator=torch.Generator().manual_seed(4))
+
+
+def _two_adapters_sharing_a_train_module() -> dt.DeltaModel:
+    dm = dt.inject(MLP().eval(), dt.LoRAConfig(targets=["lin0"], r=2), "a", train_modules=["lin1"])
+    dm.add_adapter("b", dt.LoRAConfig(targets=["lin0"], r=2), train_modules=["lin1"])
+    for name, seed in (("a", 1), ("b", 2)):
+        dm.set_active(name)
+        perturb(dm, seed=seed)  # both the LoRA factors and the copy of lin1
+    return dm
+
+
+def test_two_adapters_can_train_the_same_module_each_with_its_own_copy(tmp_path):
+    dm = _two_adapters_sharing_a_train_module()
+    copies = dm.model.lin1.deltas
+    assert not torch.equal(copies["a"].params["weight"], copies["b"].params["weight"])
+    outs = {}
+    for name in ("a", "b"):
+        dm.set_active(name)
+        outs[name] = dm(X).detach()
+    assert (outs["a"] - outs["b"]).abs().max() > 1e-3
+    # a mixed batch: every row through its adapter's LoRA and its adapter's copy of lin1
+    names = ["a", "b", dt.BASE, "b"]
+    with dm.disabled():
+        base = dm(X).detach()
+    mixed = dm(X, adapter_names=names)
+    for i, n in enumerate(names):
+        assert_close(mixed[i], {**outs, dt.BASE: base}[n][i])
+    # each saves and loads by itself
+    for name in ("a", "b"):
+        dm.save(tmp_path / name, name)
+        loaded = dt.load(MLP().eval(), tmp_path / name)
+        assert torch.equal(loaded(X), outs[name])
+    both = dt.load(dt.load(MLP().eval(), tmp_path / "a"), tmp_path / "b")
+    both.set_active("b")
+    assert torch.equal(both(X), outs["b"])
+    # merge / unmerge one, then the other
+    w1 = dm.model.lin1.base_layer.weight.detach().clone()
+    for name in ("a", "b"):
+        dm.set_active(name)
+        dm.merge()
+        assert_close(dm(X), outs[name])
+        dm.unmerge()
+        assert torch.equal(dm.model.lin1.base_layer.weight, w1)
+    dm.delete_adapter("a")
+    dm.set_active("b")
+    assert_close(dm(X), outs["b"])  # lin0 holds W0 + ΔW - ΔW now: equal up to rounding
