@@ -127,6 +127,19 @@ class Routing:
         return self._on[key]
 
 
+def _put_rows(full: Any, part: Any, rows: Tensor) -> Any:
+    """`full` with its batch rows `rows` replaced by `part`: the batch dim is the one where their sizes differ."""
+    if not isinstance(full, Tensor):
+        return full
+    dims = [d for d in range(full.dim()) if full.shape[d] != part.shape[d]]
+    if not dims:  # the group holds every row of the batch
+        return part.to(full.dtype)
+    if len(dims) > 1:
+        raise ValueError(f"cannot tell the batch dim of a layer output {tuple(full.shape)} from its rows' "
+                         f"{tuple(part.shape)}")
+    return full.index_copy(dims[0], rows, part.to(full.dtype))
+
+
 class DeltaLayer(nn.Module):
     """An existing module (kept as `base_layer`, never rebuilt) plus named deltas."""
 
@@ -258,15 +271,33 @@ class DeltaLayer(nn.Module):
             terms = [self.deltas[n].low_rank() if self.deltas[n].additive else None for n in names]
             if all(t is not None and t.dropout == 0 and t.A.dtype == x.dtype for t in terms):
                 return mixed_lowrank(x, out, route.index(names, x.device), terms)
+        if not isinstance(out, Tensor):
+            return self._mixed_outputs(x, route, names, out, *args, **kwargs)
         # Rows are written in place, each group's cost in its own rows, where nothing saved `out` for
         # backward: a stock layer's output, or any output when no gradient is recorded.
         in_place = self.stock or not torch.is_grad_enabled()
         for name in names:
             rows = route.rows(name, x.device)
-            y = self.deltas[name](self, x[rows], out[rows]).to(out.dtype)
+            delta = self.deltas[name]
+            y = delta(self, x[rows], out[rows], *args, **kwargs) if delta.needs_inputs else delta(self, x[rows], out[rows])
+            y = y.to(out.dtype)
             if mask is not None:
                 y = self._masked(out[rows], y, mask[rows])
             out = out.index_copy_(0, rows, y) if in_place else out.index_copy(0, rows, y)
+        return out
+
+    def _mixed_outputs(self, x: Tensor, route: Routing, names: list[str], out: Any, *args: Any, **kwargs: Any
+                       ) -> Any:
+        """A mixed batch through a layer with several outputs (a GRU's (output, h_n)): each adapter's rows
+        run by themselves, and every output tensor takes them along its batch dim, wherever that is."""
+        if self.token_mask is not None:
+            raise ValueError(f"token_mask needs a layer with one output tensor; '{type(self.base_layer).__name__}' "
+                             f"returns {type(out).__name__}: exclude it from the targets")
+        for name in names:
+            delta, rows = self.deltas[name], route.rows(name, x.device)
+            base = self.base_layer(x[rows], *args, **kwargs) if delta.uses_base_output else None
+            y = delta(self, x[rows], base, *args, **kwargs) if delta.needs_inputs else delta(self, x[rows], base)
+            out = pytree.tree_map(lambda full, part: _put_rows(full, part, rows), out, y)
         return out
 
     # --- merge -----------------------------------------------------------------------------
