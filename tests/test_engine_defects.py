@@ -4,6 +4,8 @@ active adapter, nested disabled(), safe merge, disabled() on a merged model, ful
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from helpers import assert_close, perturb
@@ -217,3 +219,108 @@ def test_mixed_batch_through_copies_of_a_gru_and_a_layernorm_equals_rows_alone()
     dm(SEQ, adapter_names=names).sum().backward()  # gradients flow through the rows written into both GRU outputs
     assert dm.model.gru.deltas["a"].params["weight_hh_l0"].grad.abs().sum() > 0
     assert dm.model.gru.deltas["b"].params["weight_hh_l0"].grad.abs().sum() > 0
+
+
+# --- 4. deleting the active adapter -----------------------------------------------------------------------
+
+
+def test_deleting_the_active_adapter_activates_the_first_remaining_and_warns():
+    dm = dt.inject(MLP().eval(), dt.LoRAConfig(targets=["lin0"], r=2), "a")
+    dm.add_adapter("b", dt.LoRAConfig(targets=["lin1"], r=2))
+    dm.add_adapter("c", dt.LoRAConfig(targets=["lin0"], r=2))
+    dm.set_active("c")
+    with pytest.warns(UserWarning, match="deleted the active adapter 'c'; activated 'a'"):
+        dm.delete_adapter("c")
+    assert dm.active == ("a",) and dm.model.lin0.active == ("a",)
+    assert all(p.requires_grad for p in dm.model.lin0.deltas["a"].parameters())
+    dm.set_active(["a", "b"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        dm.delete_adapter("a")  # another active one remains: it stays the only active one, no warning
+    assert dm.active == ("b",)
+    with pytest.warns(UserWarning, match="deleted the active adapter"):
+        dm.add_adapter("d", dt.LoRAConfig(targets=["lin0"], r=2))
+        dm.set_active("d")
+        dm.delete_adapter("d")
+    assert dm.active == ("b",)
+    dm.delete_adapter("b")  # the last one: nothing left to activate
+    assert dm.active == () and not dm.adapters and not any(isinstance(m, DeltaLayer) for m in dm.model.modules())
+
+
+# --- 5. nested blocks restore what each layer had -------------------------------------------------------
+
+
+def test_nested_disabled_blocks_keep_the_outer_block_disabled():
+    dm = dt.inject(MLP().eval(), dt.LoRAConfig(targets=["lin0", "lin1"], r=2))
+    perturb(dm)
+    adapted = dm(X).detach()
+    with dm.disabled():
+        base = dm(X).detach()
+        with dm.disabled():
+            assert torch.equal(dm(X), base)
+        assert torch.equal(dm(X), base)  # the inner block's exit must not re-enable the adapters
+    assert (base - adapted).abs().max() > 1e-3
+    assert torch.equal(dm(X), adapted)
+
+
+def test_nested_routes_and_token_masks_restore_the_outer_ones():
+    dm = dt.inject(MLP().eval(), dt.LoRAConfig(targets=["lin0"], r=2), "a")
+    dm.add_adapter("b", dt.LoRAConfig(targets=["lin0"], r=2))
+    layer = dm.model.lin0
+    mask = torch.ones(4, 1, dtype=torch.bool)
+    with dm._routed(["a", "b", "a", "b"]):
+        outer = layer.route
+        with dm._routed(["b"] * 4):
+            assert layer.route is not outer
+        assert layer.route is outer
+        with dm._masked_tokens(mask), dm._masked_tokens(~mask):
+            assert torch.equal(layer.token_mask, ~mask)
+        assert layer.token_mask is None
+    assert layer.route is None
+
+
+def test_disabled_gives_the_base_in_mixed_batches_and_with_token_masks():
+    dm = dt.inject(MLP().eval(), dt.LoRAConfig(targets=["lin0", "lin1"], r=2), "a")
+    dm.add_adapter("b", dt.LoRAConfig(targets=["lin0"], r=2))
+    for name in ("a", "b"):
+        dm.set_active(name)
+        perturb(dm)
+    x = X[:, None, :]  # (batch, tokens=1, features): the shape a token mask needs
+    with dm.disabled():
+        base = dm(x).detach()
+        assert torch.equal(dm(x, adapter_names=["a", "b", "a", dt.BASE]), base)
+        assert torch.equal(dm(x, token_mask=torch.ones(4, 1)), base)
+    mixed = dm(x, adapter_names=["a", "b", "a", dt.BASE]).detach()
+    assert (mixed[:3] - base[:3]).abs().max() > 1e-3
+    with dm._routed(["a", "b", "a", dt.BASE]):  # a disabled block inside a mixed-batch call
+        with dm.disabled():
+            assert torch.equal(dm.model(x), base)
+        assert torch.equal(dm.model(x), mixed)
+
+
+# --- 7. disabled() on a merged model --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["full", "lora"])
+def test_disabled_on_a_merged_model_runs_the_base_and_merges_back(exact):
+    if exact:  # a trainable copy merges by copying values: every step is bitwise
+        dm = dt.inject(MLP().eval(), dt.make_config("full", targets=["lin1"]))
+    else:
+        dm = dt.inject(MLP().eval(), dt.LoRAConfig(targets=["lin0", "lin1"], r=2))
+    perturb(dm)
+    with dm.disabled():
+        base = dm(X).detach()
+    adapted = dm(X).detach()
+    dm.merge()
+    merged = dm(X).detach()
+    with dm.disabled():
+        inside = dm(X).detach()
+        assert not dm.model.lin1.merged
+    after = dm(X).detach()
+    assert dm.model.lin1.merged == ("default",)
+    if exact:
+        assert torch.equal(inside, base) and torch.equal(after, merged) and torch.equal(merged, adapted)
+    else:
+        assert_close(inside, base)
+        assert_close(after, merged)
+    assert (base - merged).abs().max() > 1e-3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -99,26 +100,28 @@ class DeltaModel(nn.Module):
             return contextlib.nullcontext()
         if token_mask.dim() != 2:
             raise ValueError(f"token_mask must be (batch, sequence); got shape {tuple(token_mask.shape)}")
-        return self._layers_set("token_mask", token_mask.bool(), None)
+        return self._layers_set("token_mask", token_mask.bool())
 
     def _routed(self, adapter_names: Sequence[str] | None) -> contextlib.AbstractContextManager:
         """Within the block, row i of every batch goes through adapter `adapter_names[i]` ("__base__": none)."""
         if adapter_names is None:
             return contextlib.nullcontext()
         self._check_names([n for n in dict.fromkeys(adapter_names) if n != BASE])
-        return self._layers_set("route", Routing(adapter_names), None)
+        return self._layers_set("route", Routing(adapter_names))
 
     @contextlib.contextmanager
-    def _layers_set(self, attr: str, value: Any, restore: Any) -> Iterator[None]:
-        """Set `attr` on every DeltaLayer for the duration of the block."""
+    def _layers_set(self, attr: str, value: Any) -> Iterator[None]:
+        """Set `attr` on every DeltaLayer for the duration of the block; each gets its own value back after
+        it, so that blocks nest (a disabled() inside a disabled() leaves the outer one disabled)."""
         layers = [layer for _, layer in self.layers()]
+        before = [getattr(layer, attr) for layer in layers]
         for layer in layers:
             setattr(layer, attr, value)
         try:
             yield
         finally:
-            for layer in layers:
-                setattr(layer, attr, restore)
+            for layer, old in zip(layers, before):
+                setattr(layer, attr, old)
 
     # --- adapters --------------------------------------------------------------------------
     def layers(self) -> Iterator[tuple[str, DeltaLayer]]:
@@ -211,9 +214,20 @@ class DeltaModel(nn.Module):
         for name, shared in self.shared.items():
             shared.requires_grad_(name in names)
 
-    def disabled(self) -> contextlib.AbstractContextManager:
-        """Run the base model alone inside the block."""
-        return self._layers_set("enabled", False, True)
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the base model alone inside the block. Merged adapters are unmerged for it (unmerge
+        restores the base weights) and merged again, in the same order, after it."""
+        merged = [(layer, layer.merged) for _, layer in self.layers() if layer.merged]
+        for layer, _ in merged:
+            layer.unmerge()
+        try:
+            with self._layers_set("enabled", False):
+                yield
+        finally:
+            for layer, names in merged:
+                for n in names:
+                    layer.merge(n)
 
     def delete_adapter(self, name: str) -> None:
         self._check_names([name])
@@ -226,7 +240,13 @@ class DeltaModel(nn.Module):
             del layer.deltas[name]
             if not len(layer.deltas):
                 self._unwrap(path)
-        self.set_active([n for n in self.active if n != name])
+        active = [n for n in self.active if n != name]
+        if not active and self.adapters and name in self.active:
+            # as PEFT does: a model left with no active adapter would silently run as the base model
+            active = [next(iter(self.adapters))]
+            warnings.warn(f"deleted the active adapter '{name}'; activated '{active[0]}' (the first added that "
+                          "remains): call set_active() to pick another", stacklevel=2)
+        self.set_active(active)
 
     def _unwrap(self, path: str) -> None:
         parent, child = get_parent(self.model, path)
