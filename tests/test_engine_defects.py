@@ -324,3 +324,39 @@ def test_disabled_on_a_merged_model_runs_the_base_and_merges_back(exact):
         assert_close(inside, base)
         assert_close(after, merged)
     assert (base - merged).abs().max() > 1e-3
+
+
+# --- 6. safe_merge ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["lora", "dora", "ia3", "full"])
+def test_safe_merge_refuses_non_finite_weights_and_changes_nothing(method):
+    options = {"r": 2} if method in ("lora", "dora") else {}
+    dm = dt.inject(MLP().eval(), dt.make_config(method, targets=["lin0", "lin1"], **options))
+    perturb(dm)
+    with torch.no_grad():
+        next(dm.model.lin1.deltas["default"].parameters()).fill_(float("inf"))
+    before = {k: v.clone() for k, v in dm.model.state_dict().items()}
+    for merge in (dm.merge, dm.merge_and_unload):
+        with pytest.raises(ValueError, match=rf"merging adapter 'default' \({method}\) into 'lin1' would put NaN/inf"):
+            merge(safe_merge=True)
+        after = dm.model.state_dict()
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+        assert dm.model.lin0.merged == () and dm.model.lin1.merged == () and "default" in dm.adapters
+    dm.merge()  # without safe_merge the merge does what it is told
+    assert not all(torch.isfinite(p).all() for p in dm.model.lin1.base_layer.parameters())
+
+
+def test_safe_merge_of_finite_adapters_equals_the_plain_merge():
+    plain = dt.inject(MLP().eval(), dt.LoRAConfig(targets=["lin0", "lin1"], r=2))
+    perturb(plain)
+    safe = dt.inject(MLP().eval(), dt.LoRAConfig(targets=["lin0", "lin1"], r=2))
+    safe.load_adapter_state_dict(plain.adapter_state_dict())
+    expected = plain(X).detach()
+    plain.merge()
+    safe.merge(safe_merge=True)
+    assert torch.equal(safe.model.lin1.base_layer.weight, plain.model.lin1.base_layer.weight)
+    assert_close(safe(X), expected)
+    model = safe.merge_and_unload(safe_merge=True)
+    assert not any(isinstance(m, DeltaLayer) for m in model.modules())
+    assert_close(model(X), expected)

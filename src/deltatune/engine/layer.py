@@ -6,6 +6,7 @@ mixed-adapter batches. A method only supplies a `Delta` (its parameters and math
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
@@ -307,13 +308,30 @@ class DeltaLayer(nn.Module):
                                f"'{type(self.base_layer).__name__}'; call unmerge() first")
 
     @torch.no_grad()
-    def merge(self, name: str) -> None:
+    def merge(self, name: str, safe_merge: bool = False) -> None:
+        """Fold adapter `name` into the base; safe_merge: first on a copy, see check_merge."""
         if name in self._merged:
             return
         delta = self.deltas[name]
         if not delta.mergeable:
             raise ValueError(f"adapter '{name}' ({delta.method}) changes activations and cannot be merged")
+        if safe_merge:
+            self.check_merge([name])
         self._merged[name] = delta.merge(self)
+
+    @torch.no_grad()
+    def check_merge(self, names: Sequence[str]) -> None:
+        """Merge `names` in order into a copy of this layer; raise, changing nothing, if that puts NaN or inf
+        into a base parameter that had none (whatever the method's merge rule)."""
+        trial = copy.deepcopy(self)
+        finite = {k: bool(torch.isfinite(p).all()) for k, p in self.base_layer.named_parameters()}
+        for name in names:
+            trial.merge(name)
+            for k, p in trial.base_layer.named_parameters():
+                if finite[k] and not torch.isfinite(p).all():
+                    raise ValueError(f"merging adapter '{name}' ({trial.deltas[name].method}) into '{self.path}' "
+                                     f"would put NaN/inf into its {k}; nothing was merged: check that adapter's "
+                                     "weights (or merge without safe_merge to do it anyway)")
 
     @torch.no_grad()
     def unmerge(self, name: str | None = None) -> None:

@@ -253,11 +253,26 @@ class DeltaModel(nn.Module):
         setattr(parent, child, getattr(parent, child).base_layer)
 
     # --- merge -----------------------------------------------------------------------------
-    def merge(self, names: str | Sequence[str] | None = None) -> None:
-        """Fold adapters (default: the active ones) into the base weights; forward then skips them."""
-        for name in self._names(names):
+    def merge(self, names: str | Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weights; forward then skips them.
+
+        safe_merge: merge into a copy of every layer first and raise, with the model unchanged, if any
+        merged weight holds NaN or inf.
+        """
+        names = self._names(names)
+        if safe_merge:
+            self._check_merge(names)
+        for name in names:
             for path in self.adapters[name].all_paths:
                 self.model.get_submodule(path).merge(name)
+
+    def _check_merge(self, names: list[str]) -> None:
+        per_layer: dict[str, list[str]] = {}
+        for name in names:
+            for path in self.adapters[name].all_paths:
+                per_layer.setdefault(path, []).append(name)
+        for path, layer_names in per_layer.items():
+            self.model.get_submodule(path).check_merge(layer_names)
 
     def unmerge(self, names: str | Sequence[str] | None = None) -> None:
         """Restore the base weights (default: undo every merge)."""
@@ -265,9 +280,12 @@ class DeltaModel(nn.Module):
             for path in self.adapters[name].all_paths:
                 self.model.get_submodule(path).unmerge(name)
 
-    def merge_and_unload(self, names: str | Sequence[str] | None = None) -> nn.Module:
-        """The plain model with `names` (default: active) merged in; the other adapters are dropped."""
+    def merge_and_unload(self, names: str | Sequence[str] | None = None, safe_merge: bool = False) -> nn.Module:
+        """The plain model with `names` (default: active) merged in; the other adapters are dropped.
+        safe_merge: as in merge(), checked before anything is dropped."""
         keep = self._names(names)
+        if safe_merge:
+            self._check_merge(keep)
         for name in [n for n in self.adapters if n not in keep]:
             self.delete_adapter(name)
         self.merge(keep)
