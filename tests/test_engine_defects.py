@@ -360,3 +360,79 @@ def test_safe_merge_of_finite_adapters_equals_the_plain_merge():
     model = safe.merge_and_unload(safe_merge=True)
     assert not any(isinstance(m, DeltaLayer) for m in model.modules())
     assert_close(model(X), expected)
+
+
+# --- 8. trainable copies of any module with parameters (norms, GRU, BatchNorm) --------------------------
+
+
+@pytest.mark.parametrize("how", ["full_targets", "train_modules"])
+def test_full_copies_of_a_layernorm_and_a_gru_train_save_load_and_merge(how, tmp_path):
+    model = Recurrent().eval()
+    base = model(SEQ).detach()
+    if how == "full_targets":
+        dm = dt.inject(model, dt.make_config("full", targets=["norm", "gru"]))
+    else:
+        dm = dt.inject(model, dt.LoRAConfig(targets=["proj"], r=2), train_modules=["norm", nn.GRU])
+    assert dm.adapters["default"].all_paths[-2:] == ["norm", "gru"]
+    assert torch.equal(dm(SEQ), base)  # the copies start equal to the modules
+    _train(dm, SEQ)
+    trained = dm(SEQ).detach()
+    assert (trained - base).abs().max() > 1e-3
+    assert dm.model.gru.deltas["default"].params["weight_hh_l0"].requires_grad
+    assert not dm.model.gru.base_layer.weight_hh_l0.requires_grad
+    dm.save(tmp_path)
+    assert torch.equal(dt.load(Recurrent().eval(), tmp_path)(SEQ), trained)
+    copied = [k for k in dm.model.state_dict() if k.startswith(("norm.base_layer", "gru.base_layer"))]
+    originals = {k: dm.model.state_dict()[k].clone() for k in copied}
+    dm.merge()
+    assert_close(dm(SEQ), trained)
+    dm.unmerge()  # a copy merges by copying values: unmerge restores them bitwise
+    assert len(copied) == 6 and all(torch.equal(v, dm.model.state_dict()[k]) for k, v in originals.items())
+    plain = dm.merge_and_unload()
+    assert isinstance(plain.gru, nn.GRU) and isinstance(plain.norm, nn.LayerNorm)
+    assert_close(plain(SEQ), trained)
+
+
+def test_full_copy_of_batchnorm_in_a_train_module():
+    class ConvNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv, self.bn, self.head = nn.Conv1d(6, 4, 3), nn.BatchNorm1d(4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.bn(self.conv(x.transpose(1, 2))).mean(-1))
+
+    model = ConvNet().eval()
+    base = model(SEQ).detach()
+    dm = dt.inject(model, dt.LoRAConfig(targets=["conv"], r=2), train_modules=["bn"])
+    perturb(dm)
+    adapted = dm(SEQ).detach()
+    assert (adapted - base).abs().max() > 1e-3
+    dm.merge()
+    assert_close(dm(SEQ), adapted)
+
+
+def test_full_copies_of_every_minilm_layernorm(make_minilm, minilm_batch, tmp_path):
+    model = make_minilm()
+    base = model(**minilm_batch).logits.detach()
+    dm = dt.inject(model, dt.make_config("full", targets=["LayerNorm"]), "norms")
+    assert len(dm.adapters["norms"].paths) == 13  # embeddings + 2 per layer x 6
+    dm.add_adapter("lora", dt.LoRAConfig(targets=["query", "value"], r=2), train_modules=["classifier"])
+    for name in ("norms", "lora"):
+        dm.set_active(name)
+        perturb(dm, std=0.05)
+    outs = {}
+    for name in ("norms", "lora"):
+        dm.set_active(name)
+        outs[name] = dm(**minilm_batch).logits.detach()
+        assert (outs[name] - base).abs().max() > 1e-3
+    names = ["lora", "norms", dt.BASE, "norms"]
+    mixed = dm(**minilm_batch, adapter_names=names).logits
+    for i, n in enumerate(names):
+        assert_close(mixed[i], {**outs, dt.BASE: base}[n][i], msg=n)
+    dm.save(tmp_path, "norms")
+    assert torch.equal(dt.load(make_minilm(), tmp_path)(**minilm_batch).logits, outs["norms"])
+    dm.set_active("norms")
+    dm.merge()
+    assert_close(dm(**minilm_batch).logits, outs["norms"])
