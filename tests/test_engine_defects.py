@@ -33,40 +33,66 @@ class Attention(nn.Module):
 TOKENS = torch.randint(0, 10, (4, 5), generator=torch.Generator().manual_seed(3))
 
 
-def _train(dm: dt.DeltaModel, x: torch.Tensor, steps: int = 3) -> None:
-    opt = torch.optim.SGD([p for p in dm.parameters() if p.requires_grad], lr=0.05)
+def _train(dm: dt.DeltaModel, x: torch.Tensor, steps: int = 5) -> None:
+    """A few Adam steps towards a fixed random target; the loss must go down."""
+    target = torch.randn(dm(x).shape, generator=torch.Generator().manual_seed(9))
+    opt = torch.optim.Adam([p for p in dm.parameters() if p.requires_grad], lr=0.02)
+    losses = []
     for _ in range(steps):
         opt.zero_grad()
-        dm(x).pow(2).sum().backward()
+        loss = (dm(x) - target).pow(2).mean()
+        loss.backward()
         opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
 
 
 # --- 1. nn.MultiheadAttention -----------------------------------------------------------------------
 
 
-def test_lora_on_multihead_attention_trains_and_merges_exactly():
+def test_lora_on_multihead_attention_adapts_in_proj_and_out_proj_trains_and_merges_exactly():
     model = Attention().eval()
     base = model(TOKENS).detach()
-    in_proj = model.attn.in_proj_weight.detach().clone()
+    w_in, w_out = model.attn.in_proj_weight.detach().clone(), model.attn.out_proj.weight.detach().clone()
     dm = dt.inject(model, dt.LoRAConfig(targets=["attn"], r=2))
     assert isinstance(dm.model.attn, DeltaLayer) and not isinstance(dm.model.attn.out_proj, DeltaLayer)
+    assert sorted(dm.adapter_state_dict()) == sorted(
+        f"attn.{part}lora_{f}" for part in ("main.", "parts.out_proj.") for f in "AB")
     assert torch.equal(dm(TOKENS), base)  # B = 0 at init
     dm(TOKENS).pow(2).sum().backward()
-    delta = dm.model.attn.deltas["default"]
-    assert delta.lora_B.grad is not None and delta.lora_B.grad.abs().sum() > 0  # the gradient reaches ΔW
+    parts = dm.model.attn.deltas["default"]
+    for d in (parts.main, parts.parts["out_proj"]):  # the gradient reaches both deltas
+        assert d.lora_B.grad is not None and d.lora_B.grad.abs().sum() > 0
     _train(dm, TOKENS)
     trained = dm(TOKENS).detach()
     assert (trained - base).abs().max() > 1e-3  # training changed what the attention computes
-    # the same forward with ΔW merged into in_proj_weight by hand
-    expected_w = in_proj + delta.delta_weight(dm.model.attn).detach()
+    # merging adds each ΔW to the weight MHA reads, and gives the same forward
+    expected_in = w_in + parts.main.delta_weight(dm.model.attn).detach()
+    expected_out = w_out + parts.parts["out_proj"].delta_weight(parts.views["out_proj"]).detach()
+    assert (expected_out - w_out).abs().max() > 1e-4
     dm.merge()
-    assert_close(dm.model.attn.in_proj_weight, expected_w)
+    assert_close(dm.model.attn.in_proj_weight, expected_in)
+    assert_close(dm.model.attn.out_proj.weight, expected_out)
     assert_close(dm(TOKENS), trained)
     dm.unmerge()
-    assert_close(dm.model.attn.in_proj_weight, in_proj)
+    assert_close(dm.model.attn.in_proj_weight, w_in)
+    assert_close(dm.model.attn.out_proj.weight, w_out)
     assert_close(dm(TOKENS), trained)
     with dm.disabled():
         assert_close(dm(TOKENS), base)
+    plain = dm.merge_and_unload()
+    assert type(plain.attn) is nn.MultiheadAttention
+    assert_close(plain(TOKENS), trained)
+
+
+def test_each_part_of_multihead_attention_changes_the_output():
+    for part in ("main", "out_proj"):
+        dm = dt.inject(Attention().eval(), dt.LoRAConfig(targets=["attn"], r=2))
+        with dm.disabled():
+            base = dm(TOKENS).detach()
+        parts = dm.model.attn.deltas["default"]
+        perturb(parts.main if part == "main" else parts.parts["out_proj"])
+        assert (dm(TOKENS) - base).abs().max() > 1e-3, part
 
 
 def test_multihead_attention_adapter_round_trips(tmp_path):
@@ -76,11 +102,15 @@ def test_multihead_attention_adapter_round_trips(tmp_path):
     dm.save(tmp_path)
     loaded = dt.load(Attention().eval(), tmp_path)
     assert torch.equal(loaded(TOKENS), expected)
+    assert dm.parameter_table()[0]["base_shape"] == (24, 8)  # in_proj_weight: q, k, v stacked
+    with pytest.raises(ValueError, match="MultiheadAttention layers, which PEFT export does not cover"):
+        dm.export_peft(tmp_path / "peft")
 
 
 def test_targets_that_would_wrap_out_proj_of_multihead_attention_are_refused():
     for targets in (["out_proj"], ["attn.out_proj"], [r"re:.*proj"], [nn.Linear]):
-        with pytest.raises(ValueError, match="reads out_proj.weight directly and never calls out_proj"):
+        with pytest.raises(ValueError, match="reads out_proj.weight directly and never calls out_proj.*"
+                                             "target the MultiheadAttention itself"):
             dt.inject(Attention(), dt.LoRAConfig(targets=targets))
     with pytest.raises(ValueError, match="reads out_proj.weight directly"):
         dt.inject(Attention(), dt.LoRAConfig(targets=["head"], r=2), train_modules=["attn.out_proj"])
@@ -436,3 +466,17 @@ def test_full_copies_of_every_minilm_layernorm(make_minilm, minilm_batch, tmp_pa
     dm.set_active("norms")
     dm.merge()
     assert_close(dm(**minilm_batch).logits, outs["norms"])
+
+
+@pytest.mark.parametrize("method", ["loha", "lokr", "vera"])
+def test_other_additive_methods_on_multihead_attention_merge_to_the_same_forward(method):
+    dm = dt.inject(Attention().eval(), dt.make_config(method, targets=["attn"], r=2))
+    with dm.disabled():
+        base = dm(TOKENS).detach()
+    perturb(dm)
+    adapted = dm(TOKENS).detach()
+    assert (adapted - base).abs().max() > 1e-3
+    dm.merge()
+    assert_close(dm(TOKENS), adapted)
+    dm.unmerge()
+    assert_close(dm(TOKENS), adapted)

@@ -30,6 +30,7 @@ class LayerKind:
     op: Callable[[nn.Module, Tensor, Tensor], Tensor] | None
     weight: str = "weight"  # the parameter that is the layer's weight, and its bias
     bias: str = "bias"
+    parts: tuple[str, ...] = ()  # submodules whose weights the forward reads without calling them: adapted with it
 
 
 def _conv_op(conv: nn.Module, x: Tensor, w: Tensor) -> Tensor:
@@ -56,8 +57,9 @@ CONV1D = LayerKind("conv1d_transposed", lambda w: w.t(), lambda m, like: m.t(), 
 
 
 # nn.MultiheadAttention reads in_proj_weight (q, k, v stacked: 3E x E) and out_proj.weight inside
-# F.multi_head_attention_forward and never calls out_proj; deltas adapt in_proj through the whole module.
-MHA = LayerKind("multihead_attention", lambda w: w, lambda m, like: m, -1, (), None, "in_proj_weight", "in_proj_bias")
+# F.multi_head_attention_forward and never calls out_proj: a delta on each, run through the whole module.
+MHA = LayerKind("multihead_attention", lambda w: w, lambda m, like: m, -1, (), None, "in_proj_weight", "in_proj_bias",
+                ("out_proj",))
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
@@ -78,7 +80,7 @@ def kind_of(module: nn.Module) -> LayerKind | None:
 
 
 SUPPORTED = ("nn.Linear, nn.Conv1d/2d/3d, nn.Embedding, transformers Conv1D (and their subclasses), "
-             "nn.MultiheadAttention (its q/k/v in_proj)")
+             "nn.MultiheadAttention (its in_proj and out_proj)")
 
 
 def target_kind(module: nn.Module) -> LayerKind | None:
@@ -99,7 +101,7 @@ def bypassed(parent: nn.Module, child: str) -> str | None:
     """
     if isinstance(parent, nn.MultiheadAttention) and child == "out_proj":
         return ("nn.MultiheadAttention reads out_proj.weight directly and never calls out_proj, so a delta "
-                "there does nothing; target the MultiheadAttention itself (adapts its q/k/v in_proj) or "
+                "there does nothing; target the MultiheadAttention itself (adapts its in_proj and out_proj) or "
                 "train it whole (train_modules), or build attention from separate nn.Linear layers")
     return None
 

@@ -7,7 +7,7 @@ mixed-adapter batches. A method only supplies a `Delta` (its parameters and math
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -80,6 +80,13 @@ class Delta(nn.Module):
         """A change to the layer's bias, merged with the weight delta (None: no change)."""
         return None
 
+    def weight_deltas(self, layer: DeltaLayer) -> dict[str, Tensor]:
+        """ΔW (and Δb) in the layout of the layer's own parameters, keyed by their names in it."""
+        deltas = {layer.kind.weight: layer.kind.to_weight(self.delta_weight(layer), layer.weight)}
+        if (b := self.bias_delta()) is not None:
+            deltas[layer.kind.bias] = b
+        return deltas
+
     def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
         y = layer.apply_matrix(x, self.delta_weight(layer))
         if (b := self.bias_delta()) is not None:
@@ -100,6 +107,50 @@ class Delta(nn.Module):
             bias = layer.bias_parameter
             bias += sign * b.to(bias.dtype)
 
+
+
+class Parts(Delta):
+    """One adapter on a layer whose forward reads several weights itself (MultiheadAttention: in_proj and
+    out_proj): the method's delta on the layer, plus one on each such submodule (PEFT adapts both too).
+
+    Each submodule's delta sees it through a DeltaLayer of its own that is not in the model (`views`),
+    so the method needs nothing special; the layer runs its forward with every W0 + ΔW substituted.
+    """
+
+    def __init__(self, main: Delta, parts: dict[str, tuple[DeltaLayer, Delta]]):
+        nn.Module.__init__(self)
+        self.main = main
+        self.parts = nn.ModuleDict({child: delta for child, (_, delta) in parts.items()})
+        self.__dict__["views"] = {child: view for child, (view, _) in parts.items()}  # not submodules: not saved
+        self.config, self.method = main.config, main.method
+        self.mergeable = main.mergeable
+
+    def members(self, layer: DeltaLayer | None) -> Iterator[tuple[str, DeltaLayer, Delta]]:
+        """(parameter-name prefix, the layer it adapts, delta) of every part."""
+        yield "", layer, self.main
+        for child, delta in self.parts.items():
+            yield f"{child}.", self.views[child], delta
+
+    def weight_deltas(self, layer: DeltaLayer) -> dict[str, Tensor]:
+        return {prefix + k: dw for prefix, view, d in self.members(layer) for k, dw in d.weight_deltas(view).items()}
+
+    def merge(self, layer: DeltaLayer) -> Any:
+        return [d.merge(view) for _, view, d in self.members(layer)]
+
+    def unmerge(self, layer: DeltaLayer, undo: Any) -> None:
+        for (_, view, d), u in reversed(list(zip(self.members(layer), undo))):
+            d.unmerge(view, u)
+
+    def regularizer(self, layer: DeltaLayer) -> Tensor | None:
+        terms = [t for _, view, d in self.members(layer) if (t := d.regularizer(view)) is not None]
+        return sum(terms) if terms else None
+
+    def on_step(self, step: int) -> None:
+        for _, _, d in self.members(None):
+            d.on_step(step)
+
+    def extra_repr(self) -> str:
+        return self.main.extra_repr()
 
 
 class Routing:
@@ -241,12 +292,11 @@ class DeltaLayer(nn.Module):
         if not all(d.additive for d in pending):
             raise RuntimeError(f"cannot stack unmerged adapters {[d.method for d in pending]} on '{name}'; "
                                "merge the others first or activate it alone")
-        w, b = self.weight, self.bias_parameter
+        params: dict[str, Tensor] = {}
         for d in pending:
-            w = w + self.kind.to_weight(d.delta_weight(self).to(w.dtype), w)
-            if (db := d.bias_delta()) is not None:
-                b = b + db.to(b.dtype)
-        params = {self.kind.weight: w} if b is None else {self.kind.weight: w, self.kind.bias: b}
+            for k, dw in d.weight_deltas(self).items():
+                w = params.get(k, self.base_layer.get_parameter(k))
+                params[k] = w + dw.to(w.dtype)
         return functional_call(self.base_layer, params, (x, *args), kwargs)
 
     def _masked(self, base: Tensor, out: Tensor, mask: Tensor) -> Tensor:

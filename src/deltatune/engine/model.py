@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .kinds import target_kind, weight_of
-from .layer import BASE, Delta, DeltaLayer, Routing
+from .layer import BASE, Delta, DeltaLayer, Parts, Routing
 from .registry import DeltaConfig, did_you_mean, get_method, method_of
 from .targeting import get_parent, resolve
 
@@ -47,6 +47,15 @@ def fingerprint(weight: Tensor) -> str:
     idx = torch.linspace(0, flat.numel() - 1, steps=min(256, flat.numel())).long().clamp_(max=flat.numel() - 1)
     sample = flat[idx].to(torch.bfloat16).float().cpu().numpy().tobytes()
     return hashlib.sha1(str(tuple(weight.shape)).encode() + sample).hexdigest()[:16]
+
+
+def _part(spec: Any, config: DeltaConfig, layer: DeltaLayer, child: str, initialize: bool, extra: dict[str, Any]
+          ) -> tuple[DeltaLayer, Delta]:
+    """A delta on a submodule that `layer`'s forward reads without calling, through a view of its own."""
+    module = layer.base_layer.get_submodule(child)
+    view = DeltaLayer(module, target_kind(module))
+    view.path = f"{layer.path}.{child}"
+    return view, spec.delta(config, view, initialize, **extra)
 
 
 @torch.no_grad()
@@ -174,6 +183,9 @@ class DeltaModel(nn.Module):
                                  "reads the weight itself, so only additive weight deltas (LoRA, LoHa...) reach it; "
                                  "train it whole (train_modules) or pick an additive method")
             delta = spec.delta(config, layer, initialize, **extra) if path in paths else full.delta(full.config(), layer)
+            if path in paths and layer.kind is not None and layer.kind.parts:
+                delta = Parts(delta, {child: _part(spec, config, layer, child, initialize, extra)
+                                      for child in layer.kind.parts})
             delta.train(layer.base_layer.training)  # an adapter loaded onto an eval() model must not drop out
             built.append((path, layer, delta))
         prints = {path: fingerprint(w) for path, layer, _ in built
@@ -355,7 +367,7 @@ class DeltaModel(nn.Module):
         """One row per (layer, adapter): method, base shape, its parameters and how many train."""
         rows = []
         for path, layer in self.layers():
-            base_shape = tuple(getattr(layer.base_layer, "weight", torch.empty(0)).shape)
+            base_shape = tuple(getattr(weight_of(layer.base_layer), "shape", ()))
             for name, delta in layer.deltas.items():
                 params = list(delta.parameters())
                 rows.append({"layer": path, "adapter": name, "method": delta.method, "base_shape": base_shape,
