@@ -70,7 +70,7 @@ def test_lora_on_multihead_attention_adapts_in_proj_and_out_proj_trains_and_merg
     expected_in = w_in + parts.main.delta_weight(dm.model.attn).detach()
     expected_out = w_out + parts.parts["out_proj"].delta_weight(parts.views["out_proj"]).detach()
     assert (expected_out - w_out).abs().max() > 1e-4
-    dm.merge()
+    dm.merge(safe_merge=True)  # checked on a copy of the MHA, both parts
     assert_close(dm.model.attn.in_proj_weight, expected_in)
     assert_close(dm.model.attn.out_proj.weight, expected_out)
     assert_close(dm(TOKENS), trained)
@@ -480,3 +480,13 @@ def test_other_additive_methods_on_multihead_attention_merge_to_the_same_forward
     assert_close(dm(TOKENS), adapted)
     dm.unmerge()
     assert_close(dm(TOKENS), adapted)
+
+
+def test_token_mask_on_a_layer_with_several_outputs_says_what_to_do():
+    dm = dt.inject(Recurrent().eval(), dt.make_config("full", targets=["gru"]), "a")
+    dm.add_adapter("b", dt.make_config("full", targets=["gru"]))
+    mask = torch.ones(4, 7)
+    with pytest.raises(ValueError, match="token_mask needs a layer with one output tensor; 'GRU' returns tuple"):
+        dm(SEQ, token_mask=mask)
+    with pytest.raises(ValueError, match="token_mask needs a layer with one output tensor; 'GRU' returns tuple"):
+        dm(SEQ, token_mask=mask, adapter_names=["a", "b", "a", "b"])

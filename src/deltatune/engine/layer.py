@@ -301,6 +301,9 @@ class DeltaLayer(nn.Module):
 
     def _masked(self, base: Tensor, out: Tensor, mask: Tensor) -> Tensor:
         """The adapted output where `mask` (batch, tokens) is set, the base output elsewhere."""
+        if not isinstance(out, Tensor):
+            raise ValueError(f"token_mask needs a layer with one output tensor; '{type(self.base_layer).__name__}' "
+                             f"returns {type(out).__name__}: exclude it from the targets")
         if self.kind is not None and self.kind.channel_dim != -1:
             raise ValueError(f"token_mask needs token-major outputs (linear, embedding); "
                              f"'{type(self.base_layer).__name__}' puts channels in dim {self.kind.channel_dim}")
@@ -342,8 +345,7 @@ class DeltaLayer(nn.Module):
         """A mixed batch through a layer with several outputs (a GRU's (output, h_n)): each adapter's rows
         run by themselves, and every output tensor takes them along its batch dim, wherever that is."""
         if self.token_mask is not None:
-            raise ValueError(f"token_mask needs a layer with one output tensor; '{type(self.base_layer).__name__}' "
-                             f"returns {type(out).__name__}: exclude it from the targets")
+            self._masked(out, out, self.token_mask)  # raises: the mask has no single output to apply to
         for name in names:
             delta, rows = self.deltas[name], route.rows(name, x.device)
             base = self.base_layer(x[rows], *args, **kwargs) if delta.uses_base_output else None
