@@ -108,7 +108,6 @@ class Delta(nn.Module):
             bias += sign * b.to(bias.dtype)
 
 
-
 class Parts(Delta):
     """One adapter on a layer whose forward reads several weights itself (MultiheadAttention: in_proj and
     out_proj): the method's delta on the layer, plus one on each such submodule (PEFT adapts both too).
@@ -122,6 +121,7 @@ class Parts(Delta):
         self.main = main
         self.parts = nn.ModuleDict({child: delta for child, (_, delta) in parts.items()})
         self.__dict__["views"] = {child: view for child, (view, _) in parts.items()}  # not submodules: not saved
+        self.__dict__["shared"] = main.shared
         self.config, self.method = main.config, main.method
         self.mergeable = main.mergeable
 
@@ -321,12 +321,12 @@ class DeltaLayer(nn.Module):
         names = [n for n in route.groups if n != BASE and n in self.deltas]  # other rows see the base layer
         if not names:
             return out
+        if not isinstance(out, Tensor):  # several outputs (a GRU's)
+            return self._mixed_outputs(x, route, names, out, *args, **kwargs)
         if mask is None and self.kind is LINEAR and self.stock:  # a custom forward is not x Aᵀ
             terms = [self.deltas[n].low_rank() if self.deltas[n].additive else None for n in names]
             if all(t is not None and t.dropout == 0 and t.A.dtype == x.dtype for t in terms):
                 return mixed_lowrank(x, out, route.index(names, x.device), terms)
-        if not isinstance(out, Tensor):
-            return self._mixed_outputs(x, route, names, out, *args, **kwargs)
         # Rows are written in place, each group's cost in its own rows, where nothing saved `out` for
         # backward: a stock layer's output, or any output when no gradient is recorded.
         in_place = self.stock or not torch.is_grad_enabled()
