@@ -205,6 +205,23 @@ def test_two_adapters_can_train_the_same_module_each_with_its_own_copy(tmp_path)
     assert_close(dm(X), outs["b"])  # lin0 holds W0 + ΔW - ΔW now: equal up to rounding
 
 
+def test_two_minilm_adapters_each_with_its_own_classifier(make_minilm, minilm_batch, tmp_path):
+    dm = dt.inject(make_minilm(), dt.LoRAConfig(targets=["query", "value"], r=2), "a", train_modules=["classifier"])
+    dm.add_adapter("b", dt.make_config("ia3", targets=["key", "output.dense"]), train_modules=["classifier"])
+    outs = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        dm.set_active(name)
+        perturb(dm, std=0.05, seed=seed)
+        outs[name] = dm(**minilm_batch).logits.detach()
+    assert (outs["a"] - outs["b"]).abs().max() > 1e-3
+    names = ["b", "a", "a", "b"]
+    mixed = dm(**minilm_batch, adapter_names=names).logits
+    for i, n in enumerate(names):
+        assert_close(mixed[i], outs[n][i], msg=n)
+    dm.save(tmp_path, "b")
+    assert torch.equal(dt.load(make_minilm(), tmp_path)(**minilm_batch).logits, outs["b"])
+
+
 # --- 3. mixed batches through trainable copies of kind-less modules (GRU, LayerNorm) --------------------
 
 
