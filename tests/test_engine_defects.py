@@ -268,6 +268,25 @@ def test_mixed_batch_through_copies_of_a_gru_and_a_layernorm_equals_rows_alone()
     assert dm.model.gru.deltas["b"].params["weight_hh_l0"].grad.abs().sum() > 0
 
 
+def test_mixed_batch_of_ssf_adapters_on_a_layernorm_equals_rows_alone():
+    # SSF adapts the kind-less LayerNorm through its output: the mixed path used to ask it for `stock`
+    dm = dt.inject(Recurrent().eval(), dt.make_config("ssf", targets=["norm"]), "a")
+    dm.add_adapter("b", dt.make_config("ssf", targets=["norm"]))
+    for name, seed in (("a", 1), ("b", 2)):
+        dm.set_active(name)
+        perturb(dm, seed=seed)
+    names = ["a", dt.BASE, "b", "a"]
+    mixed = dm(SEQ, adapter_names=names)
+    for i, n in enumerate(names):
+        if n == dt.BASE:
+            with dm.disabled():
+                alone = dm(SEQ[i:i + 1])
+        else:
+            dm.set_active(n)
+            alone = dm(SEQ[i:i + 1])
+        assert_close(mixed[i:i + 1], alone, msg=f"row {i} ({n})")
+
+
 # --- 4. deleting the active adapter -----------------------------------------------------------------------
 
 
