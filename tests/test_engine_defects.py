@@ -526,3 +526,25 @@ def test_token_mask_on_a_layer_with_several_outputs_says_what_to_do():
         dm(SEQ, token_mask=mask)
     with pytest.raises(ValueError, match="token_mask needs a layer with one output tensor; 'GRU' returns tuple"):
         dm(SEQ, token_mask=mask, adapter_names=["a", "b", "a", "b"])
+
+
+# --- the same defect as 1 one level up: a fused fast path that bypasses the wrapped layers ----------------
+
+
+@pytest.mark.parametrize("targets", [["linear1", "linear2"], ["self_attn"]])
+def test_transformer_encoder_layer_in_eval_runs_its_adapted_layers(targets):
+    # eval + no grad needed by its own weights: nn.TransformerEncoderLayer would run one fused kernel on the
+    # base weights and never call its submodules
+    torch.manual_seed(0)
+    model = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(6))
+    dm = dt.inject(model, dt.LoRAConfig(targets=targets, r=2))
+    perturb(dm)
+    with torch.no_grad():
+        with dm.disabled():
+            base = dm(x)
+        adapted = dm(x)
+        dm.merge()  # the fused kernel on the merged weights: what the adapted layers must give
+        merged = dm(x)
+    assert (adapted - base).abs().max() > 1e-3
+    assert_close(adapted, merged)

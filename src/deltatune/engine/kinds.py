@@ -106,6 +106,12 @@ def bypassed(parent: nn.Module, child: str) -> str | None:
     return None
 
 
+def has_fused_fast_path(module: nn.Module) -> bool:
+    """Whether `module` may run a fused kernel that reads its submodules' weights and calls none of them
+    (nn.TransformerEncoderLayer in eval mode); it runs the plain path when a submodule carries a hook."""
+    return isinstance(module, nn.TransformerEncoderLayer)
+
+
 def weight_of(module: nn.Module) -> Tensor | None:
     """The tensor that identifies a layer's base weights: its kind's weight, else its first parameter."""
     kind = target_kind(module)

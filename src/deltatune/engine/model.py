@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .kinds import target_kind, weight_of
+from .kinds import has_fused_fast_path, target_kind, weight_of
 from .layer import BASE, Delta, DeltaLayer, Parts, Routing
 from .registry import DeltaConfig, did_you_mean, get_method, method_of
 from .targeting import get_parent, resolve
@@ -47,6 +47,10 @@ def fingerprint(weight: Tensor) -> str:
     idx = torch.linspace(0, flat.numel() - 1, steps=min(256, flat.numel())).long().clamp_(max=flat.numel() - 1)
     sample = flat[idx].to(torch.bfloat16).float().cpu().numpy().tobytes()
     return hashlib.sha1(str(tuple(weight.shape)).encode() + sample).hexdigest()[:16]
+
+
+def _keep_plain_path(module: nn.Module, args: Any) -> None:
+    """A no-op hook: its presence makes the enclosing module skip a fast path that would bypass this layer."""
 
 
 def _part(spec: Any, config: DeltaConfig, layer: DeltaLayer, child: str, initialize: bool, extra: dict[str, Any]
@@ -198,6 +202,9 @@ class DeltaModel(nn.Module):
             parent, child = get_parent(self.model, path)
             if getattr(parent, child) is not layer:
                 setattr(parent, child, layer)
+                names = path.split(".")
+                if any(has_fused_fast_path(self.model.get_submodule(".".join(names[:i]))) for i in range(len(names))):
+                    layer.register_forward_pre_hook(_keep_plain_path)
             layer.deltas[adapter.name] = delta
         if shared is not None:
             self.shared[adapter.name] = shared
