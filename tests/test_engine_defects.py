@@ -548,3 +548,18 @@ def test_transformer_encoder_layer_in_eval_runs_its_adapted_layers(targets):
         merged = dm(x)
     assert (adapted - base).abs().max() > 1e-3
     assert_close(adapted, merged)
+
+
+def test_mixed_batch_through_a_sequence_first_gru_says_to_use_batch_first():
+    class SeqFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru = nn.GRU(6, 5)  # (sequence, batch, features)
+
+        def forward(self, x):
+            return self.gru(x.transpose(0, 1))[1][0]
+
+    dm = dt.inject(SeqFirst(), dt.make_config("full", targets=["gru"]), "a")
+    with pytest.raises(ValueError, match=r"batch has 7 rows; 'GRU' \(gru\) takes \(sequence, batch, ...\): build it "
+                                         "with batch_first=True"):
+        dm(SEQ, adapter_names=["a", dt.BASE, "a", "a"])

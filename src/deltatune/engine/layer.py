@@ -315,7 +315,10 @@ class DeltaLayer(nn.Module):
     def _forward_mixed(self, x: Tensor, route: Routing, *args: Any, **kwargs: Any) -> Tensor:
         self._require_unmerged("route a mixed-adapter batch")
         if x.shape[0] != len(route.names):
-            raise ValueError(f"adapter_names has {len(route.names)} entries but the batch has {x.shape[0]} rows")
+            hint = "" if getattr(self.base_layer, "batch_first", True) else (
+                f"; '{type(self.base_layer).__name__}' ({self.path}) takes (sequence, batch, ...): build it with "
+                "batch_first=True for mixed batches")
+            raise ValueError(f"adapter_names has {len(route.names)} entries but the batch has {x.shape[0]} rows{hint}")
         out = self.base_layer(x, *args, **kwargs)
         mask = self.token_mask
         names = [n for n in route.groups if n != BASE and n in self.deltas]  # other rows see the base layer
