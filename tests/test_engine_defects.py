@@ -313,6 +313,19 @@ def test_deleting_the_active_adapter_activates_the_first_remaining_and_warns():
     assert dm.active == () and not dm.adapters and not any(isinstance(m, DeltaLayer) for m in dm.model.modules())
 
 
+def test_merge_and_unload_of_another_adapter_than_the_active_one_warns_of_nothing():
+    dm = dt.inject(MLP().eval(), dt.LoRAConfig(targets=["lin0"], r=2), "a")
+    dm.add_adapter("b", dt.LoRAConfig(targets=["lin1"], r=2))
+    dm.set_active("b")
+    perturb(dm)
+    expected = dm(X).detach()
+    dm.set_active("a")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = dm.merge_and_unload("b")
+    assert_close(model(X), expected)
+
+
 # --- 5. nested blocks restore what each layer had -------------------------------------------------------
 
 

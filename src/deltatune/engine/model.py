@@ -305,6 +305,7 @@ class DeltaModel(nn.Module):
         keep = self._names(names)
         if safe_merge:
             self._check_merge(keep)
+        self.set_active(keep)  # so that dropping the others activates nothing (and warns of nothing)
         for name in [n for n in self.adapters if n not in keep]:
             self.delete_adapter(name)
         self.merge(keep)
