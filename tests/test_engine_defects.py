@@ -576,3 +576,23 @@ def test_mixed_batch_through_a_sequence_first_gru_says_to_use_batch_first():
     with pytest.raises(ValueError, match=r"batch has 7 rows; 'GRU' \(gru\) takes \(sequence, batch, ...\): build it "
                                          "with batch_first=True"):
         dm(SEQ, adapter_names=["a", dt.BASE, "a", "a"])
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_transformer_encoder_nested_tensors_get_a_clear_error_and_the_fix_works():
+    def encoder(nested: bool) -> nn.Module:
+        torch.manual_seed(0)
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        return nn.TransformerEncoder(layer, 2, enable_nested_tensor=nested).eval()
+
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(6))
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    dm = dt.inject(encoder(True), dt.LoRAConfig(targets=["linear1"], r=2))
+    with torch.no_grad(), pytest.raises(ValueError, match="nested tensor.*enable_nested_tensor=False"):
+        dm(x, src_key_padding_mask=pad)
+    dm = dt.inject(encoder(False), dt.LoRAConfig(targets=["linear1"], r=2))
+    perturb(dm)
+    with torch.no_grad():
+        adapted = dm(x, src_key_padding_mask=pad)
+        dm.merge()
+        assert_close(adapted, dm(x, src_key_padding_mask=pad))

@@ -250,6 +250,9 @@ class DeltaLayer(nn.Module):
         if not self.enabled:
             self._require_unmerged("run with adapters disabled")
             return self.base_layer(x, *args, **kwargs)
+        if isinstance(x, Tensor) and x.is_nested:
+            raise ValueError(f"'{self.path}' got a nested tensor (nn.TransformerEncoder's eval fast path with a "
+                             "src_key_padding_mask makes them); build the encoder with enable_nested_tensor=False")
         if self.kind is not None and self.kind.op is None:
             return self._forward_reweighted(x, route, *args, **kwargs)
         if route is not None:
