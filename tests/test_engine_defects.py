@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import assert_close, perturb
+from helpers import Holder, assert_close, perturb
 from torch import nn
 
 import deltatune as dt
@@ -117,6 +117,9 @@ def test_targets_that_would_wrap_out_proj_of_multihead_attention_are_refused():
     # excluding it, or a container name, leaves the other layers (a container adapts the MHA as a whole)
     dm = dt.inject(Attention(), dt.LoRAConfig(targets=[nn.Linear], exclude=["out_proj"], r=2))
     assert dm.adapters["default"].paths == ["head"]
+    block = Holder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True))
+    dm = dt.inject(block, dt.LoRAConfig(targets=["layer"], r=2))
+    assert dm.adapters["default"].paths == ["layer.self_attn", "layer.linear1", "layer.linear2"]
 
 
 def test_non_additive_methods_and_mixed_batches_on_multihead_attention_say_what_to_do():
@@ -244,6 +247,20 @@ class Recurrent(nn.Module):
 SEQ = torch.randn(4, 7, 6, generator=torch.Generator().manual_seed(5))
 
 
+def _assert_rows_alone(dm: dt.DeltaModel, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """Row i of the mixed batch must equal row i run by itself through adapter names[i]; returns the batch."""
+    mixed = dm(x, adapter_names=names)
+    for i, n in enumerate(names):
+        if n == dt.BASE:
+            with dm.disabled():
+                alone = dm(x[i:i + 1])
+        else:
+            dm.set_active(n)
+            alone = dm(x[i:i + 1])
+        assert_close(mixed[i:i + 1], alone, msg=f"row {i} ({n})")
+    return mixed
+
+
 def test_mixed_batch_through_copies_of_a_gru_and_a_layernorm_equals_rows_alone():
     dm = dt.inject(Recurrent().eval(), dt.LoRAConfig(targets=["proj"], r=2), "a", train_modules=["norm", "gru"])
     dm.add_adapter("b", dt.LoRAConfig(targets=["head"], r=2), train_modules=["gru"])
@@ -251,15 +268,7 @@ def test_mixed_batch_through_copies_of_a_gru_and_a_layernorm_equals_rows_alone()
         dm.set_active(name)
         perturb(dm, seed=seed)
     names = ["b", "a", dt.BASE, "a"]
-    mixed = dm(SEQ, adapter_names=names)
-    for i, n in enumerate(names):
-        if n == dt.BASE:
-            with dm.disabled():
-                alone = dm(SEQ[i:i + 1])
-        else:
-            dm.set_active(n)
-            alone = dm(SEQ[i:i + 1])
-        assert_close(mixed[i:i + 1], alone, msg=f"row {i} ({n})")
+    mixed = _assert_rows_alone(dm, SEQ, names)
     # the per-row outputs differ, so each row really went through its own copy
     assert (mixed[0] - mixed[1]).abs().max() > 1e-3 and (mixed[1] - mixed[2]).abs().max() > 1e-3
     dm.set_active(["a", "b"])  # both train (a mixed batch never stacks them)
@@ -276,15 +285,7 @@ def test_mixed_batch_of_ssf_adapters_on_a_layernorm_equals_rows_alone():
         dm.set_active(name)
         perturb(dm, seed=seed)
     names = ["a", dt.BASE, "b", "a"]
-    mixed = dm(SEQ, adapter_names=names)
-    for i, n in enumerate(names):
-        if n == dt.BASE:
-            with dm.disabled():
-                alone = dm(SEQ[i:i + 1])
-        else:
-            dm.set_active(n)
-            alone = dm(SEQ[i:i + 1])
-        assert_close(mixed[i:i + 1], alone, msg=f"row {i} ({n})")
+    mixed = _assert_rows_alone(dm, SEQ, names)
 
 
 # --- 4. deleting the active adapter -----------------------------------------------------------------------
@@ -377,34 +378,6 @@ def test_disabled_gives_the_base_in_mixed_batches_and_with_token_masks():
         assert torch.equal(dm.model(x), mixed)
 
 
-# --- 7. disabled() on a merged model --------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("exact", [True, False], ids=["full", "lora"])
-def test_disabled_on_a_merged_model_runs_the_base_and_merges_back(exact):
-    if exact:  # a trainable copy merges by copying values: every step is bitwise
-        dm = dt.inject(MLP().eval(), dt.make_config("full", targets=["lin1"]))
-    else:
-        dm = dt.inject(MLP().eval(), dt.LoRAConfig(targets=["lin0", "lin1"], r=2))
-    perturb(dm)
-    with dm.disabled():
-        base = dm(X).detach()
-    adapted = dm(X).detach()
-    dm.merge()
-    merged = dm(X).detach()
-    with dm.disabled():
-        inside = dm(X).detach()
-        assert not dm.model.lin1.merged
-    after = dm(X).detach()
-    assert dm.model.lin1.merged == ("default",)
-    if exact:
-        assert torch.equal(inside, base) and torch.equal(after, merged) and torch.equal(merged, adapted)
-    else:
-        assert_close(inside, base)
-        assert_close(after, merged)
-    assert (base - merged).abs().max() > 1e-3
-
-
 # --- 6. safe_merge ---------------------------------------------------------------------------------------
 
 
@@ -439,6 +412,34 @@ def test_safe_merge_of_finite_adapters_equals_the_plain_merge():
     model = safe.merge_and_unload(safe_merge=True)
     assert not any(isinstance(m, DeltaLayer) for m in model.modules())
     assert_close(model(X), expected)
+
+
+# --- 7. disabled() on a merged model --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["full", "lora"])
+def test_disabled_on_a_merged_model_runs_the_base_and_merges_back(exact):
+    if exact:  # a trainable copy merges by copying values: every step is bitwise
+        dm = dt.inject(MLP().eval(), dt.make_config("full", targets=["lin1"]))
+    else:
+        dm = dt.inject(MLP().eval(), dt.LoRAConfig(targets=["lin0", "lin1"], r=2))
+    perturb(dm)
+    with dm.disabled():
+        base = dm(X).detach()
+    adapted = dm(X).detach()
+    dm.merge()
+    merged = dm(X).detach()
+    with dm.disabled():
+        inside = dm(X).detach()
+        assert not dm.model.lin1.merged
+    after = dm(X).detach()
+    assert dm.model.lin1.merged == ("default",)
+    if exact:
+        assert torch.equal(inside, base) and torch.equal(after, merged) and torch.equal(merged, adapted)
+    else:
+        assert_close(inside, base)
+        assert_close(after, merged)
+    assert (base - merged).abs().max() > 1e-3
 
 
 # --- 8. trainable copies of any module with parameters (norms, GRU, BatchNorm) --------------------------
