@@ -1,6 +1,7 @@
 """Engine defects found by porting PEFT's tests/test_custom_models.py, one regression test (or more) each:
 MultiheadAttention, train modules shared by adapters, kind-less layers in mixed batches, deleting the
-active adapter, nested disabled(), safe merge, disabled() on a merged model, full copies of any module."""
+active adapter, nested disabled(), safe merge, disabled() on a merged model, full copies of any module, and
+nn.TransformerEncoderLayer's fast path, which bypasses wrapped layers as MultiheadAttention bypasses out_proj."""
 
 from __future__ import annotations
 
