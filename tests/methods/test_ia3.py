@@ -6,7 +6,14 @@ import warnings
 
 import pytest
 import torch
-from helpers import assert_close, assert_round_trip, assert_rows_match_each_adapter, max_diff, perturb, train_losses
+from helpers import (
+    assert_close,
+    assert_round_trip,
+    assert_rows_match_each_adapter,
+    max_diff,
+    perturb,
+    train_losses,
+)
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 

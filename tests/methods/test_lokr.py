@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import (Holder, assert_close, assert_round_trip, assert_rows_match_each_adapter, max_diff, perturb,
-                     train_losses)
+from helpers import (
+    Holder,
+    assert_close,
+    assert_round_trip,
+    assert_rows_match_each_adapter,
+    max_diff,
+    perturb,
+    train_losses,
+)
 from torch import nn
 from torch.func import functional_call
 

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import __version__
 from .atomic import atomic_path, atomic_write_text
+from .kinds import weight_of
 from .registry import DeltaConfig, closest, make_config
 from .targeting import named_layers, require_layers
 
@@ -212,7 +213,7 @@ def check_base(dm: DeltaModel, meta: dict[str, Any], path: Any) -> None:
             raise ValueError(f"'{p}' has merged adapters {list(merged)}: unmerge() before loading '{path}'")
     layers = dict(named_layers(dm.model))
     for p, saved in base["fingerprints"].items():
-        if fingerprint(layers[p].weight) != saved:
+        if fingerprint(weight_of(layers[p])) != saved:
             raise ValueError(f"adapter '{path}' was saved for another base model ({base.get('class')} "
                              f"'{base.get('name_or_path')}'): layer '{p}' has different weights or shape; load it "
                              "onto the model it was trained on (or pass check_base=False)")

@@ -25,7 +25,12 @@ class LayerKind:
     to_weight: Callable[[Tensor, Tensor], Tensor]  # (matrix (k, d_in), like weight) -> layout with k outputs
     channel_dim: int  # dimension of the output features in the layer's output
     stock: tuple[str, ...]  # qualified names of the stock forwards that `op` reproduces
-    op: Callable[[nn.Module, Tensor, Tensor], Tensor]  # the stock forward with another weight, no bias
+    # the stock forward with another weight, no bias; None: the forward only ever reads the weight itself
+    # (MultiheadAttention), so deltas run it with a substitute weight W0 + ΔW
+    op: Callable[[nn.Module, Tensor, Tensor], Tensor] | None
+    weight: str = "weight"  # the parameter that is the layer's weight, and its bias
+    bias: str = "bias"
+    parts: tuple[str, ...] = ()  # submodules whose weights the forward reads without calling them: adapted with it
 
 
 def _conv_op(conv: nn.Module, x: Tensor, w: Tensor) -> Tensor:
@@ -51,6 +56,12 @@ CONV1D = LayerKind("conv1d_transposed", lambda w: w.t(), lambda m, like: m.t(), 
                    lambda mod, x, w: x @ w)
 
 
+# nn.MultiheadAttention reads in_proj_weight (q, k, v stacked: 3E x E) and out_proj.weight inside
+# F.multi_head_attention_forward and never calls out_proj: a delta on each, run through the whole module.
+MHA = LayerKind("multihead_attention", lambda w: w, lambda m, like: m, -1, (), None, "in_proj_weight", "in_proj_bias",
+                ("out_proj",))
+
+
 def _is_hf_conv1d(module: nn.Module) -> bool:
     return any(c.__name__ == "Conv1D" and c.__module__.startswith("transformers") for c in type(module).__mro__)
 
@@ -68,12 +79,50 @@ def kind_of(module: nn.Module) -> LayerKind | None:
     return None
 
 
-SUPPORTED = "nn.Linear, nn.Conv1d/2d/3d, nn.Embedding, transformers Conv1D (and their subclasses)"
+SUPPORTED = ("nn.Linear, nn.Conv1d/2d/3d, nn.Embedding, transformers Conv1D (and their subclasses), "
+             "nn.MultiheadAttention (its in_proj and out_proj)")
 
 
-def is_stock(module: nn.Module, kind: LayerKind) -> bool:
+def target_kind(module: nn.Module) -> LayerKind | None:
+    """kind_of, plus the layers that deltas adapt only through a substitute weight (MultiheadAttention).
+
+    Kept apart from kind_of, whose callers (compression, merging) read `module.weight` directly.
+    """
+    if isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim:
+        return MHA
+    return kind_of(module)
+
+
+def bypassed(parent: nn.Module, child: str) -> str | None:
+    """Why `parent`'s forward reads the weights of its submodule `child` without calling it, or None.
+
+    A delta or trainable copy there would change nothing in the forward (and merging would change
+    weights the parent does use), so such modules are never wrapped.
+    """
+    if isinstance(parent, nn.MultiheadAttention) and child == "out_proj":
+        return ("nn.MultiheadAttention reads out_proj.weight directly and never calls out_proj, so a delta "
+                "there does nothing; target the MultiheadAttention itself (adapts its in_proj and out_proj) or "
+                "train it whole (train_modules), or build attention from separate nn.Linear layers")
+    return None
+
+
+def has_fused_fast_path(module: nn.Module) -> bool:
+    """Whether `module` may run a fused kernel that reads its submodules' weights and calls none of them
+    (nn.TransformerEncoderLayer in eval mode); it runs the plain path when a submodule carries a hook."""
+    return isinstance(module, nn.TransformerEncoderLayer)
+
+
+def weight_of(module: nn.Module) -> Tensor | None:
+    """The tensor that identifies a layer's base weights: its kind's weight, else its first parameter."""
+    kind = target_kind(module)
+    if kind is not None:
+        return module.get_parameter(kind.weight)
+    return next(module.parameters(), None)
+
+
+def is_stock(module: nn.Module, kind: LayerKind | None) -> bool:
     """Whether `module` runs its kind's stock forward, which `kind.op` reproduces directly."""
-    return kind is CONV1D or type(module).forward.__qualname__ in kind.stock
+    return kind is not None and (kind is CONV1D or type(module).forward.__qualname__ in kind.stock)
 
 
 def apply_weight(module: nn.Module, kind: LayerKind, x: Tensor, weight: Tensor) -> Tensor:

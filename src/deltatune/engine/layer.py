@@ -6,11 +6,14 @@ mixed-adapter batches. A method only supplies a `Delta` (its parameters and math
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
+from torch.utils import _pytree as pytree
 
 from .fused import LowRank, lowrank_linear, mixed_lowrank
 from .kinds import LINEAR, LayerKind, apply_weight, is_stock, mix_channels, per_channel
@@ -32,6 +35,7 @@ class Delta(nn.Module):
     composes = False  # True: not additive, yet stacks exactly on the deltas before it (IA3, OFT); has fold(layer, W)
     uses_base_output = True  # False: forward ignores `out` (replacement deltas), so the base is not run
     any_module = False  # True: targets may be any module (SSF on LayerNorm), not only weight layers
+    needs_inputs = False  # True: forward also gets the layer call's other arguments (a delta that reruns the layer)
 
     def __init__(self, config: Any, layer: DeltaLayer, initialize: bool = True, shared: nn.Module | None = None):
         super().__init__()
@@ -77,6 +81,13 @@ class Delta(nn.Module):
         """A change to the layer's bias, merged with the weight delta (None: no change)."""
         return None
 
+    def weight_deltas(self, layer: DeltaLayer) -> dict[str, Tensor]:
+        """ΔW (and Δb) in the layout of the layer's own parameters, keyed by their names in it."""
+        deltas = {layer.kind.weight: layer.kind.to_weight(self.delta_weight(layer), layer.weight)}
+        if (b := self.bias_delta()) is not None:
+            deltas[layer.kind.bias] = b
+        return deltas
+
     def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
         y = layer.apply_matrix(x, self.delta_weight(layer))
         if (b := self.bias_delta()) is not None:
@@ -94,8 +105,53 @@ class Delta(nn.Module):
         w = layer.weight
         w += sign * layer.kind.to_weight(self.delta_weight(layer).to(w.dtype), w)
         if (b := self.bias_delta()) is not None:
-            layer.base_layer.bias += sign * b.to(layer.base_layer.bias.dtype)
+            bias = layer.bias_parameter
+            bias += sign * b.to(bias.dtype)
 
+
+class Parts(Delta):
+    """One adapter on a layer whose forward reads several weights itself (MultiheadAttention: in_proj and
+    out_proj): the method's delta on the layer, plus one on each such submodule (PEFT adapts both too).
+
+    Each submodule's delta sees it through a DeltaLayer of its own that is not in the model (`views`),
+    so the method needs nothing special; the layer runs its forward with every W0 + ΔW substituted.
+    """
+
+    def __init__(self, main: Delta, parts: dict[str, tuple[DeltaLayer, Delta]]):
+        nn.Module.__init__(self)
+        self.main = main
+        self.parts = nn.ModuleDict({child: delta for child, (_, delta) in parts.items()})
+        self.__dict__["views"] = {child: view for child, (view, _) in parts.items()}  # not submodules: not saved
+        self.__dict__["shared"] = main.shared
+        self.config, self.method = main.config, main.method
+        self.mergeable = main.mergeable
+
+    def members(self, layer: DeltaLayer | None) -> Iterator[tuple[str, DeltaLayer, Delta]]:
+        """(parameter-name prefix, the layer it adapts, delta) of every part."""
+        yield "", layer, self.main
+        for child, delta in self.parts.items():
+            yield f"{child}.", self.views[child], delta
+
+    def weight_deltas(self, layer: DeltaLayer) -> dict[str, Tensor]:
+        return {prefix + k: dw for prefix, view, d in self.members(layer) for k, dw in d.weight_deltas(view).items()}
+
+    def merge(self, layer: DeltaLayer) -> Any:
+        return [d.merge(view) for _, view, d in self.members(layer)]
+
+    def unmerge(self, layer: DeltaLayer, undo: Any) -> None:
+        for (_, view, d), u in reversed(list(zip(self.members(layer), undo))):
+            d.unmerge(view, u)
+
+    def regularizer(self, layer: DeltaLayer) -> Tensor | None:
+        terms = [t for _, view, d in self.members(layer) if (t := d.regularizer(view)) is not None]
+        return sum(terms) if terms else None
+
+    def on_step(self, step: int) -> None:
+        for _, _, d in self.members(None):
+            d.on_step(step)
+
+    def extra_repr(self) -> str:
+        return self.main.extra_repr()
 
 
 class Routing:
@@ -124,6 +180,19 @@ class Routing:
         return self._on[key]
 
 
+def _put_rows(full: Any, part: Any, rows: Tensor) -> Any:
+    """`full` with its batch rows `rows` replaced by `part`: the batch dim is the one where their sizes differ."""
+    if not isinstance(full, Tensor):
+        return full
+    dims = [d for d in range(full.dim()) if full.shape[d] != part.shape[d]]
+    if not dims:  # the group holds every row of the batch
+        return part.to(full.dtype)
+    if len(dims) > 1:
+        raise ValueError(f"cannot tell the batch dim of a layer output {tuple(full.shape)} from its rows' "
+                         f"{tuple(part.shape)}")
+    return full.index_copy(dims[0], rows, part.to(full.dtype))
+
+
 class DeltaLayer(nn.Module):
     """An existing module (kept as `base_layer`, never rebuilt) plus named deltas."""
 
@@ -142,11 +211,15 @@ class DeltaLayer(nn.Module):
     # --- views the methods use -------------------------------------------------------------
     @property
     def weight(self) -> Tensor:
-        return self.base_layer.weight
+        return self.base_layer.get_parameter(self.kind.weight) if self.kind else self.base_layer.weight
+
+    @property
+    def bias_parameter(self) -> Tensor | None:
+        return getattr(self.base_layer, self.kind.bias if self.kind else "bias", None)
 
     def matrix(self) -> Tensor:
         """The base weight as a d_out x d_in matrix (a view)."""
-        return self.kind.to_matrix(self.base_layer.weight)
+        return self.kind.to_matrix(self.weight)
 
     @property
     def stock(self) -> bool:
@@ -155,7 +228,7 @@ class DeltaLayer(nn.Module):
 
     def apply_matrix(self, x: Tensor, m: Tensor) -> Tensor:
         """(k x d_in matrix) applied to x through the layer's own op, giving k output channels."""
-        return apply_weight(self.base_layer, self.kind, x, self.kind.to_weight(m, self.base_layer.weight))
+        return apply_weight(self.base_layer, self.kind, x, self.kind.to_weight(m, self.weight))
 
     def mix(self, h: Tensor, B: Tensor) -> Tensor:
         return mix_channels(self.kind, h, B)
@@ -178,6 +251,11 @@ class DeltaLayer(nn.Module):
         if not self.enabled:
             self._require_unmerged("run with adapters disabled")
             return self.base_layer(x, *args, **kwargs)
+        if isinstance(x, Tensor) and x.is_nested:
+            raise ValueError(f"'{self.path}' got a nested tensor (nn.TransformerEncoder's eval fast path with a "
+                             "src_key_padding_mask makes them); build the encoder with enable_nested_tensor=False")
+        if self.kind is not None and self.kind.op is None:
+            return self._forward_reweighted(x, route, *args, **kwargs)
         if route is not None:
             return self._forward_mixed(x, route, *args, **kwargs)
         pending = [self.deltas[n] for n in self.active if n not in self._merged]
@@ -195,11 +273,41 @@ class DeltaLayer(nn.Module):
         base = self.base_layer(x, *args, **kwargs) if pending[0].uses_base_output or mask is not None else None
         out = base
         for delta in pending:
-            out = delta(self, x, out)
+            out = delta(self, x, out, *args, **kwargs) if delta.needs_inputs else delta(self, x, out)
         return out if mask is None else self._masked(base, out, mask)
+
+    def _forward_reweighted(self, x: Tensor, route: Routing | None, *args: Any, **kwargs: Any) -> Any:
+        """A layer whose forward reads its weight itself (MultiheadAttention): run it with W0 + ΔW.
+
+        Only additive weight deltas (ΔW) qualify, or one replacement delta (a trainable copy) alone.
+        """
+        pending = [self.deltas[n] for n in self.active if n not in self._merged]
+        name = type(self.base_layer).__name__
+        if route is not None and any(n in self.deltas for n in route.groups):
+            raise ValueError(f"mixed-adapter batches cannot route rows through '{name}' ({self.path}): its forward "
+                             "takes one weight for the whole batch; run each adapter's rows as their own batch")
+        if route is not None or not pending:
+            return self.base_layer(x, *args, **kwargs)
+        if self.token_mask is not None:
+            raise ValueError(f"token_mask cannot reach '{name}' ({self.path}): its weight mixes every token; "
+                             "exclude it from the targets")
+        if len(pending) == 1 and not pending[0].additive:
+            return pending[0](self, x, None, *args, **kwargs)
+        if not all(d.additive for d in pending):
+            raise RuntimeError(f"cannot stack unmerged adapters {[d.method for d in pending]} on '{name}'; "
+                               "merge the others first or activate it alone")
+        params: dict[str, Tensor] = {}
+        for d in pending:
+            for k, dw in d.weight_deltas(self).items():
+                w = params.get(k, self.base_layer.get_parameter(k))
+                params[k] = w + dw.to(w.dtype)
+        return functional_call(self.base_layer, params, (x, *args), kwargs)
 
     def _masked(self, base: Tensor, out: Tensor, mask: Tensor) -> Tensor:
         """The adapted output where `mask` (batch, tokens) is set, the base output elsewhere."""
+        if not isinstance(out, Tensor):
+            raise ValueError(f"token_mask needs a layer with one output tensor; '{type(self.base_layer).__name__}' "
+                             f"returns {type(out).__name__}: exclude it from the targets")
         if self.kind is not None and self.kind.channel_dim != -1:
             raise ValueError(f"token_mask needs token-major outputs (linear, embedding); "
                              f"'{type(self.base_layer).__name__}' puts channels in dim {self.kind.channel_dim}")
@@ -211,12 +319,17 @@ class DeltaLayer(nn.Module):
     def _forward_mixed(self, x: Tensor, route: Routing, *args: Any, **kwargs: Any) -> Tensor:
         self._require_unmerged("route a mixed-adapter batch")
         if x.shape[0] != len(route.names):
-            raise ValueError(f"adapter_names has {len(route.names)} entries but the batch has {x.shape[0]} rows")
+            hint = "" if getattr(self.base_layer, "batch_first", True) else (
+                f"; '{type(self.base_layer).__name__}' ({self.path}) takes (sequence, batch, ...): build it with "
+                "batch_first=True for mixed batches")
+            raise ValueError(f"adapter_names has {len(route.names)} entries but the batch has {x.shape[0]} rows{hint}")
         out = self.base_layer(x, *args, **kwargs)
         mask = self.token_mask
         names = [n for n in route.groups if n != BASE and n in self.deltas]  # other rows see the base layer
         if not names:
             return out
+        if not isinstance(out, Tensor):  # several outputs (a GRU's)
+            return self._mixed_outputs(x, route, names, out, *args, **kwargs)
         if mask is None and self.kind is LINEAR and self.stock:  # a custom forward is not x Aᵀ
             terms = [self.deltas[n].low_rank() if self.deltas[n].additive else None for n in names]
             if all(t is not None and t.dropout == 0 and t.fuses_with(x) for t in terms):
@@ -226,10 +339,25 @@ class DeltaLayer(nn.Module):
         in_place = self.stock or not torch.is_grad_enabled()
         for name in names:
             rows = route.rows(name, x.device)
-            y = self.deltas[name](self, x[rows], out[rows]).to(out.dtype)
+            delta = self.deltas[name]
+            y = delta(self, x[rows], out[rows], *args, **kwargs) if delta.needs_inputs else delta(self, x[rows], out[rows])
+            y = y.to(out.dtype)
             if mask is not None:
                 y = self._masked(out[rows], y, mask[rows])
             out = out.index_copy_(0, rows, y) if in_place else out.index_copy(0, rows, y)
+        return out
+
+    def _mixed_outputs(self, x: Tensor, route: Routing, names: list[str], out: Any, *args: Any, **kwargs: Any
+                       ) -> Any:
+        """A mixed batch through a layer with several outputs (a GRU's (output, h_n)): each adapter's rows
+        run by themselves, and every output tensor takes them along its batch dim, wherever that is."""
+        if self.token_mask is not None:
+            self._masked(out, out, self.token_mask)  # raises: the mask has no single output to apply to
+        for name in names:
+            delta, rows = self.deltas[name], route.rows(name, x.device)
+            base = self.base_layer(x[rows], *args, **kwargs) if delta.uses_base_output else None
+            y = delta(self, x[rows], base, *args, **kwargs) if delta.needs_inputs else delta(self, x[rows], base)
+            out = pytree.tree_map(lambda full, part, rows=rows: _put_rows(full, part, rows), out, y)
         return out
 
     # --- merge -----------------------------------------------------------------------------
@@ -239,13 +367,30 @@ class DeltaLayer(nn.Module):
                                f"'{type(self.base_layer).__name__}'; call unmerge() first")
 
     @torch.no_grad()
-    def merge(self, name: str) -> None:
+    def merge(self, name: str, safe_merge: bool = False) -> None:
+        """Fold adapter `name` into the base; safe_merge: first on a copy, see check_merge."""
         if name in self._merged:
             return
         delta = self.deltas[name]
         if not delta.mergeable:
             raise ValueError(f"adapter '{name}' ({delta.method}) changes activations and cannot be merged")
+        if safe_merge:
+            self.check_merge([name])
         self._merged[name] = delta.merge(self)
+
+    @torch.no_grad()
+    def check_merge(self, names: Sequence[str]) -> None:
+        """Merge `names` in order into a copy of this layer; raise, changing nothing, if that puts NaN or inf
+        into a base parameter that had none (whatever the method's merge rule)."""
+        trial = copy.deepcopy(self)
+        finite = {k: bool(torch.isfinite(p).all()) for k, p in self.base_layer.named_parameters()}
+        for name in names:
+            trial.merge(name)
+            for k, p in trial.base_layer.named_parameters():
+                if finite[k] and not torch.isfinite(p).all():
+                    raise ValueError(f"merging adapter '{name}' ({trial.deltas[name].method}) into '{self.path}' "
+                                     f"would put NaN/inf into its {k}; nothing was merged: check that adapter's "
+                                     "weights (or merge without safe_merge to do it anyway)")
 
     @torch.no_grad()
     def unmerge(self, name: str | None = None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -11,8 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .kinds import kind_of
-from .layer import BASE, Delta, DeltaLayer, Routing
+from .kinds import has_fused_fast_path, target_kind, weight_of
+from .layer import BASE, Delta, DeltaLayer, Parts, Routing
 from .registry import DeltaConfig, did_you_mean, get_method, method_of
 from .targeting import get_parent, resolve
 
@@ -46,6 +47,19 @@ def fingerprint(weight: Tensor) -> str:
     idx = torch.linspace(0, flat.numel() - 1, steps=min(256, flat.numel())).long().clamp_(max=flat.numel() - 1)
     sample = flat[idx].to(torch.bfloat16).float().cpu().numpy().tobytes()
     return hashlib.sha1(str(tuple(weight.shape)).encode() + sample).hexdigest()[:16]
+
+
+def _keep_plain_path(module: nn.Module, args: Any) -> None:
+    """A no-op hook: its presence makes the enclosing module skip a fast path that would bypass this layer."""
+
+
+def _part(spec: Any, config: DeltaConfig, layer: DeltaLayer, child: str, initialize: bool, extra: dict[str, Any]
+          ) -> tuple[DeltaLayer, Delta]:
+    """A delta on a submodule that `layer`'s forward reads without calling, through a view of its own."""
+    module = layer.base_layer.get_submodule(child)
+    view = DeltaLayer(module, target_kind(module))
+    view.path = f"{layer.path}.{child}"
+    return view, spec.delta(config, view, initialize, **extra)
 
 
 class StateMismatch(ValueError):
@@ -112,7 +126,7 @@ class DeltaModel(nn.Module):
             return contextlib.nullcontext()
         if token_mask.dim() != 2:
             raise ValueError(f"token_mask must be (batch, sequence); got shape {tuple(token_mask.shape)}")
-        return self._layers_set("token_mask", token_mask.bool(), None)
+        return self._layers_set("token_mask", token_mask.bool())
 
     def _routed(self, adapter_names: Sequence[str] | None) -> contextlib.AbstractContextManager:
         """Within the block, row i of every batch goes through adapter `adapter_names[i]` ("__base__": none)."""
@@ -122,19 +136,21 @@ class DeltaModel(nn.Module):
             raise ValueError(f"adapter_names takes one adapter name per batch row, got the string {adapter_names!r}; "
                              f"pass [{adapter_names!r}] * batch_size, or set_active({adapter_names!r})")
         self._check_names([n for n in dict.fromkeys(adapter_names) if n != BASE])
-        return self._layers_set("route", Routing(adapter_names), None)
+        return self._layers_set("route", Routing(adapter_names))
 
     @contextlib.contextmanager
-    def _layers_set(self, attr: str, value: Any, restore: Any) -> Iterator[None]:
-        """Set `attr` on every DeltaLayer for the duration of the block."""
+    def _layers_set(self, attr: str, value: Any) -> Iterator[None]:
+        """Set `attr` on every DeltaLayer for the duration of the block; each gets its own value back after
+        it, so that blocks nest (a disabled() inside a disabled() leaves the outer one disabled)."""
         layers = [layer for _, layer in self.layers()]
+        before = [getattr(layer, attr) for layer in layers]
         for layer in layers:
             setattr(layer, attr, value)
         try:
             yield
         finally:
-            for layer in layers:
-                setattr(layer, attr, restore)
+            for layer, old in zip(layers, before):
+                setattr(layer, attr, old)
 
     # --- adapters --------------------------------------------------------------------------
     def layers(self) -> Iterator[tuple[str, DeltaLayer]]:
@@ -171,7 +187,7 @@ class DeltaModel(nn.Module):
         wrapped = {}
         for path in paths + head_paths:
             module = self.model.get_submodule(path)
-            wrapped[path] = module if isinstance(module, DeltaLayer) else DeltaLayer(module, kind_of(module))
+            wrapped[path] = module if isinstance(module, DeltaLayer) else DeltaLayer(module, target_kind(module))
             wrapped[path].path = path
         shared = spec.delta.build_shared(config, [wrapped[p] for p in paths])
         extra = {} if shared is None else {"shared": shared}
@@ -180,12 +196,20 @@ class DeltaModel(nn.Module):
             module, layer = self.model.get_submodule(path), wrapped[path]
             if layer.merged:
                 raise ValueError(f"'{path}' has merged adapters {list(layer.merged)}: unmerge() before adding '{name}'")
-            if path in head_paths and any(isinstance(m, DeltaLayer) for m in module.modules()):
+            if path in head_paths and any(isinstance(m, DeltaLayer) for m in layer.base_layer.modules()):
                 raise ValueError(f"train module '{path}' contains adapted layers; train it in full or adapt its layers")
+            if path in paths and layer.kind is not None and layer.kind.op is None and not spec.delta.additive:
+                raise ValueError(f"{spec.name} cannot adapt '{path}' ({type(layer.base_layer).__name__}): its forward "
+                                 "reads the weight itself, so only additive weight deltas (LoRA, LoHa...) reach it; "
+                                 "train it whole (train_modules) or pick an additive method")
             delta = spec.delta(config, layer, initialize, **extra) if path in paths else full.delta(full.config(), layer)
+            if path in paths and layer.kind is not None and layer.kind.parts:
+                delta = Parts(delta, {child: _part(spec, config, layer, child, initialize, extra)
+                                      for child in layer.kind.parts})
             delta.train(layer.base_layer.training)  # an adapter loaded onto an eval() model must not drop out
             built.append((path, layer, delta))
-        prints = {path: fingerprint(layer.weight) for path, layer, _ in built if path in paths}
+        prints = {path: fingerprint(w) for path, layer, _ in built
+                  if path in paths and (w := weight_of(layer.base_layer)) is not None}
         return Adapter(name, config, paths, head_paths, prints), built, shared
 
     def _install(self, adapter: Adapter, built: list[tuple[str, DeltaLayer, Delta]], shared: nn.Module | None
@@ -194,6 +218,9 @@ class DeltaModel(nn.Module):
             parent, child = get_parent(self.model, path)
             if getattr(parent, child) is not layer:
                 setattr(parent, child, layer)
+                names = path.split(".")
+                if any(has_fused_fast_path(self.model.get_submodule(".".join(names[:i]))) for i in range(len(names))):
+                    layer.register_forward_pre_hook(_keep_plain_path)
             layer.deltas[adapter.name] = delta
         if shared is not None:
             self.shared[adapter.name] = shared
@@ -222,9 +249,20 @@ class DeltaModel(nn.Module):
         for name, shared in self.shared.items():
             shared.requires_grad_(name in names)
 
-    def disabled(self) -> contextlib.AbstractContextManager:
-        """Run the base model alone inside the block."""
-        return self._layers_set("enabled", False, True)
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the base model alone inside the block. Merged adapters are unmerged for it (unmerge
+        restores the base weights) and merged again, in the same order, after it."""
+        merged = [(layer, layer.merged) for _, layer in self.layers() if layer.merged]
+        for layer, _ in merged:
+            layer.unmerge()
+        try:
+            with self._layers_set("enabled", False):
+                yield
+        finally:
+            for layer, names in merged:
+                for n in names:
+                    layer.merge(n)
 
     def delete_adapter(self, name: str) -> None:
         self._check_names([name])
@@ -237,18 +275,39 @@ class DeltaModel(nn.Module):
             del layer.deltas[name]
             if not len(layer.deltas):
                 self._unwrap(path)
-        self.set_active([n for n in self.active if n != name])
+        active = [n for n in self.active if n != name]
+        if not active and self.adapters and name in self.active:
+            # as PEFT does: a model left with no active adapter would silently run as the base model
+            active = [next(iter(self.adapters))]
+            warnings.warn(f"deleted the active adapter '{name}'; activated '{active[0]}' (the first added that "
+                          "remains): call set_active() to pick another", stacklevel=2)
+        self.set_active(active)
 
     def _unwrap(self, path: str) -> None:
         parent, child = get_parent(self.model, path)
         setattr(parent, child, getattr(parent, child).base_layer)
 
     # --- merge -----------------------------------------------------------------------------
-    def merge(self, names: str | Sequence[str] | None = None) -> None:
-        """Fold adapters (default: the active ones) into the base weights; forward then skips them."""
-        for name in self._names(names):
+    def merge(self, names: str | Sequence[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weights; forward then skips them.
+
+        safe_merge: merge into a copy of every layer first and raise, with the model unchanged, if any
+        merged weight holds NaN or inf.
+        """
+        names = self._names(names)
+        if safe_merge:
+            self._check_merge(names)
+        for name in names:
             for path in self.adapters[name].all_paths:
                 self.model.get_submodule(path).merge(name)
+
+    def _check_merge(self, names: list[str]) -> None:
+        per_layer: dict[str, list[str]] = {}
+        for name in names:
+            for path in self.adapters[name].all_paths:
+                per_layer.setdefault(path, []).append(name)
+        for path, layer_names in per_layer.items():
+            self.model.get_submodule(path).check_merge(layer_names)
 
     def unmerge(self, names: str | Sequence[str] | None = None) -> None:
         """Restore the base weights (default: undo every merge)."""
@@ -256,9 +315,13 @@ class DeltaModel(nn.Module):
             for path in self.adapters[name].all_paths:
                 self.model.get_submodule(path).unmerge(name)
 
-    def merge_and_unload(self, names: str | Sequence[str] | None = None) -> nn.Module:
-        """The plain model with `names` (default: active) merged in; the other adapters are dropped."""
+    def merge_and_unload(self, names: str | Sequence[str] | None = None, safe_merge: bool = False) -> nn.Module:
+        """The plain model with `names` (default: active) merged in; the other adapters are dropped.
+        safe_merge: as in merge(), checked before anything is dropped."""
         keep = self._names(names)
+        if safe_merge:
+            self._check_merge(keep)
+        self.set_active(keep)  # so that dropping the others activates nothing (and warns of nothing)
         for name in [n for n in self.adapters if n not in keep]:
             self.delete_adapter(name)
         self.merge(keep)
@@ -328,7 +391,7 @@ class DeltaModel(nn.Module):
         """One row per (layer, adapter): method, base shape, its parameters and how many train."""
         rows = []
         for path, layer in self.layers():
-            base_shape = tuple(getattr(layer.base_layer, "weight", torch.empty(0)).shape)
+            base_shape = tuple(getattr(weight_of(layer.base_layer), "shape", ()))
             for name, delta in layer.deltas.items():
                 params = list(delta.parameters())
                 rows.append({"layer": path, "adapter": name, "method": delta.method, "base_shape": base_shape,

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from .atomic import atomic_path, atomic_write_text
 from .io import adapter_folder, model_name, read_json, read_tensors
 from .kinds import CONV, CONV1D, EMBEDDING
+from .layer import Parts
 from .registry import DeltaConfig, closest, make_config
 from .targeting import require_layers
 
@@ -100,6 +101,9 @@ def export_peft(dm: DeltaModel, path: Any, name: str) -> Path:
     if codec is None:
         raise ValueError(f"adapter '{name}' is {adapter.method}, which PEFT does not have; PEFT export covers "
                          f"{', '.join(peft_methods())}. Save it with DeltaModel.save instead")
+    if any(isinstance(dm.model.get_submodule(p).deltas[name], Parts) for p in adapter.paths):
+        raise ValueError(f"adapter '{name}' adapts nn.MultiheadAttention layers, which PEFT export does not cover; "
+                         "save it with DeltaModel.save instead")
     fields, layer_tensors = codec.export(dm, adapter)
     tensors = {k if k.startswith("base_model.") else PREFIX + k: v for k, v in layer_tensors.items()}
     for p in adapter.train_modules:

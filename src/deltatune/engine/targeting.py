@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from .kinds import SUPPORTED, kind_of
+from .kinds import SUPPORTED, bypassed, target_kind
 from .layer import DeltaLayer
 from .registry import did_you_mean
 
@@ -83,16 +83,27 @@ def resolve(model: nn.Module, targets: Any, exclude: Any = None, *, need_kind: b
     layers = list(named_layers(model))
     paths = [p for p, _ in layers]
     excluded = [matcher(s) for s in _as_list(exclude)] if exclude is not None else []
+    modules = dict(layers)
+
+    def why_bypassed(path: str) -> str | None:
+        parent, _, child = path.rpartition(".")
+        return bypassed(modules[parent] if parent else model, child)
+
     chosen: dict[str, None] = {}
     for spec in specs:
         match = matcher(spec)
         hits = [(p, m) for p, m in layers if match(p, m)]
         if not hits:
             raise _no_match_error(spec, paths)
+        for p, m in hits:
+            if (why := why_bypassed(p)) is not None and not any(ex(p, m) for ex in excluded):
+                raise ValueError(f"target {spec!r} selects '{p}': {why} (or exclude '{p}')")
         if need_kind:
-            # A name that selects containers (e.g. "attention") means the supported layers inside them.
-            hits = [(p, m) for p, m in hits if kind_of(m) is not None] or [
-                (p, m) for p, m in layers if kind_of(m) is not None and any(p.startswith(h + ".") for h, _ in hits)]
+            # A name that selects containers (e.g. "attention") means the supported layers inside them
+            # (not those whose forward the container bypasses: it adapts them itself, or cannot).
+            hits = [(p, m) for p, m in hits if target_kind(m) is not None] or [
+                (p, m) for p, m in layers if target_kind(m) is not None and why_bypassed(p) is None
+                and any(p.startswith(h + ".") for h, _ in hits)]
             if not hits:
                 raise ValueError(f"target {spec!r} selects no layer a weight delta can adapt ({SUPPORTED})")
         for p, m in hits:

@@ -6,6 +6,8 @@ the trained values into the module and keeps the originals to restore them on un
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
@@ -27,15 +29,17 @@ def _key(name: str) -> str:
 class Full(Delta):
     uses_base_output = False
     additive = False
+    any_module = True  # norms, GRUs, attention: any module with parameters
+    needs_inputs = True  # it reruns the module, with all the arguments of the call
 
     def __init__(self, config: FullConfig, layer: DeltaLayer, initialize: bool = True):
         super().__init__(config, layer)
         self.params = nn.ParameterDict({
             _key(n): nn.Parameter(p.detach().clone()) for n, p in layer.base_layer.named_parameters()})
 
-    def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor | None) -> Tensor:
+    def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor | None, *args: Any, **kwargs: Any) -> Any:
         values = {n: self.params[_key(n)] for n, _ in layer.base_layer.named_parameters()}
-        return functional_call(layer.base_layer, values, (x,))
+        return functional_call(layer.base_layer, values, (x, *args), kwargs)
 
     @torch.no_grad()
     def merge(self, layer: DeltaLayer) -> dict[str, Tensor]:
