@@ -598,3 +598,27 @@ def test_transformer_encoder_nested_tensors_get_a_clear_error_and_the_fix_works(
         adapted = dm(x, src_key_padding_mask=pad)
         dm.merge()
         assert_close(adapted, dm(x, src_key_padding_mask=pad))
+
+
+def test_a_deep_copied_model_keeps_its_layer_kinds_and_fast_paths(monkeypatch):
+    import copy
+
+    import deltatune.engine.layer as layer_module
+    from deltatune.engine.kinds import CONV, LINEAR
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    dm = dt.inject(model, dt.make_config("oft", block_size=2, targets=["0"]))
+    dm.add_adapter("lora", dt.LoRAConfig(r=2, targets=["2"]))
+    perturb(dm)
+    dm.set_active(["default", "lora"])
+    perturb(dm)
+    twin = copy.deepcopy(dm)
+    kinds = {path: layer.kind for path, layer in twin.layers()}
+    assert kinds["0"] is CONV and kinds["2"] is LINEAR  # identity, as the engine's `kind is ...` checks need
+    x = torch.randn(2, 4, 5, 5)
+    calls = []
+    fused = layer_module.lowrank_linear
+    monkeypatch.setattr(layer_module, "lowrank_linear", lambda *a, **k: calls.append(1) or fused(*a, **k))
+    assert_close(twin(x), dm(x))
+    assert len(calls) == 2, "the copy's LoRA layer left the fused path"

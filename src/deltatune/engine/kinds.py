@@ -32,6 +32,14 @@ class LayerKind:
     bias: str = "bias"
     parts: tuple[str, ...] = ()  # submodules whose weights the forward reads without calling them: adapted with it
 
+    # Kinds are singletons compared with `is` (kind is LINEAR): a deep-copied model must keep them, or its
+    # layers would silently leave the fused paths (and conv-only branches would misread them).
+    def __copy__(self) -> LayerKind:
+        return self
+
+    def __deepcopy__(self, memo: dict) -> LayerKind:
+        return self
+
 
 def _conv_op(conv: nn.Module, x: Tensor, w: Tensor) -> Tensor:
     if conv.padding_mode != "zeros":
