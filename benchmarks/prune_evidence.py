@@ -101,7 +101,7 @@ def minilm(args) -> dict:
     """Fine-tune the embedded recipe (LoRA on MiniLM, Rotten Tomatoes), merge it, then prune the classifier."""
     out = Path(args.workdir) / "minilm_rt"
     recipe = load_recipe(None, [f"train.output_dir={out}"] + (["data.max_train=500"] if args.quick else []))
-    trainer = Trainer(recipe)
+    trainer = Trainer(recipe, overwrite=True)  # its own scratch folder: a rerun replaces the last one
     trainer.setup()
     result = trainer.train()
     classifier = trainer.model.merge_and_unload().eval()

@@ -644,3 +644,18 @@ def test_minus_inf_logits_of_a_top_k_vblora_are_values_not_damage(tmp_path):
     x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert_close(dt.load(TwoLinears(), tmp_path / "native")(x), imported(x))
+
+
+def test_deltatune_compress_with_a_useless_lowrank_rank_exits_2_and_writes_nothing(tiny_llama, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from deltatune import assets
+    from deltatune.cli.main import main
+
+    tiny_llama.save_pretrained(tmp_path / "model")
+    AutoTokenizer.from_pretrained(assets.smollm2_path()).save_pretrained(tmp_path / "model")
+    capsys.readouterr()
+    assert main(["compress", str(tmp_path / "model"), "--lowrank-rank", "10000", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "lowrank: rank 10000 factorises none of the" in err and "largest useful rank is 21" in err
+    assert not (tmp_path / "out").exists()

@@ -262,6 +262,7 @@ def compress_lowrank(args: argparse.Namespace) -> int:
     model = load_hf_model(path)
     before = measure(model)
     low = factorize(model, args.targets, rank=args.lowrank_rank, energy=args.lowrank_energy, exclude=args.exclude)
+    low.require_change(args.lowrank_rank, args.lowrank_energy)  # an unchanged model is never what was asked
     report = CompressionReport(args.model, before, measure(model), [low.to_markdown().splitlines()[0]],
                                notes=[low.to_markdown(), f"Model: {RELOAD_PRUNED}."])
     save_compressed(Path(args.out), args.overwrite, model, _tokenizer(path), report, {})
