@@ -16,3 +16,14 @@ def test_readme_quickstart_runs(tmp_path, monkeypatch):
     assert (tmp_path / "runs/my-adapter/deltatune_config.json").is_file()
     assert (tmp_path / "runs/my-adapter-peft/adapter_config.json").is_file()
     assert namespace["mixed"].logits.shape == (4, 2)
+
+
+def test_readme_merge_config_is_valid(tmp_path):
+    from deltatune.merging.config import load_merge_config
+
+    text = README.read_text()
+    block = re.search(r"```yaml\n(method: .*?)```", text[text.index("## Merging"):], re.S).group(1)
+    (tmp_path / "merge.yaml").write_text(block)
+    cfg = load_merge_config(tmp_path / "merge.yaml")
+    assert [m.path for m in cfg.models] == ["ft-math", "ft-code", "ft-chat"]
+    assert cfg.models[2].weight == 0.5 and cfg.models[2].parameters == {"density": 0.5}
