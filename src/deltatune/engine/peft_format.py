@@ -6,7 +6,10 @@ its per-layer tensor names) with `register_peft`, next to its math. LoRA/DoRA's 
 
 LoRA key scheme (peft 0.21): `<path>.lora_A.weight` / `lora_B.weight` (conv: 4-D), embeddings
 `lora_embedding_A` / `lora_embedding_B`, DoRA `lora_magnitude_vector` (conv: (1, d_out, 1, 1)), a trained
-bias as the full value at `<path>.base_layer.bias`.
+bias as the full value at `<path>.base_layer.bias`. PEFT's `lora_bias=True` (a trained bias b on lora_B, adding
+s·b) imports as `bias='lora_only'` with the bias delta s·b: the same function (outputs, merge) and the same
+files back in PEFT's `bias='lora_only'` form; further training steps b's multiple instead of b (Adam moves it
+by the rate, not s times it).
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ def peft_methods() -> list[str]:
 PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 _LORA_KEYS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "A", "lora_embedding_B": "B",
-              "lora_magnitude_vector": "m", "base_layer.bias": "bias"}
+              "lora_magnitude_vector": "m", "base_layer.bias": "bias", "lora_B.bias": "lora_B_bias"}
 
 
 def export_peft(dm: DeltaModel, path: Any, name: str) -> Path:
@@ -109,8 +112,8 @@ def _lora_export(dm: DeltaModel, adapter: Adapter) -> tuple[dict[str, Any], Tens
         if layer.kind is EMBEDDING:
             tensors[f"{PREFIX}{p}.lora_embedding_A"], tensors[f"{PREFIX}{p}.lora_embedding_B"] = A, B
         else:
-            if layer.kind is CONV:  # A as a conv kernel with r outputs, B as a 1x1 conv
-                A = A.reshape(A.shape[0], *layer.weight.shape[1:])
+            if layer.kind is CONV:  # A as a conv kernel with r outputs (over all input channels), B as a 1x1 conv
+                A = A.reshape(A.shape[0], -1, *layer.weight.shape[2:])
                 B = B.reshape(*B.shape, *[1] * (layer.weight.dim() - 2))
             fan_in_fan_out |= layer.kind is CONV1D
             tensors[f"{p}.lora_A.weight"], tensors[f"{p}.lora_B.weight"] = A, B
@@ -160,6 +163,9 @@ def _check_lora_config(pc: dict[str, Any], path: Any) -> None:
                          "path_initial_model_for_weight_conversion to get a plain LoRA")
     if pc.get("bias", "none") not in ("none", "lora_only"):
         raise ValueError(f"PEFT adapter at '{path}' trains bias={pc['bias']!r}; deltatune imports 'none' or 'lora_only'")
+    if pc.get("lora_bias") and pc.get("bias", "none") != "none":
+        raise ValueError(f"PEFT adapter at '{path}' trains both lora_bias and bias={pc['bias']!r}; deltatune holds one "
+                         "bias delta per layer: save it with one of the two")
 
 
 def load_peft(dm: DeltaModel, path: Any, name: str) -> Adapter:
@@ -202,16 +208,22 @@ def _lora_load(dm: DeltaModel, pc: dict[str, Any], tensors: Tensors, path: Any) 
     per_layer = layer_tensors(tensors, _LORA_KEYS, path)
     require_layers(dm.model, sorted(per_layer), f"PEFT adapter '{path}'")
     method = "dora" if pc.get("use_dora") else "lora"
+    bias = "lora_only" if pc.get("lora_bias") else pc.get("bias", "none")
     config = make_config(method, r=pc["r"], alpha=pc["lora_alpha"], rslora=pc.get("use_rslora", False),
-                         dropout=pc.get("lora_dropout", 0.0), bias=pc.get("bias", "none"), targets=sorted(per_layer))
+                         dropout=pc.get("lora_dropout", 0.0), bias=bias, targets=sorted(per_layer))
     state = {}
     for p, parts in per_layer.items():
         state[f"{p}.lora_A"] = parts["A"].reshape(config.r, -1)
-        state[f"{p}.lora_B"] = parts["B"].reshape(parts["B"].shape[0], config.r)
+        state[f"{p}.lora_B"] = parts["B"].reshape(parts["B"].shape[0], -1)  # grouped convs: (d_out, r / groups)
         if "m" in parts:
             state[f"{p}.lora_magnitude"] = parts["m"].reshape(-1)
         if "bias" in parts:  # PEFT stores the trained bias itself; deltatune its change
             state[f"{p}.lora_bias"] = parts["bias"] - dm.model.get_submodule(p).bias.detach()
+        if "lora_B_bias" in parts:  # lora_bias=True: the layer adds s·b
+            if getattr(dm.model.get_submodule(p), "bias", None) is None:
+                raise ValueError(f"PEFT adapter at '{path}' has lora_bias on '{p}', which has no bias of its own; "
+                                 "deltatune's bias deltas live on layers with a bias (PEFT cannot merge it either)")
+            state[f"{p}.lora_bias"] = config.scaling * parts["lora_B_bias"].reshape(-1)
     return config, state
 
 

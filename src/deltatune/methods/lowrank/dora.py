@@ -9,6 +9,8 @@ norm is a constant in backward. It is computed from W0, A and B without forming 
 On a stock linear layer (without dropout in training) the forward is g · (W0 x + b + s B A x) + (1 - g) b
 with g = m / ||V||: the engine's fused low-rank linear, then one multiply-add, so DoRA costs one
 elementwise pass more than LoRA.
+On nn.Embedding (as PEFT) the matrix is the (dim x vocab) map from one-hot ids, so m and the norm have one entry
+per embedding dimension. Grouped convolutions are refused (see __init__).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ...engine.fused import LowRank, lowrank_linear
-from ...engine.kinds import EMBEDDING, LINEAR
+from ...engine.kinds import LINEAR
 from ...engine.layer import DeltaLayer
 from ...engine.registry import register
 from .lora import LoRA, LoRAConfig
@@ -32,8 +34,11 @@ class DoRAConfig(LoRAConfig):
 class DoRA(LoRA):
     additive = False
     def __init__(self, config: DoRAConfig, layer: DeltaLayer, initialize: bool = True):
-        if layer.kind is EMBEDDING:
-            raise ValueError("DoRA does not adapt nn.Embedding layers; exclude them or use LoRA there")
+        if getattr(layer.base_layer, "groups", 1) != 1:
+            # ||W0 + ΔW|| would mix the grouped W0 with a dense ΔW; PEFT 0.21 takes the norm of a reshaped B A
+            # instead, which is not the adapted weight's, so no exact match with PEFT exists
+            raise ValueError(f"DoRA cannot adapt a grouped convolution (groups={layer.base_layer.groups}): PEFT's "
+                             "norm there is not the adapted weight's; use LoRA on it or exclude it")
         super().__init__(config, layer, initialize)
         # At init ΔW = 0 (B = 0, or PiSSA's B A - B0 A0 = 0), so the effective weight is W0.
         norm = torch.linalg.vector_norm(layer.matrix().detach().to(self.lora_A.dtype), dim=1)
