@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_path, atomic_write_text
 from .io import model_name
-from .kinds import CONV, CONV1D, EMBEDDING
+from .kinds import CONV, CONV1D, EMBEDDING, LINEAR
 from .registry import DeltaConfig, make_config
 from .targeting import require_layers
 
@@ -78,8 +78,13 @@ def peft_methods() -> list[str]:
 
 PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+_SAMPLER = "lora_monteclora_sampler."  # MonteCLoRA (peft >= 0.18: LoraConfig.monteclora_config, Linear layers)
 _LORA_KEYS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "A", "lora_embedding_B": "B",
-              "lora_magnitude_vector": "m", "base_layer.bias": "bias", "lora_B.bias": "lora_B_bias"}
+              "lora_magnitude_vector": "m", "base_layer.bias": "bias", "lora_B.bias": "lora_B_bias",
+              **{_SAMPLER + k: k for k in ("std_prior", "expert_weights_prior", "expert_weights",
+                                           "gaussian_var_prior")}}
+# MontecloraConfig fields deltatune holds; its buffer_size (draws pre-sampled into a buffer) has no counterpart
+_MONTECLORA = ("num_samples", "sample_scaler", "kl_loss_weight", "dirichlet_prior", "use_entropy")
 
 
 def export_peft(dm: DeltaModel, path: Any, name: str) -> Path:
@@ -123,10 +128,30 @@ def _lora_export(dm: DeltaModel, adapter: Adapter) -> tuple[dict[str, Any], Tens
                 if layer.kind is CONV else m
         if delta.lora_bias is not None:
             tensors[f"{p}.base_layer.bias"] = layer.base_layer.bias + delta.lora_bias
+        if adapter.method == "monteclora":
+            tensors.update(_monteclora_tensors(p, layer, delta))
     r = 2 * cfg.r if cfg.pissa else cfg.r
-    return {"r": r, "lora_alpha": cfg.scaling * (math.sqrt(r) if cfg.rslora else r), "use_rslora": cfg.rslora,
-            "use_dora": adapter.method == "dora", "lora_dropout": cfg.dropout, "bias": cfg.bias,
-            "fan_in_fan_out": fan_in_fan_out, "init_lora_weights": True}, tensors
+    fields = {"r": r, "lora_alpha": cfg.scaling * (math.sqrt(r) if cfg.rslora else r), "use_rslora": cfg.rslora,
+              "use_dora": adapter.method == "dora", "lora_dropout": cfg.dropout, "bias": cfg.bias,
+              "fan_in_fan_out": fan_in_fan_out, "init_lora_weights": True}
+    if adapter.method == "monteclora":
+        fields["monteclora_config"] = {**{k: getattr(cfg, k) for k in _MONTECLORA}, "buffer_size": 150}
+    return fields, tensors
+
+
+def _monteclora_tensors(p: str, layer: Any, delta: Any) -> Tensors:
+    cfg = delta.config
+    if layer.kind not in (LINEAR, CONV1D) or cfg.pissa:
+        what = "PiSSA init" if cfg.pissa else f"a {type(layer.base_layer).__name__} ('{p}')"
+        raise ValueError(f"PEFT's MonteCLoRA adapts linear layers with a plain rank-r A, so {what} cannot be "
+                         "exported to it; save the adapter with DeltaModel.save instead")
+    kw = {"dtype": delta.std_prior.dtype}
+    n = cfg.num_samples
+    # PEFT also saves its last draw (v as a matrix, w); ours is not state, so write PEFT's before-any-draw values,
+    # which is where a loaded adapter starts in both
+    values = {"std_prior": delta.std_prior, "expert_weights_prior": delta.expert_weights_prior,
+              "gaussian_var_prior": torch.eye(cfg.r, **kw), "expert_weights": torch.full((n,), 1 / n, **kw)}
+    return {f"{p}.{_SAMPLER}{k}": v for k, v in values.items()}
 
 
 def write_peft(path: Any, tensors: dict[str, torch.Tensor], peft_config: dict[str, Any]) -> Path:
@@ -207,16 +232,21 @@ def _lora_load(dm: DeltaModel, pc: dict[str, Any], tensors: Tensors, path: Any) 
     _check_lora_config(pc, path)
     per_layer = layer_tensors(tensors, _LORA_KEYS, path)
     require_layers(dm.model, sorted(per_layer), f"PEFT adapter '{path}'")
-    method = "dora" if pc.get("use_dora") else "lora"
+    mc = pc.get("monteclora_config")
+    method = "monteclora" if mc else "dora" if pc.get("use_dora") else "lora"
+    extra = {k: mc[k] for k in _MONTECLORA if k in mc} if mc else {}
     bias = "lora_only" if pc.get("lora_bias") else pc.get("bias", "none")
     config = make_config(method, r=pc["r"], alpha=pc["lora_alpha"], rslora=pc.get("use_rslora", False),
-                         dropout=pc.get("lora_dropout", 0.0), bias=bias, targets=sorted(per_layer))
+                         dropout=pc.get("lora_dropout", 0.0), bias=bias, targets=sorted(per_layer), **extra)
     state = {}
     for p, parts in per_layer.items():
         state[f"{p}.lora_A"] = parts["A"].reshape(config.r, -1)
         state[f"{p}.lora_B"] = parts["B"].reshape(parts["B"].shape[0], -1)  # grouped convs: (d_out, r / groups)
         if "m" in parts:
             state[f"{p}.lora_magnitude"] = parts["m"].reshape(-1)
+        if mc:  # PEFT's last-draw buffers (expert_weights, gaussian_var_prior) are not state here: the next draw
+            for k in ("std_prior", "expert_weights_prior"):
+                state[f"{p}.{k}"] = parts[k]
         if "bias" in parts:  # PEFT stores the trained bias itself; deltatune its change
             state[f"{p}.lora_bias"] = parts["bias"] - dm.model.get_submodule(p).bias.detach()
         if "lora_B_bias" in parts:  # lora_bias=True: the layer adds s·b
@@ -227,4 +257,4 @@ def _lora_load(dm: DeltaModel, pc: dict[str, Any], tensors: Tensors, path: Any) 
     return config, state
 
 
-register_peft(PeftCodec("LORA", ("lora", "dora"), _lora_export, _lora_load))
+register_peft(PeftCodec("LORA", ("lora", "dora", "monteclora"), _lora_export, _lora_load))
