@@ -337,8 +337,11 @@ def test_grouped_conv_errors():
         dt.inject(Holder(conv), dt.LoRAConfig(r=3, targets=["layer"]))
     with pytest.raises(ValueError, match="DoRA cannot adapt a grouped convolution \\(groups=2\\)"):
         dt.inject(Holder(grouped()[0]), dt.make_config("dora", r=2, targets=["layer"]))
-    with pytest.raises(ValueError, match="lora_xs cannot adapt a grouped convolution"):
-        dt.inject(Holder(grouped()[0]), dt.make_config("lora_xs", r=2, targets=["layer"]))
+    for method in ("lora_xs", "dylora", "capaboost"):  # SVD-based, or LoRA subclasses with their own factors
+        with pytest.raises(ValueError, match=f"{method} cannot adapt a grouped convolution"):
+            dt.inject(Holder(grouped()[0]), dt.make_config(method, r=2, targets=["layer"]))
+    with pytest.raises(ValueError, match="lora cannot adapt a grouped convolution"):  # PiSSA: SVD of W0
+        dt.inject(Holder(grouped()[0]), dt.make_config("lora", r=2, init="pissa", targets=["layer"]))
 
     class Custom(nn.Conv2d):
         def forward(self, x):

@@ -197,6 +197,21 @@ def test_peft_parity_eval_training_and_loss():
     assert max_diff(y_dt, dm(x)) > 1e-4  # the training forward really was perturbed
 
 
+def test_grouped_conv_is_lora_in_eval_and_noisy_in_training():
+    conv, x = nn.Conv2d(4, 6, 3, padding=1, groups=2), torch.randn(2, 4, 5, 5)
+    dm = dt.inject(Holder(conv), MonteCLoRAConfig(r=4, alpha=ALPHA, sample_scaler=0.5, targets=["layer"]))
+    perturb(dm, 0.3)
+    twin = dt.inject(Holder(copy.deepcopy(conv)), dt.LoRAConfig(r=4, alpha=ALPHA, targets=["layer"]))
+    twin.load_adapter_state_dict({k: v for k, v in dm.adapter_state_dict().items() if "prior" not in k})
+    dm.eval()
+    assert_close(dm(x), twin(x))
+    dm.train()
+    y = dm(x)
+    assert max_diff(y, twin(x)) > 1e-4
+    y.square().sum().backward()
+    assert delta(dm).std_prior.grad.abs().sum() > 0
+
+
 def test_peft_files_both_ways(tmp_path):
     """PEFT-saved MonteCLoRA loads here with its options and tensors, ours loads in PEFT, in eval and training."""
     x = torch.randn(5, 12, generator=torch.Generator().manual_seed(2))

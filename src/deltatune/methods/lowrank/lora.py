@@ -128,6 +128,13 @@ def adapter_dtype(layer: DeltaLayer) -> torch.dtype:
           paper="arXiv:2106.09685", summary="LoRA: W0 + (alpha/r) B A; rsLoRA and PiSSA via rslora/init")
 class LoRA(Delta):
     groups = 1  # the base conv's groups (subclasses that build their own factors keep 1)
+    grouped_forward = False  # True: a subclass's own forward goes through lora_out, so grouped convs work
+
+    @classmethod
+    def adapts_grouped_convs(cls) -> bool:
+        """Grouped convs need LoRA's own factors, lora_out and merge rule; a forward of its own must opt in."""
+        own = all(getattr(cls, f) is getattr(LoRA, f) for f in ("factors", "lora_out", "delta_weight"))
+        return own and (cls.forward is LoRA.forward or cls.grouped_forward)
 
     def __init__(self, config: LoRAConfig, layer: DeltaLayer, initialize: bool = True, shared: nn.Module | None = None):
         super().__init__(config, layer, shared=shared)
@@ -135,7 +142,8 @@ class LoRA(Delta):
             raise ValueError(f"PiSSA init needs r <= {min(layer.matrix().shape)} on this "
                              f"{' x '.join(map(str, layer.matrix().shape))} layer ({type(layer.base_layer).__name__}):"
                              " its SVD has only that many singular triplets; lower r or use init='kaiming'")
-        d_out, d_in = check_rank(config.r, layer, self.method, warn_for=config, grouped=not config.pissa)
+        d_out, d_in = check_rank(config.r, layer, self.method, warn_for=config,
+                                 grouped=not config.pissa and self.adapts_grouped_convs())
         kw = {"dtype": adapter_dtype(layer), "device": layer.weight.device}
         self.scale = config.scaling
         self.groups = getattr(layer.base_layer, "groups", 1)  # > 1: B is a grouped 1x1 conv (PEFT's layout)

@@ -64,6 +64,7 @@ class MonteCLoRAConfig(LoRAConfig):
           paper="arXiv:2411.04358",
           summary="MonteCLoRA: LoRA whose A gets learned Wishart/Dirichlet Monte Carlo noise in training, plus KL")
 class MonteCLoRA(LoRA):
+    grouped_forward = True  # the training forward goes through lora_out with the noisy A
     def __init__(self, config: MonteCLoRAConfig, layer: DeltaLayer, initialize: bool = True,
                  shared: nn.Module | None = None):
         super().__init__(config, layer, initialize, shared)
