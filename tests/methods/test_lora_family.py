@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import Holder, TwoLinears, assert_close, max_diff
+from helpers import Holder, TwoLinears, assert_close, assert_rows_match_each_adapter, max_diff
 from helpers import perturb as _perturb
 from torch import nn
 from torch.func import functional_call
@@ -326,6 +326,12 @@ def test_grouped_conv_lora_reference_forward(padding_mode):
     with torch.no_grad():
         dense.weight.copy_((ALPHA / 4 * B_full @ delta.lora_A).reshape(6, 4, 3, 3))
     assert_close(dm(x), base + dense(x))
+    dm.add_adapter("other", dt.LoRAConfig(r=2, targets=["layer"]))
+    dm.set_active(["default", "other"])
+    perturb(dm, seed=5)
+    assert dm.model.layer.deltas["other"].lora_B.abs().min() > 0
+    assert_rows_match_each_adapter(dm, x, ["other", "default"])  # mixed batches route grouped convs too
+    dm.set_active("default")
     dm.train()
     dm(x).sum().backward()
     assert delta.lora_A.grad.abs().sum() > 0 and delta.lora_B.grad.abs().sum() > 0
