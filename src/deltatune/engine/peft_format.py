@@ -2,14 +2,15 @@
 
 The engine writes and reads the files, the `base_model.model.` prefix, target_modules and `modules_to_save`
 (a `full` train module's own keys); a method plugs in a `PeftCodec` (its peft_type, its config fields and
-its per-layer tensor names) with `register_peft`, next to its math. LoRA/DoRA's codec is below.
+its per-layer tensor names) with `register_peft`, next to its math. LoRA/DoRA/MonteCLoRA's codec is below.
 
-LoRA key scheme (peft 0.21): `<path>.lora_A.weight` / `lora_B.weight` (conv: 4-D), embeddings
-`lora_embedding_A` / `lora_embedding_B`, DoRA `lora_magnitude_vector` (conv: (1, d_out, 1, 1)), a trained
-bias as the full value at `<path>.base_layer.bias`. PEFT's `lora_bias=True` (a trained bias b on lora_B, adding
-s·b) imports as `bias='lora_only'` with the bias delta s·b: the same function (outputs, merge) and the same
-files back in PEFT's `bias='lora_only'` form; further training steps b's multiple instead of b (Adam moves it
-by the rate, not s times it).
+LoRA key scheme (peft 0.21): `<path>.lora_A.weight` / `lora_B.weight` (conv: 4-D; a grouped conv's A covers
+every input channel, its B is (d_out, r / groups, 1, 1)), embeddings `lora_embedding_A` / `lora_embedding_B`,
+DoRA `lora_magnitude_vector` (conv: (1, d_out, 1, 1)), a trained bias as the full value at
+`<path>.base_layer.bias`, MonteCLoRA `lora_monteclora_sampler.*` with `monteclora_config` in the config.
+PEFT's `lora_bias=True` (a trained bias b on lora_B, adding s·b) imports as `bias='lora_only'` with the bias
+delta s·b: the same function (outputs, merge), written back in PEFT's `bias='lora_only'` form; further
+training steps s·b, not b (Adam moves it by the rate, so the bias learns 1/s times as fast as in PEFT).
 """
 
 from __future__ import annotations
