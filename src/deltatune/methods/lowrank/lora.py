@@ -66,7 +66,7 @@ def _first_time(config: DeltaConfig) -> bool:
     ref = _WARNED.get(id(config))
     if ref is not None and ref() is config:
         return False
-    _WARNED[id(config)] = weakref.ref(config)
+    _WARNED[id(config)] = weakref.ref(config, lambda _, key=id(config): _WARNED.pop(key, None))
     return True
 
 
