@@ -102,8 +102,9 @@ def check_grouped(r: int, layer: DeltaLayer, method: str) -> None:
         raise ValueError(f"{method} rank r={r} on a grouped convolution (groups={groups}) must be divisible by "
                          f"groups (B is a grouped 1x1 conv, as PEFT); use r = {groups * max(1, r // groups)}")
     if not layer.stock:
-        raise ValueError(f"{method} on a grouped convolution needs the stock {type(conv).__mro__[1].__name__} "
-                         f"forward; '{type(conv).__name__}' has its own: exclude it")
+        stock = next(c.__name__ for c in type(conv).__mro__ if c.__module__.startswith("torch.nn"))
+        raise ValueError(f"{method} on a grouped convolution needs the stock {stock} forward; "
+                         f"'{type(conv).__name__}' has its own: exclude it")
 
 
 def grouped_lora(conv: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
