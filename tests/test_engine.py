@@ -334,13 +334,13 @@ def test_only_active_adapters_train_and_base_never(make_synthetic):
 def test_failed_inject_or_add_adapter_leaves_no_trace():
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
     first = model[0]
-    with pytest.raises(ValueError, match="larger than the layer"):
-        dt.inject(model, dt.LoRAConfig(r=4, targets=["0", "1"]))
+    with pytest.raises(ValueError, match="PiSSA init needs r <= 2"):  # layer "1" fails after "0" was built
+        dt.inject(model, dt.LoRAConfig(r=4, init="pissa", targets=["0", "1"]))
     assert model[0] is first and not any(isinstance(m, DeltaLayer) for m in model.modules())
     dm = dt.inject(model, dt.LoRAConfig(r=2, targets=["0"]), name="a")
     n = dm.trainable_parameters()
-    with pytest.raises(ValueError, match="larger than the layer"):
-        dm.add_adapter("b", dt.LoRAConfig(r=4, targets=["0", "1"]))
+    with pytest.raises(ValueError, match="PiSSA init needs r <= 2"):
+        dm.add_adapter("b", dt.LoRAConfig(r=4, init="pissa", targets=["0", "1"]))
     assert dm.trainable_parameters() == n and list(dm.model[0].deltas) == ["a"]
 
 

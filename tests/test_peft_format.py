@@ -21,6 +21,7 @@ R = 4
 def _quiet_peft():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+        warnings.filterwarnings("ignore", message=".*groups > 1. Merging is not supported.*")
         warnings.filterwarnings("ignore", message=".*have invalid shape.*")  # PEFT's own lora_bias=True save
         yield
 
@@ -204,10 +205,11 @@ def test_other_unsupported_peft_adapters(tmp_path, make_synthetic):
     pm.save_pretrained(tmp_path / "bias_all")
     with pytest.raises(ValueError, match="bias='all'"):
         dt.load_peft(make_synthetic(), tmp_path / "bias_all")
-    pm = peft.get_peft_model(make_synthetic(), peft.LoraConfig(r=2, target_modules=["lin"], lora_bias=True))
-    pm.save_pretrained(tmp_path / "lora_bias")
-    with pytest.raises(ValueError, match=r"unexpected tensor 'lin\.lora_B\.bias'"):
-        dt.load_peft(make_synthetic(), tmp_path / "lora_bias")
+    pm = peft.get_peft_model(make_synthetic(), peft.LoraConfig(r=2, target_modules=["lin"], lora_bias=True,
+                                                                bias="lora_only"))
+    pm.save_pretrained(tmp_path / "both_biases")
+    with pytest.raises(ValueError, match="trains both lora_bias and bias='lora_only'"):
+        dt.load_peft(make_synthetic(), tmp_path / "both_biases")
     with pytest.raises(FileNotFoundError, match="nowhere': it does not exist"):
         dt.load_peft(make_synthetic(), tmp_path / "nowhere")
 
@@ -230,3 +232,115 @@ def test_export_of_a_non_lora_adapter_is_refused(tmp_path, make_synthetic):
     with pytest.raises(ValueError, match="is full, which PEFT does not have; PEFT export covers .*dora, .*lora.*Save it with DeltaModel.save"):
         dm.export_peft(tmp_path)
     assert not tmp_path.joinpath("adapter_config.json").exists()
+
+
+# --- grouped convolutions, DoRA on embeddings: parity with PEFT ---------------------------------------------
+
+
+class GroupedNet(torch.nn.Module):
+    """An embedding, a grouped conv (groups=2) and a head: the layers PEFT adapts beyond the stock cases."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(10, 8)
+        self.conv = torch.nn.Conv2d(8, 6, 3, padding=1, groups=2)
+        self.head = torch.nn.Linear(6, 2)
+
+    def forward(self, x):
+        h = self.emb(x).transpose(1, 2)[..., None].expand(-1, -1, -1, 3).contiguous()  # (B, 8, T, 3)
+        return self.head(torch.tanh(self.conv(h)).mean((2, 3)))
+
+
+GX = torch.randint(0, 10, (3, 5), generator=torch.Generator().manual_seed(2))
+
+
+def _out(m):
+    with torch.no_grad():
+        return m(GX)
+
+
+def test_grouped_conv_lora_parity_with_peft(tmp_path):
+    base = _out(GroupedNet())
+    with pytest.warns(UserWarning, match="groups > 1"):
+        pm = peft.get_peft_model(GroupedNet(), peft.LoraConfig(r=4, lora_alpha=6, target_modules=["conv"],
+                                                               init_lora_weights=False))  # random B: a real delta
+    theirs = _out(pm)
+    assert max_diff(theirs, base) > 1e-3
+    pm.save_pretrained(tmp_path / "peft")
+    dm = dt.load_peft(GroupedNet(), tmp_path / "peft")
+    delta = dm.model.conv.deltas["default"]
+    assert delta.lora_A.shape == (4, 8 * 9) and delta.lora_B.shape == (6, 2)  # PEFT's shapes, flattened
+    assert_close(_out(dm), theirs)
+    # neither merges: the update spans all input channels, the grouped weight cannot hold it
+    with pytest.raises(NotImplementedError):
+        pm.merge_adapter()
+    with pytest.raises(ValueError, match="cannot be merged"):
+        dm.merge()
+    dm.export_peft(tmp_path / "again")  # and back
+    again = peft.PeftModel.from_pretrained(GroupedNet(), tmp_path / "again")
+    assert_close(_out(again), theirs)
+    # a deltatune-made adapter loads in PEFT too
+    ours = dt.inject(GroupedNet(), dt.LoRAConfig(r=2, alpha=3, targets=["conv"]))
+    perturb(ours, 0.2)
+    ours.export_peft(tmp_path / "ours")
+    assert_close(_out(peft.PeftModel.from_pretrained(GroupedNet(), tmp_path / "ours")), _out(ours))
+
+
+@pytest.mark.parametrize("r", [3, 12])  # 12 > min(8, 10): PEFT allows it with a warning, so does deltatune
+def test_dora_embedding_parity_with_peft(r, tmp_path):
+    pm = peft.get_peft_model(GroupedNet(), peft.LoraConfig(r=r, lora_alpha=6, target_modules=["emb"], use_dora=True))
+    perturb(pm, 0.2)  # B and the magnitude move
+    theirs = _out(pm)
+    assert max_diff(theirs, _out(GroupedNet())) > 1e-3
+    pm.save_pretrained(tmp_path / "peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore" if r > 8 else "error")
+        dm = dt.load_peft(GroupedNet(), tmp_path / "peft")
+    assert dm.adapters["default"].method == "dora"
+    assert_close(_out(dm), theirs)
+    dm.export_peft(tmp_path / "again")
+    assert_close(_out(peft.PeftModel.from_pretrained(GroupedNet(), tmp_path / "again")), theirs)
+    merged_theirs = pm.merge_and_unload().emb.weight.detach()
+    dm.merge()
+    assert_close(dm.model.emb.weight, merged_theirs)
+    assert_close(_out(dm), theirs)
+
+
+# --- PEFT's lora_bias=True (a trained bias on lora_B) -------------------------------------------------------
+
+
+def test_peft_lora_bias_imports_and_round_trips(tmp_path, make_synthetic, synthetic_input):
+    targets = ["lin", "c1", "conv"]
+    cfg = peft.LoraConfig(r=2, lora_alpha=6, target_modules=targets, lora_bias=True, fan_in_fan_out=True)
+    pm = peft.get_peft_model(make_synthetic(), cfg)
+    perturb(pm, 0.1)  # lora_B's weight and bias move
+    assert pm.base_model.model.lin.lora_B["default"].bias.abs().min() > 0
+    theirs = pm(synthetic_input).detach()
+    pm.save_pretrained(tmp_path / "peft")
+    dm = dt.load_peft(make_synthetic(), tmp_path / "peft")
+    assert dm.adapters["default"].config.bias == "lora_only"
+    b = pm.base_model.model.lin.lora_B["default"].bias
+    assert_close(dm.model.lin.deltas["default"].lora_bias, 3.0 * b)  # s·b, s = 6 / 2
+    assert_close(dm(synthetic_input), theirs)
+    dm.export_peft(tmp_path / "again")  # back to PEFT (as its bias='lora_only' form: the same function)
+    again = peft.PeftModel.from_pretrained(make_synthetic(), tmp_path / "again")
+    assert_close(again(synthetic_input), theirs)
+    assert_close(dt.load_peft(make_synthetic(), tmp_path / "again")(synthetic_input), theirs)
+    merged = pm.merge_and_unload()  # and both merge to the same weights and biases
+    dm.merge()
+    for p in targets:
+        for t in ("weight", "bias"):
+            assert_close(getattr(dm.model.get_submodule(p), t), getattr(merged.get_submodule(p), t), msg=f"{p}.{t}")
+
+
+def test_peft_lora_bias_on_a_layer_without_bias_fails_clearly(tmp_path, make_synthetic):
+    model = make_synthetic()
+    model.lin.bias = None
+    with pytest.warns(Warning, match="has no bias"):
+        pm = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["lin"], lora_bias=True))
+    pm.save_pretrained(tmp_path)
+    bare = make_synthetic()
+    bare.lin.bias = None
+    with pytest.raises(ValueError, match="lora_bias on 'lin', which has no bias of its own"):
+        dt.load_peft(bare, tmp_path)

@@ -6,11 +6,12 @@ from __future__ import annotations
 import functools
 import math
 import random
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import Holder, max_diff
+from helpers import Holder, TwoLinears, assert_close, assert_rows_match_each_adapter, max_diff
 from helpers import perturb as _perturb
 from torch import nn
 from torch.func import functional_call
@@ -29,7 +30,7 @@ VARIANTS = {
     "pissa_niter_4": ("lora", {"init": "pissa_niter_4"}),
     "dora": ("dora", {}),
 }
-CASES = [(v, k) for v in VARIANTS for k in ("linear", "conv2d")] + [("lora", "embedding")]
+CASES = [(v, k) for v in VARIANTS for k in ("linear", "conv2d")] + [("lora", "embedding"), ("dora", "embedding")]
 
 
 def make_layer(kind: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, torch.Tensor]:
@@ -86,7 +87,7 @@ def test_trainable_parameter_count_matches_formula(variant, kind):
 
 
 @pytest.mark.parametrize("method,kind", [("lora", "linear"), ("lora", "conv2d"), ("lora", "embedding"),
-                                         ("dora", "linear"), ("dora", "conv2d")])
+                                         ("dora", "linear"), ("dora", "conv2d"), ("dora", "embedding")])
 def test_bias_lora_only_adds_d_out(method, kind):
     layer, x = make_layer(kind)
     d_out, d_in = dims(layer)
@@ -200,11 +201,11 @@ def test_effective_delta_scale(rslora, kind):
 # --- DoRA -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "embedding"])
 def test_dora_magnitude_norm_and_reference_forward(kind):
     layer, x = make_layer(kind)
-    W0 = as_matrix(layer, layer.weight.detach().clone())
-    b0 = layer.bias.detach().clone()
+    W0 = as_matrix(layer, layer.weight.detach().clone())  # an embedding's: (dim, vocab), one norm per dimension
+    b0 = layer.bias.detach().clone() if kind != "embedding" else None
     dm = inject(layer, "dora")
     delta = dm.model.layer.deltas["default"]
     assert max_diff(delta.lora_magnitude, torch.linalg.norm(W0, dim=1)) < 1e-6  # m starts at ||W0|| per row
@@ -262,17 +263,102 @@ def test_dropout_train_varies_eval_equals_no_dropout(variant, kind):
 @pytest.mark.parametrize("method", ["lora", "dora"])
 @pytest.mark.parametrize("kind,r,size", [("linear", 11, "10 x 12"), ("conv2d", 7, "6 x 27"),
                                          ("embedding", 9, "8 x 20")])
-def test_rank_larger_than_the_layer(method, kind, r, size):
-    layer, _ = make_layer(kind)
-    err = "does not adapt nn.Embedding" if (method, kind) == ("dora", "embedding") else f"r={r}.*{size}"
-    with pytest.raises(ValueError, match=err):
-        dt.inject(Holder(layer), dt.make_config(method, r=r, targets=["layer"]))
-    dt.inject(Holder(make_layer(kind)[0]), dt.make_config("lora", r=r - 1, targets=["layer"]))  # the largest fits
+def test_rank_larger_than_the_layer_warns_and_works(method, kind, r, size):
+    # as PEFT: allowed with a warning; the update's rank is capped by the layer's smaller side
+    layer, x = make_layer(kind)
+    with pytest.warns(UserWarning, match=f"{method} rank r={r} is larger than the layer \\({size}.*rank at most"):
+        dm = dt.inject(Holder(layer), dt.make_config(method, r=r, alpha=ALPHA, targets=["layer"]))
+    delta = dm.model.layer.deltas["default"]
+    assert delta.lora_A.shape[0] == r and max_diff(dm(x), layer(x)) < 1e-6
+    perturb(dm)
+    y = dm(x).detach()
+    assert torch.linalg.matrix_rank(delta.delta_weight(dm.model.layer)) == min(dims(layer))
+    dm.merge()
+    assert_close(dm(x), y)
 
 
-def test_grouped_conv_raises():
-    with pytest.raises(ValueError, match="grouped convolution.*groups=2"):
-        dt.inject(Holder(nn.Conv2d(4, 4, 3, groups=2)), dt.LoRAConfig(r=2, targets=["layer"]))
+def test_rank_warning_once_per_adapter():
+    model = TwoLinears()  # two layers, both smaller than r
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm = dt.inject(model, dt.LoRAConfig(r=20, targets=["a", "b"]))
+        dm.add_adapter("other", dt.LoRAConfig(r=20, targets=["a", "b"]))
+        dm.add_adapter("fits", dt.LoRAConfig(r=2, targets=["a", "b"]))
+    assert [str(w.message).split(" is")[0] for w in caught] == ["lora rank r=20"] * 2  # one per adapter
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4"])
+def test_pissa_rank_larger_than_the_layer_raises(init):
+    with pytest.raises(ValueError, match="PiSSA init needs r <= 10 on this 10 x 12 layer.*singular triplets"):
+        dt.inject(Holder(make_layer("linear")[0]), dt.make_config("lora", r=11, init=init, targets=["layer"]))
+    dt.inject(Holder(make_layer("linear")[0]), dt.make_config("lora", r=10, init=init, targets=["layer"]))
+
+
+@pytest.mark.parametrize("method", ["lora_xs", "sorsa"])
+def test_svd_methods_still_refuse_a_rank_above_the_layer(method):
+    with pytest.raises(ValueError, match=f"{method} rank r=11.*10 x 12.*use r <= 10"):
+        dt.inject(Holder(make_layer("linear")[0]), dt.make_config(method, r=11, targets=["layer"]))
+
+
+# --- grouped convolutions (PEFT's layout: A a full conv over every input channel, B a grouped 1x1 conv) ----
+
+
+def grouped(padding_mode: str = "zeros") -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1, stride=2, dilation=1, groups=2, padding_mode=padding_mode)
+    return conv, torch.randn(2, 4, 7, 7, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_grouped_conv_lora_reference_forward(padding_mode):
+    conv, x = grouped(padding_mode)
+    base = conv(x).detach()
+    dm = dt.inject(Holder(conv), dt.LoRAConfig(r=4, alpha=ALPHA, targets=["layer"]))
+    delta = dm.model.layer.deltas["default"]
+    assert delta.lora_A.shape == (4, 4 * 9) and delta.lora_B.shape == (6, 2)  # B: (C_out, r / groups)
+    assert dm.trainable_parameters() == 4 * 36 + 6 * 2 and max_diff(dm(x), base) == 0
+    perturb(dm)
+    # reference: output channel o of group G mixes the lora channels of group G only, so the update is the dense
+    # (C_out, C_in, 3, 3) kernel s · B_blockdiag A, applied as an ungrouped conv with the layer's own padding
+    B_full = torch.zeros(6, 4)
+    B_full[:3, :2], B_full[3:, 2:] = delta.lora_B[:3].detach(), delta.lora_B[3:].detach()
+    dense = nn.Conv2d(4, 6, 3, padding=1, stride=2, bias=False, padding_mode=padding_mode)
+    with torch.no_grad():
+        dense.weight.copy_((ALPHA / 4 * B_full @ delta.lora_A).reshape(6, 4, 3, 3))
+    assert_close(dm(x), base + dense(x))
+    dm.add_adapter("other", dt.LoRAConfig(r=2, targets=["layer"]))
+    dm.set_active(["default", "other"])
+    perturb(dm, seed=5)
+    assert dm.model.layer.deltas["other"].lora_B.abs().min() > 0
+    assert_rows_match_each_adapter(dm, x, ["other", "default"])  # mixed batches route grouped convs too
+    dm.set_active("default")
+    dm.train()
+    dm(x).sum().backward()
+    assert delta.lora_A.grad.abs().sum() > 0 and delta.lora_B.grad.abs().sum() > 0
+
+
+def test_grouped_conv_errors():
+    conv = grouped()[0]
+    with pytest.raises(ValueError, match="r=3 on a grouped convolution \\(groups=2\\) must be divisible.*r = 2"):
+        dt.inject(Holder(conv), dt.LoRAConfig(r=3, targets=["layer"]))
+    with pytest.raises(ValueError, match="DoRA cannot adapt a grouped convolution \\(groups=2\\)"):
+        dt.inject(Holder(grouped()[0]), dt.make_config("dora", r=2, targets=["layer"]))
+    for method in ("lora_xs", "dylora", "capaboost"):  # SVD-based, or LoRA subclasses with their own factors
+        with pytest.raises(ValueError, match=f"{method} cannot adapt a grouped convolution"):
+            dt.inject(Holder(grouped()[0]), dt.make_config(method, r=2, targets=["layer"]))
+    with pytest.raises(ValueError, match="lora cannot adapt a grouped convolution"):  # PiSSA: SVD of W0
+        dt.inject(Holder(grouped()[0]), dt.make_config("lora", r=2, init="pissa", targets=["layer"]))
+
+    class Custom(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    with pytest.raises(ValueError, match="needs the stock Conv2d forward; 'Custom' has its own"):
+        dt.inject(Holder(Custom(4, 4, 3, groups=2)), dt.LoRAConfig(r=2, targets=["layer"]))
+    dm = dt.inject(Holder(grouped()[0]), dt.LoRAConfig(r=2, targets=["layer"]))
+    with pytest.raises(ValueError, match="grouped convolution \\(groups=2\\) cannot be merged.*keep the adapter"):
+        dm.merge()
+    assert dm.model.layer.merged == ()
 
 
 def test_bad_options():

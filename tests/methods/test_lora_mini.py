@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import Holder, TwoLinears, max_diff, perturb
+from helpers import Holder, TwoLinears, assert_close, max_diff, perturb
 from safetensors.torch import load_file
 from torch import nn
 
@@ -105,6 +105,56 @@ def test_bad_options():
         dt.inject(Holder(nn.Linear(12, 10)), dt.make_config("lora_mini", r=2, a=13, b=3, targets=["layer"]))
     with pytest.raises(ValueError, match="b=11"):
         dt.inject(Holder(nn.Linear(12, 10)), dt.make_config("lora_mini", r=2, a=3, b=11, targets=["layer"]))
+
+
+def test_fused_path_gradients_reach_the_inner_pair():
+    """The engine's fused linear path (low_rank()) gives A_train and B_train the gradients of the plain formula."""
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 48)
+    dm = dt.inject(Holder(lin), dt.make_config("lora_mini", r=4, a=8, b=6, targets=["layer"]))
+    d = dm.model.layer.deltas["default"]
+    assert d.low_rank() is not None  # the fused path is the one taken
+    perturb(dm, std=0.3)
+    x = torch.randn(5, 64)
+    dm(x).square().sum().backward()
+    fused = [d.lora_A_train.grad.clone(), d.lora_B_train.grad.clone()]
+    d.zero_grad()
+    W = lin.weight + d.scale * d.lora_B_aux @ d.lora_B_train @ d.lora_A_train @ d.lora_A_aux
+    torch.nn.functional.linear(x, W, lin.bias).square().sum().backward()
+    for got, p in zip(fused, (d.lora_A_train, d.lora_B_train)):
+        assert got.abs().min() > 0
+        assert_close(got, p.grad)
+
+
+def adam_moves(method: str, steps: int = 3, **options) -> float:
+    """||ΔW|| / ||W0|| after a few Adam steps at one rate on a MiniLM-sized (384 x 384) layer."""
+    torch.manual_seed(0)
+    lin = nn.Linear(384, 384)
+    g = torch.Generator().manual_seed(1)
+    x, target = torch.randn(64, 384, generator=g), torch.randn(64, 384, generator=g)
+    dm = dt.inject(Holder(lin), dt.make_config(method, targets=["layer"], **options))
+    opt = torch.optim.Adam([p for p in dm.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        (dm(x) * target).sum().backward()
+        opt.step()
+    return (dm.model.layer.deltas["default"].delta_weight(dm.model.layer).norm() / lin.weight.norm()).item()
+
+
+def test_adam_steps_move_the_update_as_far_as_lora():
+    """Regression: with the official standard-normal A_aux, B_aux an Adam step moved ΔW ~90x as far as LoRA's at
+    the same rate, so no single rate trained both the adapter and a new head (the methods table stayed at the
+    head-only 0.575). Scaled by 1/sqrt(fan-in) (the default) the steps are LoRA's size."""
+    lora = adam_moves("lora", r=8, alpha=16)  # the methods table's LoRA row
+    assert 0.3 < adam_moves("lora_mini") / lora < 3
+    assert adam_moves("lora_mini", aux_scale="unit") / lora > 30  # the official scale, still available
+
+
+def test_aux_scale_fan_in_is_the_unit_draw_scaled():
+    unit = mini(Two(), aux_scale="unit").model.a.deltas["default"]
+    scaled = mini(Two()).model.a.deltas["default"]  # layer a: d_in = 8; OPTS b = 3
+    assert_close(scaled.lora_A_aux, unit.lora_A_aux / 8**0.5)
+    assert_close(scaled.lora_B_aux, unit.lora_B_aux / 3**0.5)
 
 
 def test_minilm_lora_mini_trains(make_minilm, minilm_batch):

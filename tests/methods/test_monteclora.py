@@ -8,7 +8,7 @@ import copy
 import peft
 import pytest
 import torch
-from helpers import Holder, max_diff, perturb
+from helpers import Holder, assert_close, max_diff, perturb
 from torch import nn
 
 import deltatune as dt
@@ -197,6 +197,65 @@ def test_peft_parity_eval_training_and_loss():
     assert max_diff(y_dt, dm(x)) > 1e-4  # the training forward really was perturbed
 
 
+def test_grouped_conv_is_lora_in_eval_and_noisy_in_training():
+    conv, x = nn.Conv2d(4, 6, 3, padding=1, groups=2), torch.randn(2, 4, 5, 5)
+    dm = dt.inject(Holder(conv), MonteCLoRAConfig(r=4, alpha=ALPHA, sample_scaler=0.5, targets=["layer"]))
+    perturb(dm, 0.3)
+    twin = dt.inject(Holder(copy.deepcopy(conv)), dt.LoRAConfig(r=4, alpha=ALPHA, targets=["layer"]))
+    twin.load_adapter_state_dict({k: v for k, v in dm.adapter_state_dict().items() if "prior" not in k})
+    dm.eval()
+    assert_close(dm(x), twin(x))
+    dm.train()
+    y = dm(x)
+    assert max_diff(y, twin(x)) > 1e-4
+    y.square().sum().backward()
+    assert delta(dm).std_prior.grad.abs().sum() > 0
+
+
+def test_peft_files_both_ways(tmp_path):
+    """PEFT-saved MonteCLoRA loads here with its options and tensors, ours loads in PEFT, in eval and training."""
+    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(2))
+    mc = {"num_samples": 5, "sample_scaler": 0.05, "kl_loss_weight": 1e-3, "dirichlet_prior": 0.3, "use_entropy": True}
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(Two(), peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["a", "b"],
+                                                    monteclora_config=peft.MontecloraConfig(**mc)))
+    perturb(pm, 0.3)  # A, B, sigma and phi all move
+    pm.eval()
+    theirs = pm(x).detach()
+    pm.save_pretrained(tmp_path / "peft")
+    torch.manual_seed(0)
+    dm = dt.load_peft(Two(), tmp_path / "peft")
+    cfg = dm.adapters["default"].config
+    assert dm.adapters["default"].method == "monteclora"
+    assert {k: getattr(cfg, k) for k in mc} == mc and (cfg.r, cfg.alpha) == (R, ALPHA)
+    for p in ("a", "b"):
+        d, s = delta(dm, p), pm.base_model.model.get_submodule(p).lora_monteclora_sampler["default"]
+        assert torch.equal(d.std_prior, s.std_prior) and torch.equal(d.expert_weights_prior, s.expert_weights_prior)
+    dm.eval()
+    assert_close(dm(x), theirs)
+    dm.train(), pm.train()  # the variational loss before any draw: the same from the same parameters
+    assert_close(dm.regularization_loss(), pm.base_model._get_monteclora_loss())
+    dm.export_peft(tmp_path / "again")
+    torch.manual_seed(0)
+    again = peft.PeftModel.from_pretrained(Two(), tmp_path / "again", is_trainable=True)
+    assert again.peft_config["default"].monteclora_config.num_samples == 5
+    again.eval()
+    assert_close(again(x), theirs)
+    again.train()
+    assert_close(again.base_model._get_monteclora_loss(), pm.base_model._get_monteclora_loss())
+    torch.manual_seed(0)
+    assert_close(dt.load_peft(Two(), tmp_path / "again").eval()(x), theirs)
+
+
+def test_peft_export_refuses_what_peft_lacks(tmp_path):
+    dm = inject(make("conv2d")[0])
+    with pytest.raises(ValueError, match="MonteCLoRA adapts linear layers.*Conv2d \\('layer'\\).*DeltaModel.save"):
+        dm.export_peft(tmp_path)
+    dm = inject(make()[0], init="pissa")
+    with pytest.raises(ValueError, match="PiSSA init cannot be exported"):
+        dm.export_peft(tmp_path)
+
+
 def test_bad_options():
     with pytest.raises(ValueError, match="num_samples"):
         MonteCLoRAConfig(num_samples=0)
@@ -204,8 +263,11 @@ def test_bad_options():
         MonteCLoRAConfig(dirichlet_prior=0)
     with pytest.raises(ValueError, match="sample_scaler"):
         MonteCLoRAConfig(sample_scaler=-1e-4)
-    with pytest.raises(ValueError, match="rank r=20 is larger"):
-        dt.inject(Holder(nn.Linear(12, 10)), MonteCLoRAConfig(r=20, targets=["layer"]))
+    with pytest.warns(UserWarning, match="rank r=20 is larger"):  # allowed, as PEFT: the math stays valid
+        dm = dt.inject(Holder(nn.Linear(12, 10)), MonteCLoRAConfig(r=20, targets=["layer"]))
+    dm.train()
+    dm(torch.randn(2, 12)).sum().backward()
+    assert delta(dm).std_prior.grad.shape == (20,)
 
 
 def test_minilm_trains(make_minilm, minilm_batch):

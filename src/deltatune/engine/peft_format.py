@@ -2,11 +2,15 @@
 
 The engine writes and reads the files, the `base_model.model.` prefix, target_modules and `modules_to_save`
 (a `full` train module's own keys); a method plugs in a `PeftCodec` (its peft_type, its config fields and
-its per-layer tensor names) with `register_peft`, next to its math. LoRA/DoRA's codec is below.
+its per-layer tensor names) with `register_peft`, next to its math. LoRA/DoRA/MonteCLoRA's codec is below.
 
-LoRA key scheme (peft 0.21): `<path>.lora_A.weight` / `lora_B.weight` (conv: 4-D), embeddings
-`lora_embedding_A` / `lora_embedding_B`, DoRA `lora_magnitude_vector` (conv: (1, d_out, 1, 1)), a trained
-bias as the full value at `<path>.base_layer.bias`.
+LoRA key scheme (peft 0.21): `<path>.lora_A.weight` / `lora_B.weight` (conv: 4-D; a grouped conv's A covers
+every input channel, its B is (d_out, r / groups, 1, 1)), embeddings `lora_embedding_A` / `lora_embedding_B`,
+DoRA `lora_magnitude_vector` (conv: (1, d_out, 1, 1)), a trained bias as the full value at
+`<path>.base_layer.bias`, MonteCLoRA `lora_monteclora_sampler.*` with `monteclora_config` in the config.
+PEFT's `lora_bias=True` (a trained bias b on lora_B, adding s·b) imports as `bias='lora_only'` with the bias
+delta s·b: the same function (outputs, merge), written back in PEFT's `bias='lora_only'` form; further
+training steps s·b, not b (Adam moves it by the rate, so the bias learns 1/s times as fast as in PEFT).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_path, atomic_write_text
 from .io import adapter_folder, model_name, read_json, read_tensors
-from .kinds import CONV, CONV1D, EMBEDDING
+from .kinds import CONV, CONV1D, EMBEDDING, LINEAR
 from .layer import Parts
 from .registry import DeltaConfig, closest, make_config
 from .targeting import require_layers
@@ -76,8 +80,13 @@ def peft_methods() -> list[str]:
 
 PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+_SAMPLER = "lora_monteclora_sampler."  # MonteCLoRA (peft >= 0.18: LoraConfig.monteclora_config, Linear layers)
 _LORA_KEYS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "A", "lora_embedding_B": "B",
-              "lora_magnitude_vector": "m", "base_layer.bias": "bias"}
+              "lora_magnitude_vector": "m", "base_layer.bias": "bias", "lora_B.bias": "lora_B_bias",
+              **{_SAMPLER + k: k for k in ("std_prior", "expert_weights_prior", "expert_weights",
+                                           "gaussian_var_prior")}}
+# MontecloraConfig fields deltatune holds; its buffer_size (draws pre-sampled into a buffer) has no counterpart
+_MONTECLORA = ("num_samples", "sample_scaler", "kl_loss_weight", "dirichlet_prior", "use_entropy")
 
 
 def peft_pattern(patterns: dict[str, Any], key: str, default: Any) -> Any:
@@ -130,8 +139,8 @@ def _lora_export(dm: DeltaModel, adapter: Adapter) -> tuple[dict[str, Any], Tens
         if layer.kind is EMBEDDING:
             tensors[f"{PREFIX}{p}.lora_embedding_A"], tensors[f"{PREFIX}{p}.lora_embedding_B"] = A, B
         else:
-            if layer.kind is CONV:  # A as a conv kernel with r outputs, B as a 1x1 conv
-                A = A.reshape(A.shape[0], *layer.weight.shape[1:])
+            if layer.kind is CONV:  # A as a conv kernel with r outputs (over all input channels), B as a 1x1 conv
+                A = A.reshape(A.shape[0], -1, *layer.weight.shape[2:])
                 B = B.reshape(*B.shape, *[1] * (layer.weight.dim() - 2))
             fan_in_fan_out |= layer.kind is CONV1D
             tensors[f"{p}.lora_A.weight"], tensors[f"{p}.lora_B.weight"] = A, B
@@ -141,6 +150,8 @@ def _lora_export(dm: DeltaModel, adapter: Adapter) -> tuple[dict[str, Any], Tens
                 if layer.kind is CONV else m
         if delta.lora_bias is not None:
             tensors[f"{p}.base_layer.bias"] = layer.base_layer.bias + delta.lora_bias
+        if adapter.method == "monteclora":
+            tensors.update(_monteclora_tensors(p, layer, delta))
     r = 2 * cfg.r if cfg.pissa else cfg.r
     fields = {"r": r, "lora_alpha": cfg.scaling * (math.sqrt(r) if cfg.rslora else r), "use_rslora": cfg.rslora,
               "use_dora": adapter.method == "dora", "lora_dropout": cfg.dropout, "bias": cfg.bias,
@@ -148,7 +159,24 @@ def _lora_export(dm: DeltaModel, adapter: Adapter) -> tuple[dict[str, Any], Tens
     if getattr(cfg, "rank_pattern", None) or getattr(cfg, "alpha_pattern", None):  # per-layer ranks (merges)
         fields["rank_pattern"] = layer_patterns({p: k for p, (k, _) in alphas.items()}, r)
         fields["alpha_pattern"] = layer_patterns({p: a for p, (_, a) in alphas.items()}, fields["lora_alpha"])
+    if adapter.method == "monteclora":
+        fields["monteclora_config"] = {**{k: getattr(cfg, k) for k in _MONTECLORA}, "buffer_size": 150}
     return fields, tensors
+
+
+def _monteclora_tensors(p: str, layer: Any, delta: Any) -> Tensors:
+    cfg = delta.config
+    if layer.kind not in (LINEAR, CONV1D) or cfg.pissa:
+        what = "PiSSA init" if cfg.pissa else f"a {type(layer.base_layer).__name__} ('{p}')"
+        raise ValueError(f"PEFT's MonteCLoRA adapts linear layers with a plain rank-r A, so {what} cannot be "
+                         "exported to it; save the adapter with DeltaModel.save instead")
+    kw = {"dtype": delta.std_prior.dtype}
+    n = cfg.num_samples
+    # PEFT also saves its last draw (v as a matrix, w); ours is not state, so write PEFT's before-any-draw values,
+    # which is where a loaded adapter starts in both
+    values = {"std_prior": delta.std_prior, "expert_weights_prior": delta.expert_weights_prior,
+              "gaussian_var_prior": torch.eye(cfg.r, **kw), "expert_weights": torch.full((n,), 1 / n, **kw)}
+    return {f"{p}.{_SAMPLER}{k}": v for k, v in values.items()}
 
 
 def write_peft(path: Any, tensors: dict[str, torch.Tensor], peft_config: dict[str, Any]) -> Path:
@@ -206,6 +234,9 @@ def _check_lora_config(pc: dict[str, Any], path: Any) -> None:
                          "path_initial_model_for_weight_conversion to get a plain LoRA")
     if pc.get("bias", "none") not in ("none", "lora_only"):
         raise ValueError(f"PEFT adapter at '{path}' trains bias={pc['bias']!r}; deltatune imports 'none' or 'lora_only'")
+    if pc.get("lora_bias") and pc.get("bias", "none") != "none":
+        raise ValueError(f"PEFT adapter at '{path}' trains both lora_bias and bias={pc['bias']!r}; deltatune holds one "
+                         "bias delta per layer: save it with one of the two")
 
 
 def load_peft(dm: DeltaModel, path: Any, name: str) -> Adapter:
@@ -269,23 +300,34 @@ def _lora_load(dm: DeltaModel, pc: dict[str, Any], tensors: Tensors, path: Any) 
     _check_lora_config(pc, path)
     per_layer = layer_tensors(tensors, _LORA_KEYS, path)
     require_layers(dm.model, sorted(per_layer), f"PEFT adapter '{path}'")
-    method = "dora" if pc.get("use_dora") else "lora"
+    mc = pc.get("monteclora_config")
+    method = "monteclora" if mc else "dora" if pc.get("use_dora") else "lora"
+    extra = {k: mc[k] for k in _MONTECLORA if k in mc} if mc else {}
+    bias = "lora_only" if pc.get("lora_bias") else pc.get("bias", "none")
     # per-layer ranks and alphas (PEFT's rank_pattern / alpha_pattern) become exact paths in deltatune's
     ranks = {p: int(peft_pattern(pc.get("rank_pattern") or {}, p, pc["r"])) for p in per_layer}
     alphas = {p: float(peft_pattern(pc.get("alpha_pattern") or {}, p, pc["lora_alpha"])) for p in per_layer}
     patterns = {"rank_pattern": layer_patterns(ranks, pc["r"]), "alpha_pattern": layer_patterns(alphas, pc["lora_alpha"])}
     config = make_config(method, r=pc["r"], alpha=pc["lora_alpha"], rslora=pc.get("use_rslora", False),
-                         dropout=pc.get("lora_dropout", 0.0), bias=pc.get("bias", "none"), targets=sorted(per_layer),
+                         dropout=pc.get("lora_dropout", 0.0), bias=bias, targets=sorted(per_layer), **extra,
                          **{k: v for k, v in patterns.items() if v})
     state = {}
     for p, parts in per_layer.items():
         state[f"{p}.lora_A"] = parts["A"].reshape(ranks[p], -1)
-        state[f"{p}.lora_B"] = parts["B"].reshape(parts["B"].shape[0], ranks[p])
+        state[f"{p}.lora_B"] = parts["B"].reshape(parts["B"].shape[0], -1)  # grouped convs: (d_out, r / groups)
         if "m" in parts:
             state[f"{p}.lora_magnitude"] = parts["m"].reshape(-1)
+        if mc:  # PEFT's last-draw buffers (expert_weights, gaussian_var_prior) are not state here: the next draw
+            for k in ("std_prior", "expert_weights_prior"):
+                state[f"{p}.{k}"] = parts[k]
         if "bias" in parts:  # PEFT stores the trained bias itself; deltatune its change
             state[f"{p}.lora_bias"] = parts["bias"] - dm.model.get_submodule(p).bias.detach()
+        if "lora_B_bias" in parts:  # lora_bias=True: the layer adds s·b
+            if getattr(dm.model.get_submodule(p), "bias", None) is None:
+                raise ValueError(f"PEFT adapter at '{path}' has lora_bias on '{p}', which has no bias of its own; "
+                                 "deltatune's bias deltas live on layers with a bias (PEFT cannot merge it either)")
+            state[f"{p}.lora_bias"] = config.scaling * parts["lora_B_bias"].reshape(-1)
     return config, state
 
 
-register_peft(PeftCodec("LORA", ("lora", "dora"), _lora_export, _lora_load))
+register_peft(PeftCodec("LORA", ("lora", "dora", "monteclora"), _lora_export, _lora_load))

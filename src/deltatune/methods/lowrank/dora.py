@@ -10,6 +10,8 @@ On a stock linear layer (without dropout in training) the forward is g · (W0 x 
 with g = m / ||V||: the engine's fused low-rank linear, then one multiply-add, so DoRA costs one
 elementwise pass more than LoRA. On a bf16/fp16 base it is z + (g - 1)(z - b), z = W0 x + b + s B A x:
 g near 1 would round to 1 in bf16 (whose step above 1 is 2^-7), g - 1 keeps its digits.
+On nn.Embedding (as PEFT) the matrix is the (dim x vocab) map from one-hot ids, so m and the norm have one entry
+per embedding dimension. Grouped convolutions are refused (see __init__).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ...engine.fused import LowRank, lowrank_linear
-from ...engine.kinds import EMBEDDING, LINEAR
+from ...engine.kinds import LINEAR
 from ...engine.layer import DeltaLayer
 from ...engine.registry import register
 from .lora import LoRA, LoRAConfig
@@ -33,8 +35,11 @@ class DoRAConfig(LoRAConfig):
 class DoRA(LoRA):
     additive = False
     def __init__(self, config: DoRAConfig, layer: DeltaLayer, initialize: bool = True):
-        if layer.kind is EMBEDDING:
-            raise ValueError("DoRA does not adapt nn.Embedding layers; exclude them or use LoRA there")
+        if getattr(layer.base_layer, "groups", 1) != 1:
+            # ||W0 + ΔW|| would mix the grouped W0 with a dense ΔW; PEFT 0.21 takes the norm of a reshaped B A
+            # instead, which is not the adapted weight's, so no exact match with PEFT exists
+            raise ValueError(f"DoRA cannot adapt a grouped convolution (groups={layer.base_layer.groups}): PEFT's "
+                             "norm there is not the adapted weight's; use LoRA on it or exclude it")
         super().__init__(config, layer, initialize)
         # At init ΔW = 0 (B = 0, or PiSSA's B A - B0 A0 = 0), so the effective weight is W0.
         norm = torch.linalg.vector_norm(layer.matrix().detach().to(self.lora_A.dtype), dim=1)

@@ -44,7 +44,7 @@ class LaMDAConfig(DeltaConfig):
 class LaMDA(Delta):
     def __init__(self, config: LaMDAConfig, layer: DeltaLayer, initialize: bool = True):
         super().__init__(config, layer)
-        d_out, d_in = check_rank(config.r, layer, self.method)
+        d_out, d_in = check_rank(config.r, layer, self.method, warn_for=config)
         r, kw = config.r, {"dtype": adapter_dtype(layer), "device": layer.weight.device}
         self.scale = config.alpha / r
         self.register_buffer("lamda_A", torch.zeros(r, d_in, **kw))  # PMA (r, d_in), frozen

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
+import weakref
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
@@ -76,15 +79,65 @@ class LoRAConfig(DeltaConfig):
         return self.init.startswith("pissa")
 
 
-def check_rank(r: int, layer: DeltaLayer, method: str) -> tuple[int, int]:
+_WARNED: dict[int, weakref.ref] = {}  # id -> adapter config already warned about a rank above a layer's side
+
+
+def _first_time(config: DeltaConfig) -> bool:
+    """True once per config object (configs hold lists, so they are not hashable; a weak ref tells reused ids)."""
+    ref = _WARNED.get(id(config))
+    if ref is not None and ref() is config:
+        return False
+    _WARNED[id(config)] = weakref.ref(config, lambda _, key=id(config): _WARNED.pop(key, None))
+    return True
+
+
+def check_rank(r: int, layer: DeltaLayer, method: str, warn_for: DeltaConfig | None = None,
+               grouped: bool = False) -> tuple[int, int]:
+    """(d_out, d_in) of the layer's update after checking r against them.
+
+    r > min(d_out, d_in) raises, or with `warn_for` (the adapter's config; for methods whose math stays valid,
+    as PEFT allows) warns once per adapter: the update's rank cannot exceed the smaller side. `grouped`: the
+    method adapts grouped convolutions as PEFT does (A sees every input channel), so d_in is C_in * kernel.
+    """
     d_out, d_in = layer.matrix().shape
-    if r > min(d_out, d_in):
-        raise ValueError(f"{method} rank r={r} is larger than the layer ({d_out} x {d_in}, "
-                         f"{type(layer.base_layer).__name__}); use r <= {min(d_out, d_in)}")
-    if getattr(layer.base_layer, "groups", 1) != 1:
-        raise ValueError(f"{method} cannot adapt a grouped convolution (groups={layer.base_layer.groups}); "
+    groups = getattr(layer.base_layer, "groups", 1)
+    if groups != 1 and not grouped:
+        raise ValueError(f"{method} cannot adapt a grouped convolution (groups={groups}); "
                          "exclude it or target only groups=1 layers")
+    if groups != 1:
+        check_grouped(r, layer, method)
+        d_in *= groups
+    if r > min(d_out, d_in):
+        what = f"{method} rank r={r} is larger than the layer ({d_out} x {d_in}, {type(layer.base_layer).__name__})"
+        if warn_for is None:
+            raise ValueError(f"{what}; use r <= {min(d_out, d_in)}")
+        if _first_time(warn_for):
+            warnings.warn(f"{what}: the update has rank at most {min(d_out, d_in)} there, so the extra rank only "
+                          "adds parameters (warned once per adapter)", stacklevel=2)
     return d_out, d_in
+
+
+def check_grouped(r: int, layer: DeltaLayer, method: str) -> None:
+    conv, groups = layer.base_layer, layer.base_layer.groups
+    if r % groups:
+        raise ValueError(f"{method} rank r={r} on a grouped convolution (groups={groups}) must be divisible by "
+                         f"groups (B is a grouped 1x1 conv, as PEFT); use r = {groups * max(1, r // groups)}")
+    if not layer.stock:
+        stock = next(c.__name__ for c in type(conv).__mro__ if c.__module__.startswith("torch.nn"))
+        raise ValueError(f"{method} on a grouped convolution needs the stock {stock} forward; "
+                         f"'{type(conv).__name__}' has its own: exclude it")
+
+
+def grouped_lora(conv: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
+    """B A x on a grouped conv as PEFT builds it: A (r, C_in * kernel) a full conv over every input channel with
+    the layer's stride, padding and dilation, then B (C_out, r / groups) a grouped 1x1 conv."""
+    n = conv.weight.dim() - 2
+    op = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[n]
+    padding = conv.padding
+    if conv.padding_mode != "zeros":  # as nn.ConvNd._conv_forward
+        x, padding = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode), 0
+    h = op(x, A.reshape(A.shape[0], -1, *conv.weight.shape[2:]), None, conv.stride, padding, conv.dilation)
+    return op(h, B.reshape(*B.shape, *[1] * n), groups=conv.groups)
 
 
 def adapter_dtype(layer: DeltaLayer) -> torch.dtype:
@@ -96,6 +149,15 @@ def adapter_dtype(layer: DeltaLayer) -> torch.dtype:
 @register("lora", config=LoRAConfig, family="low-rank", formula="r(d_in + d_out)",
           paper="arXiv:2106.09685", summary="LoRA: W0 + (alpha/r) B A; rsLoRA and PiSSA via rslora/init")
 class LoRA(Delta):
+    groups = 1  # the base conv's groups (subclasses that build their own factors keep 1)
+    grouped_forward = False  # True: a subclass's own forward goes through lora_out, so grouped convs work
+
+    @classmethod
+    def adapts_grouped_convs(cls) -> bool:
+        """Grouped convs need LoRA's own factors, lora_out and merge rule; a forward of its own must opt in."""
+        own = all(getattr(cls, f) is getattr(LoRA, f) for f in ("factors", "lora_out", "delta_weight"))
+        return own and (cls.forward is LoRA.forward or cls.grouped_forward)
+
     def __init__(self, config: LoRAConfig, layer: DeltaLayer, initialize: bool = True, shared: nn.Module | None = None):
         super().__init__(config, layer, shared=shared)
         r, alpha = config.r, config.alpha
@@ -103,11 +165,17 @@ class LoRA(Delta):
             if type(self) is not LoRA:  # subclasses read config.r themselves
                 raise ValueError(f"{self.method} does not take rank_pattern/alpha_pattern; only lora does")
             r, alpha = config.for_layer(layer.path)
-        d_out, d_in = check_rank(r, layer, self.method)
+        if config.pissa and r > min(layer.matrix().shape):
+            raise ValueError(f"PiSSA init needs r <= {min(layer.matrix().shape)} on this "
+                             f"{' x '.join(map(str, layer.matrix().shape))} layer ({type(layer.base_layer).__name__}):"
+                             " its SVD has only that many singular triplets; lower r or use init='kaiming'")
+        d_out, d_in = check_rank(r, layer, self.method, warn_for=config,
+                                 grouped=not config.pissa and self.adapts_grouped_convs())
         kw = {"dtype": adapter_dtype(layer), "device": layer.weight.device}
         self.scale = alpha / (math.sqrt(r) if config.rslora else r)  # config.scaling, at this layer's r and alpha
+        self.groups = getattr(layer.base_layer, "groups", 1)  # > 1: B is a grouped 1x1 conv (PEFT's layout)
         self.lora_A = nn.Parameter(torch.zeros(r, d_in, **kw))  # (r, d_in)
-        self.lora_B = nn.Parameter(torch.zeros(d_out, r, **kw))  # (d_out, r)
+        self.lora_B = nn.Parameter(torch.zeros(d_out, r // self.groups, **kw))  # (d_out, r / groups)
         has_bias = config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None
         self.lora_bias = nn.Parameter(torch.zeros(d_out, **kw)) if has_bias else None
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
@@ -136,6 +204,10 @@ class LoRA(Delta):
         return self.lora_A, self.lora_B
 
     def delta_weight(self, layer: DeltaLayer) -> Tensor:
+        if self.groups > 1:
+            raise ValueError(f"{self.method} on a grouped convolution (groups={self.groups}) cannot be merged: its "
+                             "update connects every input channel, which the grouped weight cannot hold (PEFT "
+                             "refuses too); keep the adapter unmerged")
         A, B = self.factors()
         return self.scale * (B @ A)  # (d_out, d_in)
 
@@ -152,9 +224,12 @@ class LoRA(Delta):
     def drop(self, x: Tensor) -> Tensor:
         return self.dropout(x).to(self.lora_A.dtype) if x.is_floating_point() else x  # embeddings take ids
 
-    def lora_out(self, layer: DeltaLayer, x: Tensor) -> Tensor:
-        """s · B A x, computed in activation space (ΔW is never formed)."""
-        A, B = self.factors()
+    def lora_out(self, layer: DeltaLayer, x: Tensor, A: Tensor | None = None) -> Tensor:
+        """s · B A x, computed in activation space (ΔW is never formed); `A` replaces the factor A if given."""
+        A0, B = self.factors()
+        A = A0 if A is None else A
+        if self.groups > 1:
+            return grouped_lora(layer.base_layer, x, A, B) * self.scale
         return layer.mix(layer.apply_matrix(x, A), B) * self.scale
 
     def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:

@@ -64,6 +64,7 @@ class MonteCLoRAConfig(LoRAConfig):
           paper="arXiv:2411.04358",
           summary="MonteCLoRA: LoRA whose A gets learned Wishart/Dirichlet Monte Carlo noise in training, plus KL")
 class MonteCLoRA(LoRA):
+    grouped_forward = True  # the training forward goes through lora_out with the noisy A
     def __init__(self, config: MonteCLoRAConfig, layer: DeltaLayer, initialize: bool = True,
                  shared: nn.Module | None = None):
         super().__init__(config, layer, initialize, shared)
@@ -105,10 +106,10 @@ class MonteCLoRA(LoRA):
     def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
         if not self.training:
             return super().forward(layer, x, out)  # eval: plain, deterministic LoRA
-        A, B = self.factors()
+        A = self.factors()[0]
         r = self.config.r
         A = torch.cat([A[:r] + self.noise(self.draws()), A[r:]])  # only the trainable A (PiSSA's A0 rows stay)
-        y = layer.mix(layer.apply_matrix(self.drop(x), A), B) * self.scale
+        y = self.lora_out(layer, self.drop(x), A)
         if self.lora_bias is not None:
             y = y + layer.per_channel(self.lora_bias, y)
         return out + y.to(out.dtype)

@@ -47,7 +47,7 @@ class NOLA(Factored):
     def __init__(self, config: NOLAConfig, layer: DeltaLayer, initialize: bool = True,
                  shared: LayerShared | None = None):
         super().__init__(config, layer, shared=shared)
-        d_out, d_in = check_rank(config.r, layer, self.method)
+        d_out, d_in = check_rank(config.r, layer, self.method, warn_for=config)
         kw = {"dtype": adapter_dtype(layer), "device": layer.weight.device}
         self.scale = config.alpha / config.r
         g = generator(config.seed, shared.position(layer))

@@ -53,7 +53,7 @@ class SharedFactors(nn.Module):
         self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
         for group, members in groups.items():
             shapes = {paths[id(m)]: tuple(m.matrix().shape) for m in members}
-            d_out, d_in = check_rank(config.r, members[0], "sharelora")
+            d_out, d_in = check_rank(config.r, members[0], "sharelora", warn_for=config)
             kw = {"dtype": adapter_dtype(members[0]), "device": members[0].weight.device}
             for factor, dim in (("A", 1), ("B", 0)):
                 if factor in config.share and len({s[dim] for s in shapes.values()}) > 1:
@@ -73,7 +73,7 @@ class ShareLoRA(LoRA):
     def __init__(self, config: ShareLoRAConfig, layer: DeltaLayer, initialize: bool = True,
                  shared: SharedFactors | None = None):
         Delta.__init__(self, config, layer, shared=shared)
-        d_out, d_in = check_rank(config.r, layer, self.method)
+        d_out, d_in = check_rank(config.r, layer, self.method, warn_for=config)
         kw = {"dtype": adapter_dtype(layer), "device": layer.weight.device}
         self.scale = config.scaling
         self.group = shared.group_of[id(layer)]

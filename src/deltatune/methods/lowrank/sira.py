@@ -77,7 +77,7 @@ class SiRA(Delta):
         if layer.kind not in (LINEAR, CONV1D):
             raise ValueError(f"SiRA routes tokens and adapts Linear / GPT-2 Conv1D layers only, not "
                              f"'{type(layer.base_layer).__name__}'; exclude it")
-        d_out, d_in = check_rank(config.r, layer, self.method)
+        d_out, d_in = check_rank(config.r, layer, self.method, warn_for=config)
         kw = {"dtype": adapter_dtype(layer), "device": layer.weight.device}
         E = config.experts
         self.sira_A = nn.Parameter(torch.zeros(E, config.r, d_in, **kw))  # (E, r, d_in)
