@@ -496,8 +496,9 @@ API = [
      r"unknown option 'alhpa' for LoRAConfig; did you mean 'alpha'\?"),
     ("wrong_option_type", lambda dm, x: dt.LoRAConfig(r="eight"), ValueError, r"r\n.*valid integer"),
     ("unknown_method", lambda dm, x: dt.make_config("lorra"), ValueError, r"unknown method 'lorra'; did you mean 'lora'\?"),
-    ("rank_above_layer", lambda dm, x: dm.add_adapter("b", dt.LoRAConfig(r=100, targets=["lin"])), ValueError,
-     r"lora rank r=100 is larger than the layer \(8 x 8, Linear\); use r <= 8"),
+    # plain LoRA ranks above the layer warn, as PEFT (tests/methods/test_lora_family.py); an SVD init cannot
+    ("pissa_rank_above_layer", lambda dm, x: dm.add_adapter("b", dt.LoRAConfig(r=100, init="pissa", targets=["lin"])),
+     ValueError, r"PiSSA init needs r <= 8 on this 8 x 8 layer \(Linear\): its SVD has only that many singular"),
     ("name_with_dot", lambda dm, x: dm.add_adapter("a.b", dt.LoRAConfig(targets=["lin"])), ValueError,
      r"invalid adapter name 'a\.b': use a non-empty name without dots"),
     ("existing_name", lambda dm, x: dm.add_adapter("default", dt.LoRAConfig(targets=["lin"])), ValueError,
