@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import Holder, max_diff, perturb
+from helpers import Holder, assert_close, max_diff, perturb
 from torch import nn
 from torch.func import functional_call
 from transformers.pytorch_utils import Conv1D
@@ -135,7 +135,7 @@ def test_lora_on_embedding_linear_conv1d_conv2d(make_synthetic, synthetic_input)
     perturb(dm)
     out = dm(synthetic_input)
     assert max_diff(out, base) > 1e-3
-    assert max_diff(out, _reference_synthetic(make_synthetic, dm)(synthetic_input)) < 1e-5
+    assert_close(out, _reference_synthetic(make_synthetic, dm)(synthetic_input))
 
 
 class TaggedLinear(nn.Linear):
@@ -199,9 +199,9 @@ def _check_subclass_kept_and_exact(kind: str) -> None:
     W0 = layer.weight.detach().clone()
     expected = functional_call(layer, {"weight": W0 + lora_delta(dm.model.layer).reshape(W0.shape)}, (x,))
     assert max_diff(dm(x), base) > 1e-3
-    assert max_diff(dm(x), expected) < 1e-5
+    assert_close(dm(x), expected)
     dm.merge()
-    assert max_diff(dm(x), expected) < 1e-5
+    assert_close(dm(x), expected)
 
 
 @pytest.mark.parametrize("kind", ["gain_linear", "same_padding_conv"])
@@ -228,7 +228,7 @@ def test_other_layer_kinds_match_an_explicit_weight(layer, shape):
     dW = lora_delta(dm.model.layer)
     dW = dW.t() if isinstance(layer, nn.Embedding) else dW.reshape(W0.shape)
     expected = functional_call(layer, {"weight": W0 + dW}, (x,))
-    assert max_diff(dm(x), expected) < 1e-5
+    assert_close(dm(x), expected)
 
 
 # --- named adapters ---------------------------------------------------------------------------------
@@ -252,7 +252,7 @@ def test_two_named_adapters_each_match_that_adapter_alone(make_synthetic, synthe
         outs[name] = dm(x).detach()
         alone = dt.inject(make_synthetic(), dm.adapters[name].config, name=name)
         alone.load_adapter_state_dict(dm.adapter_state_dict(name))
-        assert max_diff(alone(x), outs[name]) < 1e-6
+        assert_close(alone(x), outs[name], rtol=1e-5, atol=1e-6)
     assert max_diff(outs["a"], outs["b"]) > 1e-3
 
 
@@ -268,15 +268,15 @@ def test_stacked_lora_adapters_add_their_deltas(make_synthetic, synthetic_input)
         yb = lin(h)
         dm.set_active(["a", "b"])
         yab = lin(h)
-    assert max_diff(yab - base, (ya - base) + (yb - base)) < 1e-6
-    assert max_diff(yab, F.linear(h, lin.weight + lora_delta(lin, "a") + lora_delta(lin, "b"), lin.bias)) < 1e-6
+    assert_close(yab - base, (ya - base) + (yb - base), rtol=1e-5, atol=1e-6)
+    assert_close(yab, F.linear(h, lin.weight + lora_delta(lin, "a") + lora_delta(lin, "b"), lin.bias), rtol=1e-5, atol=1e-6)
     # the whole model: a on lin+conv, b on lin+c1, all folded into plain weights by hand
     ref = make_synthetic()
     with torch.no_grad():
         ref.lin.weight += lora_delta(lin, "a") + lora_delta(lin, "b")
         ref.conv.weight += lora_delta(dm.model.conv, "a").reshape(ref.conv.weight.shape)
         ref.c1.weight += lora_delta(dm.model.c1, "b").t()
-    assert max_diff(dm(synthetic_input), ref(synthetic_input)) < 1e-5
+    assert_close(dm(synthetic_input), ref(synthetic_input))
 
 
 def test_disabled_context_gives_the_base_output(make_synthetic, synthetic_input):
@@ -425,12 +425,13 @@ def test_merge_equals_unmerged_and_unmerge_restores(model_kind, method, make_min
         assert all(layer.merged == ("default",) for _, layer in dm.layers())
         changed = [n for n, p in dm.model.named_parameters() if n in before and not torch.equal(p, before[n])]
         assert changed  # the deltas really went into the weights
-        assert max_diff(run(dm), y) < 1e-5
+        assert_close(run(dm), y)
         dm.unmerge()
         assert all(layer.merged == () for _, layer in dm.layers())
         after = dict(dm.model.named_parameters())
-        assert max(max_diff(after[n], w) for n, w in before.items()) < 1e-6
-        assert max_diff(run(dm), y) < 1e-5
+        for n, w in before.items():
+            assert_close(after[n], w, rtol=1e-5, atol=1e-6, msg=n)
+        assert_close(run(dm), y)
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "pissa"])
@@ -441,7 +442,7 @@ def test_merge_and_unload(method, make_synthetic, synthetic_input):
         plain = dm.merge_and_unload()
         assert not any(isinstance(m, DeltaLayer) for m in plain.modules())
         assert type(plain.lin) is nn.Linear and type(plain.c1) is Conv1D
-        assert max_diff(plain(synthetic_input), y) < 1e-5
+        assert_close(plain(synthetic_input), y)
         assert dm.adapters == {}
 
 
@@ -464,26 +465,28 @@ def test_merge_two_then_unmerge_one(make_synthetic, synthetic_input):
         merged_out = dm(x)
         dm.unmerge("b")  # the newest: W0 + ΔW_a remains
         assert lin.merged == ("a",) and dm.model.c1.merged == ()
-        assert max_diff(lin.weight, W0 + lora_delta(lin, "a")) < 1e-6
-        assert max_diff(dm(x), merged_out) < 1e-5  # b runs unmerged on top of merged a
+        assert_close(lin.weight, W0 + lora_delta(lin, "a"), rtol=1e-5, atol=1e-6)
+        assert_close(dm(x), merged_out)  # b runs unmerged on top of merged a
         dm.merge("b")
         dm.unmerge("a")  # the oldest: b must be re-folded onto W0 alone
         assert lin.merged == ("b",) and dm.model.conv.merged == ()
         only_b = dt.inject(make_synthetic(), dm.adapters["b"].config, name="b")
         only_b.load_adapter_state_dict(dm.adapter_state_dict("b"))
         only_b.merge()
-        assert max_diff(lin.weight, only_b.model.lin.weight) < 1e-6
+        assert_close(lin.weight, only_b.model.lin.weight, rtol=1e-5, atol=1e-6)
         dm.unmerge()
-        assert lin.merged == () and max_diff(lin.weight, W0) < 1e-6
+        assert lin.merged == ()
+        assert_close(lin.weight, W0, rtol=1e-5, atol=1e-6)
         dm.set_active("a")  # two LoRAs commute: stacked == merged in any order
         dm.add_adapter("c", dt.LoRAConfig(r=3, targets=["lin", "c1"]))
         dm.set_active(["a", "c"])
         perturb(dm, seed=7)
         stacked = dm(x)
         dm.merge(["c", "a"])
-        assert max_diff(dm(x), stacked) < 1e-5
+        assert_close(dm(x), stacked)
         dm.unmerge("c")
-        assert max_diff(lin.weight, W0 + lora_delta(lin, "a")) < 1e-6 and max_diff(dm(x), stacked) < 1e-5
+        assert_close(lin.weight, W0 + lora_delta(lin, "a"), rtol=1e-5, atol=1e-6)
+        assert_close(dm(x), stacked)
 
 
 def test_stacked_dora_runs_only_on_merged_others(make_synthetic, synthetic_input):
@@ -495,7 +498,7 @@ def test_stacked_dora_runs_only_on_merged_others(make_synthetic, synthetic_input
         dm.merge("a")  # DoRA now runs on W0 + ΔW_a, exactly as merging it next will fold it
         stacked = dm(synthetic_input)
         dm.merge("b")
-        assert max_diff(dm(synthetic_input), stacked) < 1e-5
+        assert_close(dm(synthetic_input), stacked)
 
 
 def test_mixed_batch_while_merged_raises(make_synthetic, synthetic_input):
@@ -538,10 +541,10 @@ def test_mixed_adapter_batch_equals_rows_alone(mixed_minilm, minilm_batch):
             else:
                 dm.set_active(name)
                 alone = dm(**row).logits
-            assert max_diff(mixed[i], alone[0]) < 1e-5, name
+            assert_close(mixed[i], alone[0], msg=name)
         dm.set_active("lora_a")
         all_base = dm(**minilm_batch, adapter_names=[dt.BASE] * 4).logits
-        assert max_diff(all_base[1], mixed[1]) < 1e-5
+        assert_close(all_base[1], mixed[1])
         assert all(max_diff(all_base[i], mixed[i]) > 1e-3 for i in (0, 2, 3))  # the adapters really act
 
 

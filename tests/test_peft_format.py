@@ -69,7 +69,7 @@ def _export_then_peft_loads(tmp_path, make, targets, run, std, method, options, 
     dm.export_peft(tmp_path / "peft")
     assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     pm = peft.PeftModel.from_pretrained(make(), tmp_path / "peft")
-    assert max_diff(run(pm), ours) < 1e-5
+    assert_close(run(pm), ours)
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert cfg["r"] == (2 * R if options.get("init", "").startswith("pissa") else R)
     assert cfg["use_dora"] == (method == "dora") and cfg["use_rslora"] == options.get("rslora", False)
@@ -122,12 +122,12 @@ def test_peft_saved_minilm_seq_cls_loads(use_dora, options, tmp_path, make_minil
     assert adapter.method == ("dora" if use_dora else "lora") and adapter.train_modules == ["classifier"]
     assert len(adapter.paths) == 12
     with torch.no_grad():
-        assert max_diff(dm(**minilm_batch).logits, theirs) < 1e-5
+        assert_close(dm(**minilm_batch).logits, theirs)
     # and back: our export of what we loaded is what PEFT saved
     dm.export_peft(tmp_path / "again")
     again = peft.PeftModel.from_pretrained(make_minilm(), tmp_path / "again")
     with torch.no_grad():
-        assert max_diff(again(**minilm_batch).logits, theirs) < 1e-5
+        assert_close(again(**minilm_batch).logits, theirs)
 
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
@@ -144,10 +144,10 @@ def test_peft_saved_synthetic_loads(use_dora, tmp_path, make_synthetic, syntheti
     dm = dt.load_peft(make_synthetic(), tmp_path)
     assert sorted(dm.adapters["default"].paths) == sorted(targets)
     with torch.no_grad():
-        assert max_diff(dm(synthetic_input), theirs) < 1e-5
+        assert_close(dm(synthetic_input), theirs)
     dm.merge()  # and what was loaded merges exactly
     with torch.no_grad():
-        assert max_diff(dm(synthetic_input), theirs) < 1e-5
+        assert_close(dm(synthetic_input), theirs)
 
 
 def test_load_peft_as_second_adapter(tmp_path, make_synthetic, synthetic_input):
@@ -161,7 +161,7 @@ def test_load_peft_as_second_adapter(tmp_path, make_synthetic, synthetic_input):
     assert dm.active == ("mine",)
     dm.set_active("theirs")
     with torch.no_grad():
-        assert max_diff(dm(synthetic_input), theirs) < 1e-5
+        assert_close(dm(synthetic_input), theirs)
 
 
 # --- what is not supported fails clearly ------------------------------------------------------------

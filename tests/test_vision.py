@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import assert_close
 
 import deltatune as dt
 from deltatune import assets
@@ -35,9 +36,9 @@ def test_efficientnet_conv_subclass_is_wrapped_not_rebuilt(efficientnet, method)
             y = dm(x)
             assert (y - y0).abs().max() > 1e-3
             dm.merge()
-            torch.testing.assert_close(dm(x), y, atol=1e-4, rtol=1e-4)
+            assert_close(dm(x), y, rtol=1e-4, atol=1e-4)
             dm.unmerge()
-            torch.testing.assert_close(dm(x), y, atol=1e-5, rtol=1e-5)
+            assert_close(dm(x), y, rtol=1e-5, atol=1e-5)
         # The stem's static same-padding runs for the adapter too: ΔW's output has the base's spatial size.
         layer = dm.model._conv_stem
         out = layer.deltas["default"].lora_out(layer, x)

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from helpers import assert_close
 from torch import nn
 
 from deltatune import assets
@@ -251,7 +252,7 @@ def test_gblm_matches_a_direct_transcription_of_its_formula(tiny_llama):
             n += 1
     grads = gradient_norms(tiny_llama, batches, MLP0)
     for p in MLP0:
-        assert torch.allclose(grads[p], g2[p].sqrt(), rtol=1e-4, atol=1e-7)
+        assert_close(grads[p], g2[p].sqrt(), rtol=1e-4, atol=1e-7, msg=p)
     expected = {}
     for p in MLP0:
         score = W[p].abs() * sq[p].sqrt()[None, :] / math.sqrt(n) + 100 * W[p].abs() * g2[p].sqrt()

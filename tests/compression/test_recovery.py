@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from helpers import Holder, max_diff, perturb
+from helpers import Holder, assert_close, max_diff, perturb
 from torch import nn
 from torch.func import functional_call
 
@@ -69,7 +69,7 @@ def test_masked_lora_output_is_the_pruned_base_plus_the_masked_delta():
     expected_W = W0 + (8.0 / R) * (delta.lora_B @ delta.lora_A) * keep
     with torch.no_grad():
         reference = functional_call(nn.Linear(12, 10), {"weight": expected_W, "bias": b0}, (x,))
-        assert max_diff(dm(x), reference) < 1e-5
+        assert_close(dm(x), reference)
         plain = torch.nn.functional.linear(x, W0 + (8.0 / R) * delta.lora_B @ delta.lora_A, b0)
         assert max_diff(dm(x), plain) > 1e-2  # the mask matters
 
@@ -84,13 +84,14 @@ def test_fused_single_pass_equals_the_two_pass_form_in_output_and_gradients():
     # the two-pass form: what a second delta stacked on top (or a mixed batch) gets
     two_pass = delta(fused.model.layer, x, layer(x))
     one_pass = fused(x)
-    assert max_diff(one_pass, two_pass) < 1e-5
+    assert_close(one_pass, two_pass)
     grads = []
     for y in (one_pass, two_pass):
         delta.zero_grad()
         (y * torch.arange(10.0)).sum().backward()
         grads.append([p.grad.clone() for p in (delta.lora_A, delta.lora_B, delta.lora_bias)])
-    assert all(max_diff(a, b) < 1e-4 for a, b in zip(*grads))
+    for a, b in zip(*grads):
+        assert_close(a, b)
 
 
 def test_on_a_dense_layer_masked_lora_equals_lora():
@@ -101,7 +102,7 @@ def test_on_a_dense_layer_masked_lora_equals_lora():
     perturb(plain, std=0.3)
     masked.load_adapter_state_dict({**plain.adapter_state_dict(), "layer.lora_mask": torch.ones(10, 12, dtype=bool)})
     with torch.no_grad():
-        assert max_diff(masked(x), plain(x)) < 1e-5
+        assert_close(masked(x), plain(x))
 
 
 def train_steps(dm: nn.Module, batches: list[dict], steps: int = 4, lr: float = 1e-2) -> None:
@@ -123,11 +124,12 @@ def test_after_training_merging_keeps_pruned_entries_exactly_zero_and_the_output
         unmerged = dm(**batches[0]).logits
         dm.merge()
         merged = dm(**batches[0]).logits
-    assert max_diff(merged, unmerged) < 1e-4
+    assert_close(merged, unmerged, rtol=1e-3, atol=1e-4)
     assert zeros_kept(dm.model, masks)
     assert any(not torch.equal(dm.model.get_submodule(p).weight, W0[p]) for p in masks)  # it did learn something
     dm.unmerge()
-    assert all(max_diff(dm.model.get_submodule(p).weight, W0[p]) < 1e-5 for p in masks)
+    for p in masks:
+        assert_close(dm.model.get_submodule(p).weight, W0[p], msg=p)
 
 
 def test_gpt2_conv1d_layers_keep_their_zeros_through_merge_and_unload(tiny_gpt2):
@@ -138,7 +140,7 @@ def test_gpt2_conv1d_layers_keep_their_zeros_through_merge_and_unload(tiny_gpt2)
     with torch.no_grad():
         unmerged = dm(**batches[0]).logits
         model = dm.merge_and_unload()
-        assert max_diff(model(**batches[0]).logits, unmerged) < 1e-4
+        assert_close(model(**batches[0]).logits, unmerged, rtol=1e-3, atol=1e-4)
     assert zeros_kept(model, masks)
 
 

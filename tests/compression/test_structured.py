@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import max_diff
+from helpers import assert_close
 from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
 
 from deltatune.compression.lowrank import factorize
@@ -59,7 +59,7 @@ def test_removing_heads_and_neurons_equals_zeroing_them_on_minilm(make_minilm, m
     remove_heads(model, heads)
     remove_channels(model, channels)
     assert before - count_parameters(model) == 6 * PER_HEAD + (512 + 3) * PER_NEURON
-    assert max_diff(model(**minilm_batch).logits, reference(**minilm_batch).logits) < 1e-5
+    assert_close(model(**minilm_batch).logits, reference(**minilm_batch).logits)
     summary = structure_summary(model)
     assert summary["heads"] == [10, 12, 12, 9, 12, 11]
     assert summary["ffn_neurons"] == [FFN, FFN - 512, FFN, FFN, FFN - 3, FFN]
@@ -131,7 +131,7 @@ def test_gradient_importance_is_the_sum_of_per_example_gate_gradients():
     # the loss is a batch mean, so one example alone has twice the weight of the same example in a pair
     separate = gradient_importance(model, head_units(model), halves)
     for b, s in zip(both, separate):
-        assert torch.allclose(2 * b, s, atol=1e-6)
+        assert_close(2 * b, s, rtol=1e-4, atol=1e-6)
 
 
 # --- errors -----------------------------------------------------------------------------------------------
@@ -160,7 +160,7 @@ def test_a_head_and_neuron_pruned_minilm_saves_and_reloads(make_minilm, minilm_b
     model.save_pretrained(tmp_path)
     reloaded = load_pruned(tmp_path)
     assert structure_summary(reloaded) == structure_summary(model)
-    assert max_diff(reloaded(**minilm_batch).logits, model(**minilm_batch).logits) < 1e-6
+    assert_close(reloaded(**minilm_batch).logits, model(**minilm_batch).logits, rtol=1e-5, atol=1e-6)
 
 
 def test_uniform_neuron_pruning_reloads_with_from_pretrained(tmp_path):
@@ -169,4 +169,4 @@ def test_uniform_neuron_pruning_reloads_with_from_pretrained(tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
     inputs = {k: v for k, v in TINY_BATCH.items() if k != "labels"}
-    assert max_diff(reloaded(**inputs).logits, model(**inputs).logits) < 1e-6
+    assert_close(reloaded(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-6)

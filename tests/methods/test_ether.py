@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import Holder, assert_round_trip, assert_rows_match_each_adapter, max_diff, perturb, train_losses
+from helpers import (
+    Holder,
+    assert_close,
+    assert_round_trip,
+    assert_rows_match_each_adapter,
+    max_diff,
+    perturb,
+    train_losses,
+)
 from torch import nn
 
 import deltatune as dt
@@ -42,24 +50,24 @@ def test_ether_properties(method, side, n, kind):
         assert abs(torch.linalg.det(H).item() - (-1) ** n) < 1e-4
         assert max_diff(dm(x), base) > 1e-2  # not the identity at init
     else:  # ETHER+ starts at v = -u: the identity
-        assert max_diff(dm(x), base) < 1e-6
+        assert_close(dm(x), base, rtol=1e-5, atol=1e-6)
     W = delta.rotated_weight(dm.model.layer)
     ref = torch.func.functional_call(layer, {"weight": W.reshape(layer.weight.shape), "bias": layer.bias}, (x,))
-    assert max_diff(dm(x), ref) < 1e-5
+    assert_close(dm(x), ref)
     perturb(dm)
     if method == "ether_plus":  # H+ is symmetric and a rank-2 perturbation of I per block with ||H+ - I||_2 <= 1
         M, N = delta.matrices()
         for H in (M, N):
             if H is not None:
-                assert max_diff(H, H.t()) < 1e-6
+                assert_close(H, H.t(), rtol=1e-5, atol=1e-6)
                 assert torch.linalg.matrix_norm(H - torch.eye(H.shape[0]), ord=2) <= 1 + 1e-5
     dm(x).square().sum().backward()
     assert layer.weight.grad is None and all(p.grad is not None for p in delta.parameters())
     y = dm(x).detach()
     dm.merge()
-    assert max_diff(dm(x), y) < 1e-5
+    assert_close(dm(x), y)
     dm.unmerge()
-    assert max_diff(layer.weight, W0) < 1e-6
+    assert_close(layer.weight, W0, rtol=1e-5, atol=1e-6)
 
 
 def test_activation_form_matches_householder_formula():
@@ -67,7 +75,7 @@ def test_activation_form_matches_householder_formula():
     dm = dt.inject(Holder(layer), dt.make_config("ether", targets=["layer"]))
     u = dm.model.layer.deltas["default"].ether_u_in[0]
     H = torch.eye(16) - 2 * torch.outer(u, u) / u.dot(u)
-    assert max_diff(dm(x), nn.functional.linear(x, layer.weight @ H, layer.bias)) < 1e-5
+    assert_close(dm(x), nn.functional.linear(x, layer.weight @ H, layer.bias))
 
 
 def test_save_load_and_mixed_batch(tmp_path):

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import Holder, assert_round_trip, assert_rows_match_each_adapter, max_diff, perturb, train_losses
+from helpers import (
+    Holder,
+    assert_close,
+    assert_round_trip,
+    assert_rows_match_each_adapter,
+    max_diff,
+    perturb,
+    train_losses,
+)
 from torch import nn
 from torch.func import functional_call
 
@@ -91,7 +99,7 @@ def test_activation_forward_equals_materialised_delta(kind):
     dW = delta.delta_weight(wl)
     w = layer.weight
     expected = functional_call(layer, {"weight": w + wl.kind.to_weight(dW, w)}, (x,))
-    assert max_diff(dm(x), expected) < 1e-5
+    assert_close(dm(x), expected)
     assert max_diff(dm(x), layer(x)) > 1e-2
 
 
@@ -109,9 +117,9 @@ def test_tucker_reconstruction(kind):
     letters = "abcde"[: len(shape)]
     spec = letters + "," + ",".join(f"{c.upper()}{c}" for c in letters) + "->" + letters.upper()
     ref = 0.5 * torch.einsum(spec, delta.flora_G, *delta.factors())
-    assert max_diff(T, ref) < 1e-6
+    assert_close(T, ref, rtol=1e-5, atol=1e-6)
     if kind == "linear":  # ΔW = s · U_out G U_in^T
-        assert max_diff(T, 0.5 * delta.flora_U_out @ delta.flora_G @ delta.flora_U_in.t()) < 1e-6
+        assert_close(T, 0.5 * delta.flora_U_out @ delta.flora_G @ delta.flora_U_in.t(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["linear", "conv2d", "depthwise", "embedding"])
@@ -123,10 +131,10 @@ def test_merge_equals_unmerged_and_unmerge_restores(kind):
     y = dm(x).detach()
     dm.merge()
     assert max_diff(layer.weight, W0) > 1e-3
-    assert max_diff(dm(x), y) < 1e-5
+    assert_close(dm(x), y)
     dm.unmerge()
-    assert max_diff(layer.weight, W0) < 1e-6
-    assert max_diff(dm(x), y) < 1e-5
+    assert_close(layer.weight, W0, rtol=1e-5, atol=1e-6)
+    assert_close(dm(x), y)
 
 
 def test_save_load_round_trip(tmp_path):

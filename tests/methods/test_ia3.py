@@ -65,7 +65,7 @@ def test_math_output_and_input_side():
     h = lc * m.c1.base_layer(h)
     h = m.ff.base_layer(lf * torch.tanh(h))  # the FFN's second layer sees l_ff * act(...)
     y = m.conv.base_layer(h[:, :, None, None].expand(-1, -1, 3, 3).contiguous()) * lv.view(1, -1, 1, 1)
-    assert max_diff(dm(X), y) < 1e-6
+    assert_close(dm(X), y, rtol=1e-5, atol=1e-6)
 
 
 def test_gradients_reach_only_the_vectors():
@@ -82,9 +82,10 @@ def test_merge_equals_unmerged_and_unmerge_restores(ff):
     y = dm(X).detach()
     W0 = {k: v.clone() for k, v in dm.model.state_dict().items()}
     dm.merge()
-    assert max_diff(dm(X), y) < 1e-5
+    assert_close(dm(X), y)
     dm.unmerge()
-    assert max(max_diff(dm.model.state_dict()[k], v) for k, v in W0.items()) < 1e-6
+    for k, v in W0.items():
+        assert_close(dm.model.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_zero_entries_merge_and_unmerge_exactly():
@@ -96,7 +97,7 @@ def test_zero_entries_merge_and_unmerge_exactly():
     y = dm(X).detach()
     W0 = {k: v.clone() for k, v in dm.model.state_dict().items()}
     dm.merge()
-    assert max_diff(dm(X), y) < 1e-5
+    assert_close(dm(X), y)
     assert torch.count_nonzero(dm.model.k.base_layer.weight[1]) == 0
     dm.unmerge()
     for k in ("k.base_layer.weight", "k.base_layer.bias", "ff.base_layer.weight"):
@@ -111,7 +112,7 @@ def test_grouped_conv_feedforward_merge():
     perturb(dm)
     y = dm(x).detach()
     dm.merge()
-    assert max_diff(dm(x), y) < 1e-5
+    assert_close(dm(x), y)
 
 
 def test_save_load_and_mixed_batch(tmp_path):
@@ -173,11 +174,11 @@ def test_export_loads_in_peft(tmp_path, ff):
     ours = dm(X).detach()
     dm.export_peft(tmp_path)
     pm = peft.PeftModel.from_pretrained(Net(), tmp_path)
-    assert max_diff(pm(X), ours) < 1e-6
+    assert_close(pm(X), ours, rtol=1e-5, atol=1e-6)
     merged = pm.merge_and_unload()  # PEFT's merge and ours give the same weights
     dm.merge()
     for n in TARGETS:
-        assert max_diff(getattr(merged, n).weight, getattr(dm.model, n).base_layer.weight) < 1e-6
+        assert_close(getattr(merged, n).weight, getattr(dm.model, n).base_layer.weight, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("ff_spec", [["ff"], r".*(ff|conv)"])
@@ -188,7 +189,7 @@ def test_peft_saved_loads(tmp_path, ff_spec):
     theirs = pm(X).detach()
     pm.save_pretrained(tmp_path)
     dm = dt.load_peft(Net(), tmp_path)
-    assert max_diff(dm(X), theirs) < 1e-6
+    assert_close(dm(X), theirs, rtol=1e-5, atol=1e-6)
     expected_ff = ["ff"] if isinstance(ff_spec, list) else ["conv", "ff"]
     assert dm.adapters["default"].config.feedforward == expected_ff
 

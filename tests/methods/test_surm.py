@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import Holder, assert_round_trip, assert_rows_match_each_adapter, max_diff, perturb, train_losses
+from helpers import (
+    Holder,
+    assert_close,
+    assert_round_trip,
+    assert_rows_match_each_adapter,
+    max_diff,
+    perturb,
+    train_losses,
+)
 from torch import nn
 from torch.func import functional_call
 
@@ -75,14 +83,14 @@ def test_fft_forward_equals_materialised_structured_matrix(method, kind, block):
     perturb(dm, std=0.3)
     delta = dm.model.layer.deltas["default"]
     M = 2.5 * reference_matrix(method, delta.surm_v.detach(), delta.n)
-    assert max_diff(delta.delta_weight(dm.model.layer), M) < 1e-6
+    assert_close(delta.delta_weight(dm.model.layer), M, rtol=1e-5, atol=1e-6)
     if method == "circulant":  # each block is circulant: every row is the previous one rolled right by one
         blk = M[: delta.n, : delta.n]
         assert torch.equal(blk[1:], torch.roll(blk, 1, dims=1)[:-1])
     else:  # constant along diagonals
         blk = M[: delta.n, : delta.n]
         assert torch.equal(blk[1:, 1:], blk[:-1, :-1])
-    assert max_diff(dm(x), functional_call(layer, {"weight": W0 + M}, (x,))) < 1e-5
+    assert_close(dm(x), functional_call(layer, {"weight": W0 + M}, (x,)))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -96,7 +104,7 @@ def test_fft_forward_on_gpt2_conv1d(method):
     perturb(dm, std=0.3)
     delta = dm.model.layer.deltas["default"]
     M = reference_matrix(method, delta.surm_v.detach(), delta.n)
-    assert max_diff(dm(x), functional_call(layer, {"weight": W0 + M.t()}, (x,))) < 1e-5
+    assert_close(dm(x), functional_call(layer, {"weight": W0 + M.t()}, (x,)))
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -109,9 +117,9 @@ def test_merge_equals_forward_and_unmerge_restores(method, kind):
     y = dm(x).detach()
     assert max_diff(y, layer(x)) > 1e-2
     dm.merge()
-    assert max_diff(dm(x), y) < 1e-5
+    assert_close(dm(x), y)
     dm.unmerge()
-    assert max_diff(layer.weight, W0) < 1e-6
+    assert_close(layer.weight, W0, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import Holder, assert_round_trip, assert_rows_match_each_adapter, max_diff, perturb, train_losses
+from helpers import (
+    Holder,
+    assert_close,
+    assert_round_trip,
+    assert_rows_match_each_adapter,
+    max_diff,
+    perturb,
+    train_losses,
+)
 from torch import nn
 
 import deltatune as dt
@@ -87,10 +95,10 @@ def test_merge_equals_unmerged_and_unmerge_restores():
     W0 = dm.model.a.weight.detach().clone()
     y = dm(x).detach()
     dm.merge()
-    assert max_diff(dm(x), y) < 1e-5
+    assert_close(dm(x), y)
     dm.unmerge()
-    assert max_diff(dm.model.a.weight, W0) < 1e-6
-    assert max_diff(dm(x), y) < 1e-5
+    assert_close(dm.model.a.weight, W0, rtol=1e-5, atol=1e-6)
+    assert_close(dm(x), y)
 
 
 def test_save_load_round_trip_with_shared_bank(tmp_path):
@@ -110,7 +118,7 @@ def test_one_bank_drives_every_layer_and_only_topk_logits_matter():
         bank.mul_(2.0)  # both factors scale by 2, so every layer's ΔW by 4
     after = [dm.model.a.deltas["default"].delta_weight(dm.model.a), dm.model.b.deltas["default"].delta_weight(dm.model.b)]
     for b_, a_ in zip(before, after):
-        assert max_diff(a_, 4 * b_) < 1e-7
+        assert_close(a_, 4 * b_, rtol=1e-6, atol=1e-7)
     logits = dm.model.a.deltas["default"].vblora_logits_A
     y = dm(x).detach()
     with torch.no_grad():  # lower every logit outside the top-k: the output must not move
@@ -159,7 +167,7 @@ def test_export_loads_in_peft_with_same_outputs(tmp_path, topk_only):
     x = x_in(3, 8)
     dm.export_peft(tmp_path)
     pm = peft.PeftModel.from_pretrained(Two(), tmp_path).eval()
-    assert max_diff(pm(x), dm(x)) < 1e-6
+    assert_close(pm(x), dm(x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("topk_only", [False, True])
@@ -170,7 +178,7 @@ def test_peft_save_loads_in_deltatune(tmp_path, topk_only):
     pm.save_pretrained(tmp_path)
     dm = dt.load_peft(Two(), tmp_path)
     assert dm.adapters["default"].config.save_only_topk_weights is topk_only
-    assert max_diff(dm(x), pm(x)) < 1e-6
+    assert_close(dm(x), pm(x), rtol=1e-5, atol=1e-6)
 
 
 def test_parity_with_peft_on_copied_weights():
@@ -187,7 +195,7 @@ def test_parity_with_peft_on_copied_weights():
             A2, B2 = delta.factors()
             assert max_diff(A, A2) == 0 and max_diff(B, B2) == 0
     x = x_in(3, 8)
-    assert max_diff(pm(x), dm(x)) < 1e-6
+    assert_close(pm(x), dm(x), rtol=1e-5, atol=1e-6)
 
 
 # --- real model ---------------------------------------------------------------------------------------
