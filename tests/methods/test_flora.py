@@ -8,8 +8,6 @@ import torch
 from helpers import (
     Holder,
     assert_close,
-    assert_round_trip,
-    assert_rows_match_each_adapter,
     max_diff,
     perturb,
     train_losses,
@@ -135,21 +133,6 @@ def test_merge_equals_unmerged_and_unmerge_restores(kind):
     dm.unmerge()
     assert_close(layer.weight, W0, rtol=1e-5, atol=1e-6)
     assert_close(dm(x), y)
-
-
-def test_save_load_round_trip(tmp_path):
-    layer, x = make("conv2d")
-    dm = inject(layer, r=4, scale=3.0)
-    perturb(dm)
-    assert_round_trip(dm, Holder(make("conv2d")[0]), x, tmp_path)
-
-
-def test_mixed_adapter_batch():
-    layer, x = make("linear")
-    dm = inject(layer, r=2)
-    dm.add_adapter("other", dt.make_config("flora", r=3, targets=["layer"]))
-    perturb(dm)
-    assert_rows_match_each_adapter(dm, x, ["default", "other", dt.BASE, "other"])
 
 
 def test_bad_options():

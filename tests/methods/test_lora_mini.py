@@ -80,23 +80,6 @@ def test_save_load_regenerates_frozen_matrices(tmp_path):
     assert not torch.equal(dm.model.a.deltas["default"].lora_B_aux[:, :3], dm.model.b.deltas["default"].lora_B_aux[:6])
 
 
-def test_mixed_batch():
-    dm = mini(Two(), seed=1)
-    dm.add_adapter("other", dt.make_config("lora_mini", **OPTS, targets=["a", "b"], seed=2))
-    dm.set_active(["default", "other"])
-    perturb(dm)
-    names = ["other", "default", dt.BASE, "default", "other"]
-    mixed = dm(X, adapter_names=names).detach()
-    alone = {}
-    for n in ("default", "other"):
-        dm.set_active(n)
-        alone[n] = dm(X).detach()
-    with dm.disabled():
-        alone[dt.BASE] = dm(X).detach()
-    for i, n in enumerate(names):
-        assert_close(mixed[i], alone[n][i], rtol=1e-5, atol=1e-6)
-
-
 def test_bad_options():
     for bad in ({"r": 0}, {"a": 0}, {"alpha": 0}, {"r": 5, "a": 4, "b": 8}):
         with pytest.raises(ValueError):

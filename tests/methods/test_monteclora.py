@@ -109,19 +109,6 @@ def test_merge_unmerge_and_save_load(tmp_path):
         assert torch.equal(getattr(delta(loaded), name), getattr(delta(dm), name))
 
 
-def test_mixed_batch():
-    layer, x = make()
-    dm = inject(layer)
-    dm.add_adapter("other", MonteCLoRAConfig(r=2, targets=["layer"]))
-    perturb(dm, std=0.3)
-    dm.eval()
-    mixed = dm(x[:3], adapter_names=["default", "other", dt.BASE])
-    for i, name in enumerate(("default", "other")):
-        dm.set_active(name)
-        assert_close(mixed[i], dm(x[i:i + 1])[0], rtol=1e-5, atol=1e-6)
-    assert_close(mixed[2], layer(x)[2], rtol=1e-5, atol=1e-6)
-
-
 def test_regularizer_finite_differentiable_and_eval_free():
     layer, x = make()
     dm = inject(layer, use_entropy=True)

@@ -10,7 +10,6 @@ from helpers import (
     Holder,
     assert_close,
     assert_round_trip,
-    assert_rows_match_each_adapter,
     max_diff,
     perturb,
     train_losses,
@@ -71,11 +70,6 @@ def test_conv2d_count(kind):
     assert_close(dm(x), y)
 
 
-def test_output_at_init_equals_base():
-    x = x_in(3, 8)
-    assert max_diff(inject()(x), Stack()(x)) == 0
-
-
 def test_gradients_reach_only_the_pools():
     dm = inject()
     perturb(dm)
@@ -83,19 +77,6 @@ def test_gradients_reach_only_the_pools():
     grads = {n: p.grad for n, p in dm.named_parameters() if p.grad is not None}
     assert grads and all(n.startswith("shared.") for n in grads)
     assert all(p.grad is None for p in dm.model.parameters())
-
-
-def test_merge_equals_unmerged_and_unmerge_restores():
-    dm = inject()
-    perturb(dm)
-    x = x_in(3, 8)
-    W0 = dm.model.l[0].weight.detach().clone()
-    y = dm(x).detach()
-    dm.merge()
-    assert_close(dm(x), y)
-    dm.unmerge()
-    assert_close(dm.model.l[0].weight, W0, rtol=1e-5, atol=1e-6)
-    assert_close(dm(x), y)
 
 
 def test_save_load_round_trip(tmp_path):
@@ -141,14 +122,6 @@ def test_private_shards_change_one_layer_only():
         dm.shared["default"].mos_B["8x8"][n_shared + 2 * 2: n_shared + 3 * 2] += 1.0
     after = [dm.model.l[k].deltas["default"].delta_weight(dm.model.l[k]) for k in range(4)]
     assert [max_diff(a, b) > 1e-4 for a, b in zip(after, before)] == [False, False, True, False]
-
-
-def test_mixed_adapter_batch():
-    dm = inject()
-    dm.add_adapter("other", dt.make_config("mos", targets=["re:l\\.\\d"], **{**OPTS, "seed": 3}))
-    dm.set_active(["default", "other"])
-    perturb(dm)
-    assert_rows_match_each_adapter(dm, x_in(3, 8), ["other", dt.BASE, "default"], rows_alone=True)
 
 
 def test_bad_options():

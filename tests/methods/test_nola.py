@@ -12,7 +12,6 @@ from helpers import (
     TwoLinears,
     assert_close,
     assert_round_trip,
-    assert_rows_match_each_adapter,
     max_diff,
     perturb,
     train_losses,
@@ -115,14 +114,6 @@ def test_bases_differ_per_layer_and_per_seed():
     perturb(one)
     perturb(two)
     assert max_diff(one(X), two(X)) > 1e-3
-
-
-def test_mixed_batch():
-    dm = nola(Two(), seed=1)
-    dm.add_adapter("other", dt.make_config("nola", **OPTS, targets=["a", "b"], seed=2))
-    dm.set_active(["default", "other"])
-    perturb(dm)
-    assert_rows_match_each_adapter(dm, X, ["other", "default", dt.BASE, "default", "other"])
 
 
 def test_bad_options():

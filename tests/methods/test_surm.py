@@ -108,21 +108,6 @@ def test_fft_forward_on_gpt2_conv1d(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("kind", ["linear", "conv2d"])
-def test_merge_equals_forward_and_unmerge_restores(method, kind):
-    layer, x = layer_and_input(kind)
-    W0 = layer.weight.detach().clone()
-    dm = inject(layer, method)
-    perturb(dm, std=0.3)
-    y = dm(x).detach()
-    assert max_diff(y, layer(x)) > 1e-2
-    dm.merge()
-    assert_close(dm(x), y)
-    dm.unmerge()
-    assert_close(layer.weight, W0, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("method", METHODS)
 def test_save_load_round_trip(method, tmp_path):
     layer, x = layer_and_input("conv2d")
     dm = inject(layer, method)

@@ -7,7 +7,6 @@ import torch
 from helpers import (
     Holder,
     assert_close,
-    assert_round_trip,
     assert_rows_match_each_adapter,
     max_diff,
     perturb,
@@ -158,24 +157,6 @@ def test_lamda_freeze_schedule():
     dm.add_adapter("other", dt.make_config("lamda", r=R, targets=["layer"]))
     dm.on_train_step(0)  # an inactive adapter's PMB stays frozen
     assert not dm.model.layer.deltas["other"].lamda_B.requires_grad
-
-
-@pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("kind", ["linear", "conv2d"])
-def test_merge_unmerge_save_load(method, kind, tmp_path):
-    layer, x = make_layer(kind)
-    W0 = layer.weight.detach().clone()
-    dm = inject(layer, method)
-    perturb(dm, std=0.2)
-    dm.eval()
-    y = dm(x).detach()
-    assert max_diff(y, layer(x)) > 1e-2
-    assert_round_trip(dm, Holder(make_layer(kind)[0]), x, tmp_path)  # saved (and reloaded) before the merge
-    dm.merge()
-    assert_close(dm(x), y)
-    dm.unmerge()
-    assert_close(layer.weight, W0, rtol=1e-5, atol=1e-6)
-    assert_close(dm(x), y, rtol=1e-5, atol=1e-6)
 
 
 def test_edora_reference_forward():

@@ -71,21 +71,6 @@ def test_gradients_reach_only_the_vectors():
     assert not any(b.requires_grad for b in dm.shared.buffers())
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv2d"])
-def test_merge_equals_forward_and_unmerge_restores(kind):
-    layer = nn.Linear(12, 10) if kind == "linear" else nn.Conv2d(3, 6, 3, padding=1)
-    x = torch.randn(3, 12) if kind == "linear" else torch.randn(2, 3, 7, 7)
-    W0 = layer.weight.detach().clone()
-    dm = dt.inject(Holder(layer), dt.make_config("vera", r=R, targets=["layer"]))
-    perturb(dm, std=0.5)
-    y = dm(x).detach()
-    assert max_diff(y, layer(x)) > 1e-3
-    dm.merge()
-    assert_close(dm(x), y)
-    dm.unmerge()
-    assert_close(layer.weight, W0, rtol=1e-5, atol=1e-6)
-
-
 def test_delta_weight_is_the_paper_formula_on_sliced_bases():
     dm = vera(Two(), seed=7)
     perturb(dm)
