@@ -321,7 +321,8 @@ class DeltaModel(nn.Module):
         keep = self._names(names)
         if safe_merge:
             self._check_merge(keep)
-        self.set_active(keep)  # so that dropping the others activates nothing (and warns of nothing)
+        if len(keep) < len(self.adapters):  # so that dropping the others activates nothing (and warns of nothing);
+            self.set_active(keep)  # with nothing to drop, the model's requires_grad flags stay as the caller set them
         for name in [n for n in self.adapters if n not in keep]:
             self.delete_adapter(name)
         self.merge(keep)
