@@ -63,7 +63,7 @@ SPECS: dict[str, tuple[dict, float]] = {
     "loha": ({"name": "loha", "r": 4, "targets": QV}, 3e-2),
     "circulant": ({"name": "circulant", "targets": QV}, 1e-2),
     "toeplitz": ({"name": "toeplitz", "targets": QV}, 3e-3),
-    "lora_mini": ({"name": "lora_mini", "targets": QV}, 3e-3),
+    "lora_mini": ({"name": "lora_mini", "targets": QV}, 1e-2),
     "monteclora": ({"name": "monteclora", "r": 8, "alpha": 16, "targets": QV}, 3e-3),
     "capaboost": ({"name": "capaboost", "r": 8, "targets": QV}, 3e-3),
     "sira": ({"name": "sira", "targets": QV}, 3e-3),
