@@ -272,10 +272,9 @@ def to_markdown(result: dict) -> str:
         "", "Ratios are deltatune / mergekit, medians of per-round ratios. Peak memory is each merge "
         "subprocess's peak RSS, start-up included; `--help` alone peaks at "
         f"{floor['deltatune']:.0f} MiB (deltatune) and {floor['mergekit']:.0f} MiB (mergekit). "
-        f"Outputs agree when both write the same tensors and every entry is within {TOLERANCE}, except, for "
-        "TIES, entries whose |task vector| ties with the k-th largest of its tensor in some model: keeping "
-        "exactly k = density x numel entries means breaking that tie, and the tools sort differently "
-        "(deltatune: stable ascending argsort, mergekit: descending argsort).", "",
+        f"Outputs agree when both write the same tensors and every entry is within {TOLERANCE}. TIES keeps "
+        "int(density x numel) entries per tensor and breaks ties at the top-k cut with the same torch sort as "
+        "mergekit, so on the same torch build its output is identical.", "",
         "Command lines (round 0):", "",
     ]
     for method, cmds in result["commands"].items():
