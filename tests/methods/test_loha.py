@@ -128,7 +128,7 @@ def test_bad_options():
         dt.inject(Holder(nn.Conv3d(2, 2, 3)), dt.make_config("loha", r=2, targets=["layer"], effective_conv=True))
 
 
-# --- rank_dropout / module_dropout (shared with LoKr: loha.drop_ranks, loha.module_dropped) ---------------
+# --- rank_dropout / module_dropout (shared with LoKr: structured/_lycoris.py) ---------------
 
 DROP = {"loha": ("loha", {"r": 2}, True), "lokr": ("lokr", {}, False),
         "lokr_scaled": ("lokr", {"rank_dropout_scale": True}, True)}

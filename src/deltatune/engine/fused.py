@@ -15,8 +15,9 @@ On a bf16/fp16 base the adapters are fp32 (methods/lowrank/lora.py `adapter_dtyp
 the thin factors to the base dtype once per forward and run every product in it, as torch.autocast runs an
 fp32 nn.Linear: the matmul kernels accumulate in fp32, the output is rounded to the base dtype (as it is
 anyway when added to the base output), and the factors' gradients, rounded once to the base dtype, reach
-the fp32 master weights as fp32. PEFT casts x up to fp32 for its LoRA branch instead: a 4-byte copy of
-every adapted layer's input, saved for backward, and fp32 matmuls, for a sum then rounded to bf16.
+the fp32 master weights as fp32. PEFT casts x up to fp32 for its LoRA branch instead (a 4-byte copy of each
+adapted layer's input, and fp32 matmuls, for a sum then rounded to bf16); the two have not been benchmarked
+against each other yet.
 """
 
 from __future__ import annotations

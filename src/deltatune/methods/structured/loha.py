@@ -34,6 +34,7 @@ from ...engine.peft_format import PeftCodec, layer_tensors, register_peft
 from ...engine.registry import DeltaConfig, make_config, register
 from ...engine.targeting import require_layers
 from ..lowrank.lora import adapter_dtype
+from ._lycoris import drop_ranks, factor_matrix, module_dropped
 
 
 class LoHaConfig(DeltaConfig):
@@ -44,31 +45,6 @@ class LoHaConfig(DeltaConfig):
     rank_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="training: drop output rows of ΔW, the kept ones "
                                 "rescaled by 1/mean(mask) (PEFT's LoHa always rescales)")
     module_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="training: skip the whole delta for a forward")
-
-
-# --- PEFT's LyCORIS dropouts (LoKr and LoHa; training only, so eval and merge are exact) ----------------------
-
-def module_dropped(delta: Delta, p: float) -> bool:
-    """module_dropout: in training, skip the whole delta for this forward with probability p."""
-    return delta.training and p > 0 and bool(torch.rand(()) < p)
-
-
-def drop_ranks(delta: Delta, layer: DeltaLayer, y: Tensor, p: float, scale: bool) -> Tensor:
-    """rank_dropout on y = ΔW x: in training, zero each output channel (a row of ΔW) with probability p, one mask
-    per forward; `scale` divides the kept ones by the kept fraction (PEFT: drop / drop.mean())."""
-    if not (delta.training and p > 0):
-        return y
-    keep = (torch.rand(y.shape[layer.kind.channel_dim], device=y.device) > p).to(y.dtype)  # (d_out,)
-    if scale:
-        keep = keep / keep.mean().clamp_min(1 / keep.numel())  # all dropped: stays 0 (PEFT would give NaN)
-    return y * layer.per_channel(keep, y)
-
-
-def factor_matrix(t: Tensor | None, a: Tensor, b: Tensor) -> Tensor:
-    """One rank-r factor as a (d_out, d_in) matrix: a @ b, or the Tucker form with core t (also LoKr's)."""
-    if t is None:
-        return a @ b
-    return torch.einsum("ijkl,jq,ip->pqkl", t, b, a).flatten(1)  # (c_out, c_in, kh, kw) -> (c_out, c_in*kh*kw)
 
 
 def _hadamard(scale: float, t1: Tensor | None, w1a: Tensor, w1b: Tensor, t2: Tensor | None, w2a: Tensor,

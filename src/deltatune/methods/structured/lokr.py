@@ -44,7 +44,7 @@ from ...engine.peft_format import PeftCodec, layer_tensors, register_peft
 from ...engine.registry import DeltaConfig, make_config, register
 from ...engine.targeting import require_layers
 from ..lowrank.lora import adapter_dtype
-from .loha import drop_ranks, factor_matrix, module_dropped
+from ._lycoris import drop_ranks, factor_matrix, module_dropped
 
 
 class LoKrConfig(DeltaConfig):
