@@ -170,11 +170,8 @@ class Composer:
     # AdapterHub's pre_forward: what the adapter reads and its own residual
     def pre(self, name: str, s: State) -> State:
         d = self.delta(name)
-        if d is None or not getattr(d, "activation", False):
+        if d is None or not getattr(d, "activation", False) or d.parallel:  # a parallel adapter reads r or x
             return s
-        if d.parallel:
-            src = s.r if s.r is not None else s.x
-            return dataclasses.replace(s, h=src, res=src)
         c, h, res = d.config, s.h, s.res
         if self.site is None:  # a plain module: the model's own residual and norms come after it
             return dataclasses.replace(s, res=h)
@@ -198,22 +195,25 @@ class Composer:
                 raise ValueError(f"adapter '{name}' ({d.method}) is a weight delta; it cannot sit at this "
                                  "activation site")
             return dataclasses.replace(s, h=d(self.layer, s.x, s.h), last=s.last)
+        if d.parallel:  # h + s f(r): from the residual site's r, or the module's input
+            src = s.r if s.r is not None else s.x
+            if src is None:
+                raise ValueError(f"parallel adapter '{name}' needs the module's input, and this module takes no "
+                                 "float tensor first: use placement='serial'")
+            up = d.change(self.layer, src)
+            return dataclasses.replace(s, h=s.h + d.dropout(up).to(s.h.dtype), up=up, last=name)
         up = d.change(self.layer, s.h)
-        out = d.dropout(up).to(s.h.dtype)
-        h = out if d.parallel else out + s.res
-        return dataclasses.replace(s, h=h, up=up, last=name)
+        res = s.h if s.res is None else s.res  # no pre here (its block's first adapter is not at this layer)
+        return dataclasses.replace(s, h=res + d.dropout(up).to(s.h.dtype), up=up, last=name)
 
-    def post(self, s: State, branch: Tensor) -> Tensor:
+    def post(self, s: State) -> Tensor:
         """AdapterHub's post_forward, by the options of the last adapter applied."""
         d = self.delta(s.last) if s.last is not None else None
-        h = s.h
-        if d is None or not getattr(d, "activation", False):
-            return h if self.site is None else self.norm(h + s.r)
-        if d.parallel:
-            h = h + branch
-        if self.site is not None and d.config.original_ln_after:
-            h = self.norm(h + s.r)
-        return h
+        if self.site is None:  # a plain module: the model's own residual and norm follow
+            return s.h
+        if d is None or not getattr(d, "activation", False) or d.config.original_ln_after:
+            return self.norm(s.h + s.r)
+        return s.h
 
     # --- blocks ------------------------------------------------------------------------------
     def run(self, setup: Block | str, s: State) -> State:
@@ -225,7 +225,7 @@ class Composer:
             return s
         if isinstance(setup, Fuse):
             return self.fuse(setup, s)
-        s = self.pre(setup.first(), s)
+        s = self.pre(self.first_here(setup), s)
         if isinstance(setup, Average):
             outs = [self.child(c, s) for c in setup]
             h = sum(w * o.h for w, o in zip(setup.weights, outs))
@@ -236,6 +236,11 @@ class Composer:
         if isinstance(setup, Split):
             return self._split(setup, s, setup.splits, dim=1)
         raise TypeError(f"unknown composition block {setup!r}")
+
+    def first_here(self, block: Block, last: bool = False) -> str:
+        """The block's first (or last) adapter that this layer holds: its options prepare the block's input."""
+        names = block.names()[::-1] if last else block.names()
+        return next((n for n in names if self.delta(n) is not None), names[0])
 
     def child(self, c: Block | str, s: State) -> State:
         """A block's child on a state its block has already prepared (no second pre)."""
@@ -263,8 +268,10 @@ class Composer:
         if fusion is None:
             raise ValueError(f"{block!r} needs the fusion adapter '{block.name}': "
                              f"dm.add_fusion({', '.join(map(repr, block.children))})")
+        if any(getattr(self.delta(n), "parallel", False) for n in block.names()):
+            raise ValueError(f"{block!r}: AdapterFusion fuses serial adapters; a child here is parallel")
         query_src = s.h
-        s = self.pre(block.last(), s)
+        s = self.pre(self.first_here(block, last=True), s)
         query = query_src if fusion.config.query_before_ln else s.h
         outs = [self.child(c, s) for c in block]
         if any(o.up is None for o in outs):

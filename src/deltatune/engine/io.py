@@ -235,3 +235,34 @@ def load_adapter(dm: DeltaModel, path: Any, name: str | None, verify_base: bool 
                          "adapter again") from None
     adapter.fingerprints = meta["base_model"]["fingerprints"]
     return adapter
+
+
+SETUP_NAME = "deltatune_setup.json"
+SETUP_FORMAT = "deltatune.setup/1"
+
+
+def save_adapter_set(dm: DeltaModel, path: Any) -> Path:
+    """Every adapter of `dm` in its own subfolder, then the active setup (composition block) beside them.
+    Each adapter is written atomically; the setup file, written last, marks a complete set."""
+    path = Path(path)
+    for name in dm.adapters:
+        save_adapter(dm, path / name, name)
+    setup = dm.setup.to_dict() if dm.setup is not None else list(dm.active)
+    meta = {"format": SETUP_FORMAT, "adapters": list(dm.adapters), "active": setup}
+    atomic_write_text(path / SETUP_NAME, json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def load_adapter_set(dm: DeltaModel, path: Any, verify_base: bool = True, check_integrity: bool = True) -> None:
+    """Load a folder written by save_adapter_set: every adapter (in the order saved), then its setup."""
+    path = Path(path)
+    cfg = path / SETUP_NAME
+    if not cfg.is_file():
+        raise FileNotFoundError(f"no adapter set at '{path}': {SETUP_NAME} is missing (a single adapter loads with "
+                                "deltatune.load)")
+    meta = read_json(cfg)
+    if meta.get("format") != SETUP_FORMAT or not isinstance(meta.get("adapters"), list):
+        raise ValueError(f"'{cfg}' is not a {SETUP_FORMAT} file; save the adapter set again")
+    for name in meta["adapters"]:
+        load_adapter(dm, path / name, name, verify_base, check_integrity)
+    dm.set_active(meta["active"])

@@ -7,6 +7,7 @@ mixed-adapter batches. A method only supplies a `Delta` (its parameters and math
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -214,6 +215,7 @@ class DeltaLayer(nn.Module):
         self._site_spec: Any = None  # the ActivationConfig.site that chose it (all adapters here must agree)
         self._site_hooks: list[Any] = []
         self._call: dict[str, Any] | None = None  # one residual-site forward in flight: setup, route, r, branch
+        self._first_arg = next(iter(inspect.signature(base_layer.forward).parameters), None)
 
     # --- views the methods use -------------------------------------------------------------
     @property
@@ -253,7 +255,10 @@ class DeltaLayer(nn.Module):
             return getattr(self.base_layer, name)  # in_features, bias, padding... as the wrapped layer has them
 
     # --- forward ---------------------------------------------------------------------------
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        if not args:  # called by keyword (HF decoder layers pass hidden_states=...): the first one is the input
+            args = (kwargs.pop(self._first_arg),) if self._first_arg in kwargs else (None,)
+        x, args = args[0], args[1:]
         route = self.route  # a plain attribute, not a context variable: torch.compile traces it
         if not self.enabled:
             self._require_unmerged("run with adapters disabled")
@@ -346,9 +351,8 @@ class DeltaLayer(nn.Module):
                   plain: Tensor) -> Tensor:
         """The setup (or each row's adapter) applied to `state`; `plain` is the module's own output, kept where
         the token mask is unset and for rows routed to no adapter here."""
-        branch = state.h
         if route is None:
-            h = composer.post(composer.run(setup, state), branch)
+            h = composer.post(composer.run(setup, state))
         else:
             if state.h.shape[0] != len(route.names):
                 raise ValueError(f"adapter_names has {len(route.names)} entries but the batch has "
@@ -359,7 +363,7 @@ class DeltaLayer(nn.Module):
                     continue
                 rows = route.rows(name, state.h.device)
                 part = state.take(rows)
-                h = h.index_copy(0, rows, composer.post(composer.run(Stack(name), part), branch[rows]).to(h.dtype))
+                h = h.index_copy(0, rows, composer.post(composer.run(Stack(name), part)).to(h.dtype))
         if self.token_mask is not None:
             h = self._masked(plain, h, self.token_mask)
         return h

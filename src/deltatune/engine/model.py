@@ -288,7 +288,11 @@ class DeltaModel(nn.Module):
         block = parse(setup) if not (isinstance(setup, Sequence) and not isinstance(setup, str) and not setup) else None
         names = tuple(block.names()) if block is not None else ()
         fusions = _fusions(block) if block is not None else []
-        self._check_names(list(names) + [f.name for f in fusions])
+        self._check_names(names)
+        for f in fusions:
+            if f.name not in self.adapters:
+                raise ValueError(f"{f!r} needs the fusion adapter '{f.name}': "
+                                 f"dm.add_fusion({', '.join(map(repr, f.children))}) first")
         frozen = {n for f in fusions for n in f.names()}
         trained = {n for n in names if n not in frozen} | {f.name for f in fusions}
         plain = block is None or (isinstance(block, Stack) and all(isinstance(c, str) for c in block))
@@ -506,6 +510,18 @@ class DeltaModel(nn.Module):
 
         return load_adapter(self, path, name, check_base, check_integrity)
 
+    def save_adapters(self, path: Any) -> None:
+        """Write every adapter (a subfolder each) and the active setup, e.g. a Fuse block, to `path`."""
+        from .io import save_adapter_set
+
+        save_adapter_set(self, path)
+
+    def load_adapters(self, path: Any, check_base: bool = True, check_integrity: bool = True) -> None:
+        """Load a folder written by save_adapters: its adapters, then its active setup."""
+        from .io import load_adapter_set
+
+        load_adapter_set(self, path, check_base, check_integrity)
+
     def export_peft(self, path: Any, name: str | None = None) -> None:
         """Write adapter `name` in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
         from .peft_format import export_peft
@@ -541,6 +557,13 @@ def load(model: nn.Module, path: Any, name: str | None = None, check_base: bool 
     """Load a saved deltatune adapter onto `model`; checks shapes, checksums and the base model's identity."""
     dm = model if isinstance(model, DeltaModel) else DeltaModel(model)
     dm.load_adapter(path, name, check_base, check_integrity)
+    return dm
+
+
+def load_adapters(model: nn.Module, path: Any, check_base: bool = True, check_integrity: bool = True) -> DeltaModel:
+    """Load a set of adapters with its composition (DeltaModel.save_adapters) onto `model`."""
+    dm = model if isinstance(model, DeltaModel) else DeltaModel(model)
+    dm.load_adapters(path, check_base, check_integrity)
     return dm
 
 
