@@ -193,7 +193,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
     """Table of the registered methods."""
     table = Table(title="deltatune methods")
     for column in ("name", "family", "trainable parameters per layer", "paper"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column in ("name", "paper"))  # names must stay copyable whole
     for spec in dt.list_methods():
         table.add_row(spec.name, spec.family, spec.formula, spec.paper)
     console.print(table)
