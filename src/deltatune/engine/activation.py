@@ -194,7 +194,10 @@ class Composer:
             if s.x is None:
                 raise ValueError(f"adapter '{name}' ({d.method}) is a weight delta; it cannot sit at this "
                                  "activation site")
-            return dataclasses.replace(s, h=d(self.layer, s.x, s.h), last=s.last)
+            if s.last is not None and not (d.additive or d.composes):
+                raise RuntimeError(f"cannot stack '{name}' ({d.method}) after '{s.last}' unmerged: it rescales or "
+                                   "replaces the whole layer output; merge the others first or use it alone")
+            return dataclasses.replace(s, h=d(self.layer, s.x, s.h), last=name)
         if d.parallel:  # h + s f(r): from the residual site's r, or the module's input
             src = s.r if s.r is not None else s.x
             if src is None:

@@ -465,7 +465,8 @@ class DeltaLayer(nn.Module):
             return
         delta = self.deltas[name]
         if not delta.mergeable:
-            raise ValueError(f"adapter '{name}' ({delta.method}) changes activations and cannot be merged")
+            raise ValueError(f"adapter '{name}' ({delta.method}) changes activations and cannot be merged into "
+                             "weights; keep it unmerged, or merge only the weight adapters: dm.merge([...names])")
         if safe_merge:
             self.check_merge([name])
         self._merged[name] = delta.merge(self)
