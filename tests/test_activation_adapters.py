@@ -348,3 +348,13 @@ def test_an_adapter_set_saves_and_loads_with_its_fuse_setup(minilm, tmp_path):
     again = dt.load_adapters(fresh(path), tmp_path / "set")
     assert again.setup == Fuse("a", "b")
     assert torch.equal(again(**batch).last_hidden_state, out)
+
+
+def test_deleting_adapters_keeps_or_drops_the_setup_as_it_uses_them():
+    dm, model = one_layer("houlsby", ["a", "b", "c"], bottleneck=2)
+    dm.set_active(Average("a", "b"))
+    dm.delete_adapter("c")  # not in the setup: the setup stays
+    assert dm.setup == Average("a", "b")
+    with pytest.warns(UserWarning, match="deleted adapter 'b' of the active setup"):
+        dm.delete_adapter("b")
+    assert dm.setup is None and dm.active == ("a",)

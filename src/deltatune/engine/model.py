@@ -337,7 +337,13 @@ class DeltaModel(nn.Module):
                 self._unwrap(path)
             elif not any(getattr(d, "activation", False) for d in layer.deltas.values()):
                 layer.remove_site()
+        if self.setup is not None and name not in self.active:  # the composition does not use it: keep it
+            self.set_active(self.setup)
+            return
         active = [n for n in self.active if n != name]
+        if self.setup is not None:
+            warnings.warn(f"deleted adapter '{name}' of the active setup {self.setup!r}; the remaining adapters "
+                          f"{active} are now stacked: call set_active() with another block", stacklevel=2)
         if not active and self.adapters and name in self.active:
             # as PEFT does: a model left with no active adapter would silently run as the base model
             active = [next(iter(self.adapters))]
