@@ -325,6 +325,9 @@ def test_bad_setups_and_options_get_clear_errors(minilm):
         dt.make_config("pfeiffer", reduction=8)
     with pytest.raises(ValueError, match="site branch='drop' is no submodule of BertSelfOutput \(children: dense, LayerNorm, dropout\)"):
         dm.add_adapter("c", dt.make_config("houlsby", site={"branch": "drop", "norm": "LayerNorm", "residual": 0}))
+    dm.add_adapter("h", dt.make_config("houlsby"))  # also on the attention outputs: no common modules
+    with pytest.raises(ValueError, match="a fusion needs its adapters at the same modules"):
+        dm.add_fusion("a", "h")
     with pytest.raises(ValueError, match="Average has 2 children but 3 weights"):
         Average("a", "b", weights=[1, 2, 3])
 

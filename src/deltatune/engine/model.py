@@ -264,9 +264,12 @@ class DeltaModel(nn.Module):
 
         block = Fuse(*children, name=name)
         self._check_names(block.names())
-        paths = [p for p, layer in self.layers() if all(n in layer.deltas for n in block.names())]
-        if not paths:
-            raise ValueError(f"adapters {block.names()} share no layer: a fusion needs them at the same modules")
+        places = {n: set(self.adapters[n].paths) for n in block.names()}
+        paths = [p for p, _ in self.layers() if all(p in where for where in places.values())]
+        if not paths or any(where != set(paths) for where in places.values()):
+            extra = {n: sorted(where - set(paths))[:3] for n, where in places.items() if where != set(paths)}
+            raise ValueError(f"a fusion needs its adapters at the same modules; {block.names()} differ ({extra} hold "
+                             "only some of them): fuse adapters added with the same targets")
         sites = {self.adapters[n].config.site if hasattr(self.adapters[n].config, "site") else None
                  for n in block.names()}
         if None in sites or len(sites) != 1:
