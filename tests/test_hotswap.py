@@ -182,7 +182,7 @@ def test_refuses_other_layers(tmp_path):
 def test_refuses_a_rank_above_the_prepared_one(tmp_path):
     dm = adapted(dt.LoRAConfig(r=4, **LORA), seed=1)
     dm.prepare_for_hotswap(target_rank=4)
-    _refused(dm, saved(dt.LoRAConfig(r=6, **LORA), 2, tmp_path / "big"), r"holds at most 4.*target_rank >= 6")
+    _refused(dm, saved(dt.LoRAConfig(r=6, **LORA), 2, tmp_path / "big"), r"holds at most 4: call dm.prepare_for_hotswap\(target_rank=6\)")
 
 
 def test_unprepared_refuses_another_rank_or_alpha(tmp_path):
@@ -235,3 +235,37 @@ def test_minilm_hotswap_in_a_compiled_model(make_minilm, minilm_batch, tmp_path)
     assert_close(second, expected)
     assert (first - expected).abs().max() > 1e-3
     assert counter.frame_count == graphs
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def test_multihead_attention_parts_are_padded_and_swapped(tmp_path):
+    """On nn.MultiheadAttention a LoRA adapter is two deltas (in_proj and out_proj): both pad and swap."""
+    torch.manual_seed(0)
+    base, x = _Attention().eval(), torch.randn(2, 3, 8)
+
+    def made(r: int, alpha: float, seed: int) -> dt.DeltaModel:
+        dm = dt.inject(copy.deepcopy(base), dt.LoRAConfig(r=r, alpha=alpha, targets=["attn"]))
+        perturb(dm, std=0.3, seed=seed)
+        return dm
+
+    made(2, 5, seed=2).save(tmp_path / "two")
+    dm = made(4, 8, seed=1)
+    with torch.no_grad():
+        before = dm(x)
+        dm.prepare_for_hotswap(target_rank=6)
+        assert_close(dm(x), before)
+        model, counter = compiled(dm)
+        model(x)
+        dm.hotswap_adapter(tmp_path / "two")
+        assert_close(model(x), dt.load(copy.deepcopy(base), tmp_path / "two")(x))
+    parts = dm.model.attn.deltas["default"]
+    assert parts.main.lora_A.shape[0] == parts.parts["out_proj"].lora_A.shape[0] == 6
+    assert counter.frame_count == 1

@@ -180,10 +180,9 @@ def hotswap_adapter(dm: DeltaModel, source: Any, name: str = "default", verify_b
         incoming = state.get(m.key + "lora_A")
         rank = r if incoming is None else incoming.shape[0]
         if rank != m.rank and not (m.prepared and rank < m.rank):
-            fix = f"target_rank >= {rank}" if m.prepared else f"target_rank={max(rank, m.rank)}"
             raise ValueError(f"'{where}' has rank {rank} at '{m.path}' where adapter '{name}' holds "
-                             f"{'at most ' if m.prepared else ''}{m.rank}: call dm.prepare_for_hotswap({fix}) "
-                             "before torch.compile")
+                             f"{'at most ' if m.prepared else ''}{m.rank}: call dm.prepare_for_hotswap(target_rank="
+                             f"{max(rank, m.rank)}) before torch.compile (it then takes every rank up to that)")
         if not m.prepared and scale != m.delta.scale:
             raise ValueError(f"'{where}' scales '{m.path}' by {scale:g} (alpha/r) where adapter '{name}' holds "
                              f"{m.delta.scale:g} as a Python float, which a compiled graph bakes in: call "
