@@ -107,7 +107,7 @@ def test_prepared_model_swaps_lower_ranks_and_other_alphas_without_recompiling(t
     dm = adapted(method(r=8, alpha=16, **LORA), seed=1)
     dm.prepare_for_hotswap(target_rank=8)
     model, counter = compiled(dm)
-    swaps = [method(r=4, alpha=3, **LORA), method(r=2, alpha=32, rslora=True, **LORA), method(r=8, alpha=16, **LORA)]
+    swaps = [method(r=8, alpha=16, **LORA), method(r=4, alpha=3, **LORA), method(r=2, alpha=32, rslora=True, **LORA)]
     with torch.no_grad():
         model(X)
         for i, config in enumerate(swaps):
@@ -115,8 +115,10 @@ def test_prepared_model_swaps_lower_ranks_and_other_alphas_without_recompiling(t
             dm.hotswap_adapter(path)
             assert_close(model(X), fresh_output(path), msg=f"swap {i}")
     assert counter.frame_count == 1
-    dm.save(tmp_path / "again")  # after a swap, too, the adapter's record fits the tensors it holds
+    dm.save(tmp_path / "again")  # after a swap, too, the adapter's record fits the padded tensors it holds
+    dm.export_peft(tmp_path / "again-peft")
     assert_close(fresh_output(tmp_path / "again"), fresh_output(tmp_path / "2"))
+    assert_close(fresh_output(tmp_path / "again-peft", peft=True), fresh_output(tmp_path / "2"))
 
 
 def test_per_layer_ranks_swap_in_and_save_back(tmp_path):
