@@ -64,7 +64,11 @@ class LoRAConfig(DeltaConfig):
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+        return self.scale_at(self.r, self.alpha)
+
+    def scale_at(self, r: int, alpha: float) -> float:
+        """s = alpha / r (alpha / sqrt(r) with rslora) for a layer of rank r and alpha `alpha`."""
+        return alpha / (math.sqrt(r) if self.rslora else r)
 
     def for_layer(self, path: str) -> tuple[int, float]:
         """(r, alpha) of the layer at `path`: rank_pattern / alpha_pattern over r / alpha."""
@@ -172,7 +176,7 @@ class LoRA(Delta):
         d_out, d_in = check_rank(r, layer, self.method, warn_for=config,
                                  grouped=not config.pissa and self.adapts_grouped_convs())
         kw = {"dtype": adapter_dtype(layer), "device": layer.weight.device}
-        self.scale = alpha / (math.sqrt(r) if config.rslora else r)  # config.scaling, at this layer's r and alpha
+        self.scale = config.scale_at(r, alpha)  # a float; prepare_for_hotswap makes it a tensor buffer
         self.groups = getattr(layer.base_layer, "groups", 1)  # > 1: B is a grouped 1x1 conv (PEFT's layout)
         self.lora_A = nn.Parameter(torch.zeros(r, d_in, **kw))  # (r, d_in)
         self.lora_B = nn.Parameter(torch.zeros(d_out, r // self.groups, **kw))  # (d_out, r / groups)
