@@ -51,7 +51,7 @@ class MaskedLoRA(LoRA):
             if self.lora_bias is not None:
                 params["bias"] = layer.base_layer.bias + self.lora_bias.to(w.dtype)
             return functional_call(layer.base_layer, params, (x,))
-        y = layer.apply_matrix(self.drop(x), self.delta_weight(layer))
+        y = layer.apply_matrix(self.dropped(x), self.delta_weight(layer))
         if self.lora_bias is not None:
             y = y + layer.per_channel(self.lora_bias, y)
         return out + y.to(out.dtype)
