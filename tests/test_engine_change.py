@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close, assert_rows_match_each_adapter, perturb
 from pydantic import Field
-from test_all_methods import CASES, METHODS, build
+from test_all_methods import METHODS, build
 from torch import nn
 
 import deltatune as dt

@@ -114,11 +114,15 @@ class Delta(nn.Module):
     def dropped(self, x: Tensor) -> Tensor:
         """x after the engine's dropout, cast to the delta's own dtype (fp32 adapters on a half-precision base):
         that of its first float parameter, else of its shared tensors. Integer inputs (an embedding's ids) pass."""
-        if not x.is_floating_point():
-            return x
-        own = itertools.chain(self.parameters(), self.buffers())
-        tensors = own if self.shared is None else itertools.chain(own, self.shared.parameters(), self.shared.buffers())
-        return self.dropout(x).to(next((t.dtype for t in tensors if t.is_floating_point()), x.dtype))
+        return self.dropout(x).to(self._float_dtype() or x.dtype) if x.is_floating_point() else x
+
+    def _float_dtype(self) -> torch.dtype | None:
+        for t in self._parameters.values():  # the common case, a dict lookup (this runs on every forward)
+            if t is not None and t.is_floating_point():
+                return t.dtype
+        shared = () if self.shared is None else (self.shared.parameters(), self.shared.buffers())
+        tensors = itertools.chain(self.parameters(), self.buffers(), *shared)
+        return next((t.dtype for t in tensors if t.is_floating_point()), None)
 
     def merge(self, layer: DeltaLayer) -> Any:
         """Fold this delta into the base weight; return what `unmerge` needs to undo it exactly."""

@@ -6,7 +6,7 @@ vector bank, frozen outer matrices...). Forward applies them to x, never forming
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from ...engine.fused import LowRank
 from ...engine.layer import Delta, DeltaLayer
