@@ -542,6 +542,22 @@ class DeltaModel(nn.Module):
 
         return load_peft(self, path, name)
 
+    def prepare_for_hotswap(self, target_rank: int | None = None, names: str | Sequence[str] | None = None) -> None:
+        """Before torch.compile: pad LoRA/DoRA factors to `target_rank` with zeros and hold their scales as
+        tensors, so that adapters of lower rank or another alpha hot-swap without recompiling (engine/hotswap.py)."""
+        from .hotswap import prepare_for_hotswap
+
+        prepare_for_hotswap(self, target_rank, names)
+
+    def hotswap_adapter(self, source: Any, name: str = "default", check_base: bool = True,
+                        check_integrity: bool = True) -> Adapter:
+        """Replace adapter `name`'s weights in place with those of `source` (a deltatune or PEFT adapter folder,
+        or a state dict), after checking it is the same method on the same layers: a compiled model runs it
+        without recompiling."""
+        from .hotswap import hotswap_adapter
+
+        return hotswap_adapter(self, source, name, check_base, check_integrity)
+
 
 def _fusions(block: Block) -> list[Any]:
     """Every Fuse block in a setup."""
