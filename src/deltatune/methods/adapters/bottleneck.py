@@ -80,16 +80,17 @@ class BottleneckConfig(ActivationConfig):
 class Bottleneck(ActivationDelta, Delta):
     """down (d_in -> m), act, up (m -> d), scale; the engine places it and adds its residual."""
 
-    def __init__(self, config: BottleneckConfig, layer: DeltaLayer, initialize: bool = True):
-        super().__init__(config, layer)
+    def __init__(self, config: BottleneckConfig, layer: DeltaLayer, initialize: bool = True,
+                 shared: nn.Module | None = None):
+        super().__init__(config, layer, shared=shared)
         site = layer.activation_site(config.site)
         d_in, d = widths(layer.base_layer, site, config)
         m = config.bottleneck_size(d)
         kw = {"dtype": adapter_dtype_of(layer), "device": device_of(layer)}
         self.norm_before = nn.LayerNorm(d_in, **kw) if config.ln_before else None
         self.bits = config.bits
-        self.down = nn.Linear(d_in, m, bias=self.bits is None, **kw)
-        self.up = nn.Linear(m, d, bias=self.bits is None, **kw)
+        self.down = self.projection(d_in, m, **kw)
+        self.up = self.projection(m, d, **kw)
         if self.bits is not None:  # False once lowbit.load_packed has put the stored (dequantised) weights in
             self.register_buffer("fake_quant", torch.ones((), dtype=torch.bool, device=kw["device"]))
         self.act = get_activation(config.non_linearity.lower())
@@ -101,6 +102,10 @@ class Bottleneck(ActivationDelta, Delta):
             self.scale = float(config.scaling)
         if initialize:
             self.reset(config.init)
+
+    def projection(self, d_in: int, d_out: int, **kw) -> nn.Module:
+        """The down and up maps (x -> x W + b; low-bit ones have no bias); Compacter's are PHM layers."""
+        return nn.Linear(d_in, d_out, bias=self.bits is None, **kw)
 
     @torch.no_grad()
     def reset(self, init: str) -> None:
@@ -119,7 +124,7 @@ class Bottleneck(ActivationDelta, Delta):
                 lin.bias.zero_()
 
     def change(self, layer: DeltaLayer, h: Tensor) -> Tensor:
-        z = h.to(self.down.weight.dtype)
+        z = h.to(next(self.down.parameters()).dtype)
         if self.norm_before is not None:
             z = self.norm_before(z)
         return self.linear(self.up, self.act(self.linear(self.down, z))) * self.scale
@@ -128,8 +133,8 @@ class Bottleneck(ActivationDelta, Delta):
         """down's or up's weight as the forward uses it: quantised when bits is set (until load_packed)."""
         return fake_quantise(lin.weight, self.bits) if self.bits is not None and self.fake_quant else lin.weight
 
-    def linear(self, lin: nn.Linear, x: Tensor) -> Tensor:
-        return F.linear(x, self.forward_weight(lin), lin.bias)
+    def linear(self, proj: nn.Module, x: Tensor) -> Tensor:
+        return proj(x) if self.bits is None else F.linear(x, self.forward_weight(proj), proj.bias)
 
 
 def adapter_dtype_of(layer: DeltaLayer) -> torch.dtype:
