@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from adapter_helpers import fresh
 from helpers import assert_close, perturb
 from torch.special import ndtr, ndtri
-from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import deltatune as dt
 from deltatune import assets
@@ -94,16 +94,6 @@ def test_the_byte_layout_is_the_official_dump():
     assert pack(w, bits)[0].tolist() == expected
 
 
-@pytest.fixture(scope="module")
-def minilm():
-    path = assets.minilm_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    batch = dict(tok(["a fine, moving film", "terrible, boring and far too long"], padding=True, return_tensors="pt"))
-    return path, batch
-
-
-def fresh(path):
-    return AutoModel.from_pretrained(path).eval()
 
 
 @pytest.mark.parametrize("method", ["houlsby", "parallel_adapter"])

@@ -15,7 +15,7 @@ each weight's level index, 8 // b per byte, first index in the lowest bits, plus
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import Tensor
@@ -25,7 +25,7 @@ BITS = (1, 2, 4, 8)  # the official --bit choices (main.py l.58; 32 there means 
 EPS = 1e-5
 
 
-@lru_cache(maxsize=None)
+@cache
 def codebook(bits: int) -> tuple[Tensor, Tensor]:
     """(levels (2^b,), thresholds (2^b - 1,)) in float32, as utils.py QLinear.quantize computes them."""
     v = torch.zeros(2 ** bits, dtype=torch.float64)
