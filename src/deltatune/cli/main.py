@@ -101,12 +101,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     path, overrides = _recipe_args(args.items)
     recipe = load_recipe(path, overrides)
     trainer = Trainer(recipe, resume=args.resume, overwrite=args.overwrite)
+    if not trainer.group.main:  # under torchrun, rank 0 alone reports (and writes)
+        logging.getLogger("deltatune").setLevel(logging.ERROR)
+        trainer.setup()
+        trainer.train()
+        return 0
     trainer.setup()
-    r = trainer.recipe
+    r, g = trainer.recipe, trainer.group
     console.print(f"{r.name}: {r.method.name} on {r.model.path} ({r.model.task}), data {r.data.source}")
     console.print(f"trainable parameters: {_trainable(trainer.model)}")
+    on = f"{g.world} processes ({g.mode}), {trainer.device}" if g.parallel else str(trainer.device)
     console.print(f"examples: {len(trainer.train_set):,} train, {len(trainer.eval_set):,} eval; "
-                  f"{trainer.total_steps} steps on {trainer.device}")
+                  f"{trainer.total_steps} steps on {on}")
     result = trainer.train()
     _metrics("before", result.before)
     _metrics("after", result.after)
