@@ -3,7 +3,7 @@
 A tiny BERT (2 layers, hidden 32, dropout off so that one process and two see the same function) with
 MiniLM's tokenizer trains on 11 Rotten Tomatoes snippets in batches of 5, 2 micro-batches a step: every epoch
 ends with a batch of 1, so the 2 ranks get slices of 3 and 2 rows, and 1 and none (a weight-0 stand-in).
-One torchrun launch runs every case (tests/distributed_worker.py); the single-process references run here.
+Two torchrun launches run every case (tests/distributed_worker.py); the single-process references run here.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ def torchrun(job: dict, folder: Path, check: bool = True) -> subprocess.Complete
     spec.write_text(json.dumps(job), encoding="utf-8")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)])}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "--monitor-interval", "0.2",
                            str(TESTS / "distributed_worker.py"), str(spec)],
                           env=env, capture_output=True, text=True, timeout=300)
     if check:
@@ -98,15 +99,24 @@ def losses(run: Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def launched(tiny_bert, tmp_path_factory):
-    """(folder, report by case): every method under ddp and fsdp, and the uninterrupted run of the resume case."""
+    """(folder, report by case) of two launches: first a run whose rank 1 dies (SIGKILL) before step 3 (torchrun
+    then stops rank 0); then its `--resume`, every method under ddp and fsdp, and the uninterrupted resume case."""
     folder = tmp_path_factory.mktemp("distributed")
+    job = {"recipe": str(tiny_bert / "recipe.yaml"),
+           "overrides": overrides(tiny_bert, folder / "resume-killed", "train.distributed=ddp", *RESUMED)}
+    killed = torchrun({"runs": [{**job, "kill_rank": 1, "kill_at": 3}], "report": str(folder / "killed.json")},
+                      folder, check=False)
+    killed_run = folder / "resume-killed"
+    assert killed.returncode != 0 and not (killed_run / "adapter").exists(), killed.stderr[-3000:]
+    assert sorted(p.name for p in (killed_run / "checkpoints").iterdir()) == ["ckpt-2"]
     cases = {f"{mode}-{name}": overrides(tiny_bert, folder / f"{mode}-{name}", f"train.distributed={mode}", *extra)
              for mode in ("ddp", "fsdp") for name, extra in METHODS.items()}
     runs = [{"recipe": str(tiny_bert / "recipe.yaml"), "overrides": o, "grads": str(folder / f"{case}-grads.safetensors")}
             for case, o in cases.items()]
     cases["resume-reference"] = overrides(tiny_bert, folder / "resume-reference", "train.distributed=ddp", *RESUMED)
     report = folder / "report.json"
-    runs.append({"recipe": str(tiny_bert / "recipe.yaml"), "overrides": cases["resume-reference"]})
+    runs += [{"recipe": str(tiny_bert / "recipe.yaml"), "overrides": cases["resume-reference"]}, {**job, "resume": True}]
+    cases["resume-killed"] = job["overrides"]
     torchrun({"runs": runs, "report": str(report)}, folder)
     return folder, dict(zip(cases, json.loads(report.read_text())))
 
@@ -171,22 +181,17 @@ def test_rank_zero_alone_writes(launched, tiny_bert, mode):
     dt.load(BertForSequenceClassification.from_pretrained(tiny_bert), run / "adapter")
 
 
-def test_killed_rank_then_resume_equals_uninterrupted(launched, tiny_bert):
-    """Rank 1 dies (SIGKILL) before step 3; torchrun stops rank 0; `--resume` on both continues from the step-2
-    checkpoint (adapter, optimizer, every rank's RNG state) and ends bitwise equal to the uninterrupted run."""
-    folder, _ = launched
+def test_killed_rank_then_resume_equals_uninterrupted(launched):
+    """Rank 1 died before step 3 (the fixture checks that only the step-2 checkpoint was left); `--resume` on both
+    ranks restores adapter, optimizer and every rank's RNG state (dropout is on) and ends bitwise equal to the
+    uninterrupted run."""
+    folder, report = launched
     run = folder / "resume-killed"
-    args = overrides(tiny_bert, run, "train.distributed=ddp", *RESUMED)
-    job = {"recipe": str(tiny_bert / "recipe.yaml"), "overrides": args}
-    killed = torchrun({"runs": [{**job, "kill_rank": 1, "kill_at": 3}], "report": str(folder / "killed.json")},
-                      folder, check=False)
-    assert killed.returncode != 0
-    assert not (run / "adapter").exists() and (run / "checkpoints" / "ckpt-2").is_dir()
-    torchrun({"runs": [{**job, "resume": True}], "report": str(folder / "resumed.json")}, folder)
     expected, actual = adapter(folder / "resume-reference"), adapter(run)
     for key in expected:
         assert torch.equal(actual[key], expected[key]), key
     assert losses(run) == losses(folder / "resume-reference")
+    assert report["resume-killed"]["replica_drift"] == 0.0
 
 
 # --- in-process pieces ---------------------------------------------------------------------------
