@@ -223,3 +223,22 @@ def test_blocks_are_the_layers_not_the_adapter(tiny_bert):
                       dt.make_config("loretta_adp", targets=["query"]))
     found = distributed.blocks(model.model)
     assert found == list(model.model.bert.encoder.layer)
+
+
+def test_merge_of_an_fsdp_trained_adapter_writes_a_sharded_checkpoint(launched, tiny_bert, tmp_path):
+    """`merge-adapter --max-shard-size` on the adapter an FSDP run saved: safetensors shards plus an index that
+    transformers loads alone, with the outputs of base + adapter."""
+    from deltatune.cli.main import main
+
+    folder, _ = launched
+    out = tmp_path / "merged"
+    assert main(["merge-adapter", str(folder / "fsdp-lora"), "--out", str(out), "--max-shard-size", "1MB"]) == 0
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(shards) >= 2 and sorted(set(index["weight_map"].values())) == shards
+    batch = {"input_ids": torch.randint(0, 1000, (2, 9)), "attention_mask": torch.ones(2, 9, dtype=torch.long)}
+    merged = BertForSequenceClassification.from_pretrained(out).eval()
+    adapted = dt.load(BertForSequenceClassification.from_pretrained(tiny_bert, num_labels=2), folder / "fsdp-lora" /
+                      "adapter").eval()
+    with torch.no_grad():
+        assert_close(merged(**batch).logits, adapted(**batch).logits, rtol=1e-5, atol=1e-6)

@@ -163,6 +163,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """Fold the adapter into its base model and save a standalone Hugging Face model."""
+    from deltatune.merging.checkpoint import parse_size
+
+    shard = parse_size(args.max_shard_size)  # a bad size fails before the model loads
     adapter = _adapter_dir(args.adapter)
     task, model = _load_adapter(adapter, _adapter_recipe(adapter, []))
     out = Path(args.out)
@@ -171,7 +174,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     merged = model.merge_and_unload()
     tmp = out.with_name(f".{out.name}.tmp")  # written whole, then renamed: a killed run leaves no half model
     shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
+    merged.save_pretrained(tmp, max_shard_size=shard)
     task.tokenizer.save_pretrained(tmp)
     if out.exists():
         out.rmdir()
@@ -246,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge-adapter", help=cmd_merge.__doc__)
     p.add_argument("adapter", metavar="ADAPTER_DIR")
     p.add_argument("--out", required=True, help="output folder for the merged model and its tokenizer")
+    p.add_argument("--max-shard-size", default="50GB",
+                   help="split the weights into safetensors shards of at most this size, with an index "
+                        "(model.safetensors.index.json), e.g. 2GB or 500MiB")
     p.set_defaults(handler=cmd_merge)
 
     merge_cli.add_parser(sub)
