@@ -242,3 +242,34 @@ def test_merge_of_an_fsdp_trained_adapter_writes_a_sharded_checkpoint(launched, 
                       "adapter").eval()
     with torch.no_grad():
         assert_close(merged(**batch).logits, adapted(**batch).logits, rtol=1e-5, atol=1e-6)
+
+
+# --- real model, real launchers (slow) -----------------------------------------------------------
+def launch_train(launcher: list[str], args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([*launcher, "-m", "deltatune.cli.main", "train", *args], env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_minilm_under_torchrun_and_accelerate_launch(tmp_path):
+    """`deltatune train` on MiniLM / Rotten Tomatoes: DDP under torchrun, FSDP under `accelerate launch` (its
+    torchrun launcher: --multi_gpu also starts gloo processes on a CPU-only machine). Both ranks draw the same
+    dropout masks in both modes, so the FSDP run (sharded base) must equal the DDP run to float tolerance."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    if not accelerate.exists():
+        pytest.skip("accelerate is not installed beside this Python")
+    args = ["data.max_train=24", "data.max_eval=16", "train.batch_size=8", "train.steps=3", "train.max_length=32"]
+    runs = {"ddp": ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"], "ddp"),
+            "fsdp": ([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                      "--mixed_precision", "no", "--dynamo_backend", "no"], "fsdp")}
+    for name, (launcher, mode) in runs.items():
+        proc = launch_train(launcher, [*args, f"train.distributed={mode}", f"train.output_dir={tmp_path / name}"])
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        assert f"3 steps on 2 processes ({mode})" in proc.stdout
+        assert proc.stdout.count("adapter saved to") == 1  # rank 0 alone reports
+        assert len((tmp_path / name / "metrics.jsonl").read_text().splitlines()) == 3 + 2
+    ddp, fsdp = adapter(tmp_path / "ddp"), adapter(tmp_path / "fsdp")
+    for key in ddp:
+        assert_close(fsdp[key], ddp[key], rtol=1e-5, atol=1e-7, msg=key)
+    assert_close(torch.tensor(losses(tmp_path / "fsdp")), torch.tensor(losses(tmp_path / "ddp")), rtol=1e-6, atol=0.0)
