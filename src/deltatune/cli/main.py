@@ -17,6 +17,7 @@ import deltatune as dt
 from deltatune.cli import bench as bench_cli
 from deltatune.cli import compress as compress_cli
 from deltatune.cli import merge as merge_cli
+from deltatune.training.distributed import RemoteError
 from deltatune.training.loop import ADAPTER, RECIPE, Trainer, build_model, evaluate, load_data, make_task
 from deltatune.training.recipe import (
     DEFAULT_RECIPE,
@@ -298,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         return args.handler(args)
+    except RemoteError:  # rank 0 of a distributed run has printed it
+        return 2
     except (ValueError, OSError) as e:
         print(f"deltatune {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -73,17 +73,18 @@ class Group:
         if not self.parallel:
             return fn()
         box: list[Any] = [None]
+        error: Exception | None = None
         if self.main:
             try:
                 box[0] = ("ok", fn())
-            except Exception as e:
-                box[0] = ("error", e)
+            except Exception as e:  # only its message travels: not every exception pickles
+                error, box[0] = e, ("error", str(e))
         dist.broadcast_object_list(box, src=0)
         status, value = box[0]
+        if error is not None:
+            raise error
         if status == "error":
-            if self.main:
-                raise value
-            raise RemoteError(str(value))
+            raise RemoteError(value)
         return value
 
     def gather(self, value: T) -> list[T]:
