@@ -38,6 +38,8 @@ METHODS = {  # the adapter-side cases: plain LoRA, and parameters that some step
     "dylora": ["method.name=dylora", "method.r=4"],  # a rank drawn per step: rows past it get no gradient
     "lokr": ["method.name=lokr", "method.module_dropout=0.5"],  # whole deltas skipped in some forwards
     "sira": ["method.name=sira", "method.expert_dropout=0.2"],  # routed experts, dropout on the gate
+    # an adapter-wide trainable tensor (the vector bank, in DeltaModel.shared) used by every layer
+    "vblora": ["method.name=vblora", "method.num_vectors=16", "method.vector_length=8"],
 }
 # dropout on, checkpoints every 2 steps: the kill/resume case needs every rank's RNG state back
 RESUMED = ["train.steps=6", "train.save_every=2", "method.dropout=0.1", "method.name=lora"]
@@ -126,7 +128,7 @@ RTOL = {"ddp": 1e-6, "fsdp": 1e-6}
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-@pytest.mark.parametrize("name", ["lora", "dylora", "lokr"])
+@pytest.mark.parametrize("name", ["lora", "dylora", "lokr", "vblora"])
 def test_two_processes_equal_one(launched, tiny_bert, tmp_path, mode, name):
     """Same global batch, same data order: the first step's gradients (to 1e-6), every logged loss and the adapter
     after 4 steps equal one process's.
