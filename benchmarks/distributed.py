@@ -113,6 +113,7 @@ def main() -> None:
     if args.worker:
         return worker(args.worker)
     runs: dict[str, list[list[dict]]] = {name: [] for name in SETTINGS}
+    load_before = os.getloadavg()[0]  # other jobs on the same cores show up in every time measured
     with tempfile.TemporaryDirectory(prefix="deltatune-dist-") as tmp:
         for i in range(args.rounds):
             order = list(SETTINGS) if i % 2 == 0 else list(reversed(SETTINGS))  # interleaved
@@ -122,13 +123,15 @@ def main() -> None:
                 print(f"round {i + 1}: {name}: {runs[name][-1][0]['samples_per_s']:.1f} samples/s", flush=True)
     rows, md = table(runs)
     env = {"torch": torch.__version__, "python": platform.python_version(), "cores": os.cpu_count(),
-           "rounds": args.rounds, "steps": args.steps, "recipe": "embedded lora_minilm_rotten_tomatoes, batch 32"}
+           "rounds": args.rounds, "steps": args.steps, "recipe": "embedded lora_minilm_rotten_tomatoes, batch 32",
+           "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "distributed.json").write_text(json.dumps({"env": env, "rows": rows, "runs": runs}, indent=1) + "\n")
     header = (f"# Data-parallel training on CPU: 1 vs 2 processes\n\n`python benchmarks/distributed.py --rounds "
               f"{args.rounds} --steps {args.steps}`; {env['recipe']}, {args.steps} steps; torch {env['torch']}, "
               f"{env['cores']} cores shared by both processes (1 process: 2 threads; 2 processes: 1 thread each). "
-              "Figures are medians over rounds; per-process figures are rank 0 / rank 1.\n\n")
+              "Figures are medians over rounds; per-process figures are rank 0 / rank 1. 1-minute load average "
+              f"before / after: {env['load_average_1min'][0]} / {env['load_average_1min'][1]} (2 = both cores busy).\n\n")
     (RESULTS / "distributed.md").write_text(header + md + "\n")
     print(md)
 
