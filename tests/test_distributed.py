@@ -35,7 +35,7 @@ BASE = ["data.max_train=11", "data.max_eval=8", "train.batch_size=5", "train.gra
         "train.max_length=16", "optimizer.lr=1e-2", "method.targets=[query,value]"]
 METHODS = {  # the adapter-side cases: plain LoRA, and parameters that some steps leave unused
     "lora": [],
-    "dylora": ["method.name=dylora", "method.r=4"],  # a rank drawn per step: rows past it get no gradient
+    "dylora": ["method.name=dylora", "method.r=4"],  # a rank drawn per step (a step hook): rows past it stay out
     "lokr": ["method.name=lokr", "method.module_dropout=0.5"],  # whole deltas skipped in some forwards
     "sira": ["method.name=sira", "method.expert_dropout=0.2"],  # routed experts, dropout on the gate
     # an adapter-wide trainable tensor (the vector bank, in DeltaModel.shared) used by every layer
