@@ -83,6 +83,10 @@ class Task(ABC):
         """Modules trained in full beside the deltas when the recipe names none."""
         return []
 
+    @abstractmethod
+    def loss_terms(self, examples: list[dict]) -> int:
+        """How many terms the mean loss of a batch of these encoded examples averages over."""
+
     def _mask(self, ids: list[list[int]]) -> Tensor:
         return pad([[1] * len(row) for row in ids], 0)
 
@@ -133,6 +137,10 @@ class ClassificationTask(Task):
             correct += (out.logits.argmax(-1) == batch["labels"]).sum().item()
             count += n
         return {"loss": loss_sum / count, "accuracy": correct / count}
+
+    def loss_terms(self, examples: list[dict]) -> int:
+        """One cross-entropy term per example."""
+        return len(examples)
 
     def default_train_modules(self, model: nn.Module) -> list[str]:
         """The head: every top-level child with parameters other than the pretrained body."""
@@ -192,6 +200,10 @@ class CausalLMTask(Task):
             "attention_mask": self._mask(ids),
             "labels": pad([e["labels"] for e in examples], IGNORE_INDEX),
         }
+
+    def loss_terms(self, examples: list[dict]) -> int:
+        """One term per labelled token; the model shifts labels by one, so the first label never counts."""
+        return sum(sum(y != IGNORE_INDEX for y in e["labels"][1:]) for e in examples)
 
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> dict[str, float]:
         """Mean loss per response token, and its perplexity."""
