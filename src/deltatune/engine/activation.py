@@ -14,12 +14,21 @@ Sites, in the unified view of PEFT (He et al., arXiv 2110.04366), h being the mo
 
 Modules that return tuples or ModelOutputs (decoder layers) are changed in their hidden-state element
 (the first); the rest passes through, so `generate()` and the KV cache work unchanged.
+
+AdapterDrop (Rücklé et al., arXiv:2010.11918) is written here once for every activation method: an adapter
+is looked up as absent in the blocks it drops (`skip_layers`, and in training the lowest n blocks, n drawn
+per step), so those blocks run as the base model does. The block is the first integer in the module's path
+(encoder.layer.3.output -> 3), AdapterHub's layer_idx. AdapterHub 1.3 sets skip_layers for the whole active
+setup (`set_active_adapters(setup, skip_layers=...)`) and draws the training skips in a Trainer callback
+(notebooks/Adapter_Drop_Training.ipynb: skip_layers = range(randint(0, 11)) each step); here both are
+options of each adapter, and the draw is a function of (drop_seed, step), so a resumed run replays it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Union
@@ -54,6 +63,28 @@ class ActivationConfig(DeltaConfig):
         True, description="residual site: the adapter's own residual is h before the norm (True), after it "
         "(False) or h + r before the norm ('post_add')")
     hidden_size: int | None = Field(None, ge=1, description="the width of h; None: read from the module")
+    skip_layers: list[int] = Field(
+        [], description="AdapterDrop: blocks (the first integer in the module path) that run without this adapter, "
+        "in training and inference")
+    drop_lowest: int = Field(
+        0, ge=0, description="AdapterDrop in training: each step the adapter is also left out of the blocks below "
+        "n, n drawn uniformly from 0..drop_lowest (0: off; 10 for 12 blocks is AdapterHub's robust setting)")
+    drop_seed: int = Field(0, ge=0, description="seed of the per-step draw of n: n is a function of (seed, step)")
+
+
+def block_index(path: str) -> int:
+    """The block a module belongs to: the first integer in its dotted path (encoder.layer.3.output -> 3)."""
+    match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", path)
+    if match is None:
+        raise ValueError(f"AdapterDrop (skip_layers / drop_lowest) reads the block from the module path, and "
+                         f"'{path}' holds no integer: exclude it from the targets or drop these options")
+    return int(match.group(1))
+
+
+def dropped_below(config: ActivationConfig, step: int) -> int:
+    """AdapterDrop's n at training step `step`: uniform on 0..drop_lowest, the same in every layer and on resume."""
+    g = torch.Generator().manual_seed(config.drop_seed * 1_000_003 + step)
+    return int(torch.randint(0, config.drop_lowest + 1, (1,), generator=g))
 
 
 @dataclass(frozen=True)
@@ -120,9 +151,26 @@ class ActivationDelta(nn.Module):
     mergeable = False
     activation = True
 
+    def __init__(self, config: Any, layer: DeltaLayer, *args: Any, **kwargs: Any):
+        super().__init__(config, layer, *args, **kwargs)
+        drops = bool(getattr(config, "skip_layers", None) or getattr(config, "drop_lowest", 0))
+        self.block = block_index(layer.path) if drops else None  # AdapterDrop's layer index
+        self.drop_below = 0  # AdapterDrop's n for this training step (set by on_step)
+
     @property
     def parallel(self) -> bool:
         return self.config.placement == "parallel"
+
+    @property
+    def dropped(self) -> bool:
+        """AdapterDrop: this block runs without the adapter (always in skip_layers, in training below n)."""
+        if self.block is None:
+            return False
+        return self.block in self.config.skip_layers or (self.training and self.block < self.drop_below)
+
+    def on_step(self, step: int) -> None:
+        if getattr(self.config, "drop_lowest", 0):
+            self.drop_below = dropped_below(self.config, step)
 
 
 # --- the state an activation site composes over -------------------------------------------------
@@ -165,7 +213,9 @@ class Composer:
         self.layer, self.site, self.norm = layer, site, norm
 
     def delta(self, name: str) -> nn.Module | None:
-        return self.layer.deltas[name] if name in self.layer.deltas and name not in self.layer.merged else None
+        """The adapter's delta here, or None: not at this layer, merged, or dropped here (AdapterDrop)."""
+        d = self.layer.deltas[name] if name in self.layer.deltas and name not in self.layer.merged else None
+        return None if d is None or getattr(d, "dropped", False) else d
 
     # AdapterHub's pre_forward: what the adapter reads and its own residual
     def pre(self, name: str, s: State) -> State:
@@ -271,6 +321,8 @@ class Composer:
         if fusion is None:
             raise ValueError(f"{block!r} needs the fusion adapter '{block.name}': "
                              f"dm.add_fusion({', '.join(map(repr, block.children))})")
+        if all(self.delta(n) is None for n in block.names()):  # every fused adapter dropped here (AdapterDrop)
+            return s
         if any(getattr(self.delta(n), "parallel", False) for n in block.names()):
             raise ValueError(f"{block!r}: AdapterFusion fuses serial adapters; a child here is parallel")
         query_src = s.h

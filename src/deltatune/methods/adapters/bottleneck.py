@@ -58,15 +58,16 @@ class BottleneckConfig(ActivationConfig):
 class Bottleneck(ActivationDelta, Delta):
     """down (d_in -> m), act, up (m -> d), scale; the engine places it and adds its residual."""
 
-    def __init__(self, config: BottleneckConfig, layer: DeltaLayer, initialize: bool = True):
-        super().__init__(config, layer)
+    def __init__(self, config: BottleneckConfig, layer: DeltaLayer, initialize: bool = True,
+                 shared: nn.Module | None = None):
+        super().__init__(config, layer, shared=shared)
         site = layer.activation_site(config.site)
         d_in, d = widths(layer.base_layer, site, config)
         m = config.bottleneck_size(d)
         kw = {"dtype": adapter_dtype_of(layer), "device": device_of(layer)}
         self.norm_before = nn.LayerNorm(d_in, **kw) if config.ln_before else None
-        self.down = nn.Linear(d_in, m, **kw)
-        self.up = nn.Linear(m, d, **kw)
+        self.down = self.projection(d_in, m, **kw)
+        self.up = self.projection(m, d, **kw)
         self.act = get_activation(config.non_linearity.lower())
         if config.scaling == "learned":
             self.scale = nn.Parameter(torch.ones(1, **kw))
@@ -77,6 +78,10 @@ class Bottleneck(ActivationDelta, Delta):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         if initialize:
             self.reset(config.init)
+
+    def projection(self, d_in: int, d_out: int, **kw) -> nn.Module:
+        """The down and up maps (x -> x W + b); Compacter's are PHM layers."""
+        return nn.Linear(d_in, d_out, **kw)
 
     @torch.no_grad()
     def reset(self, init: str) -> None:
@@ -90,7 +95,7 @@ class Bottleneck(ActivationDelta, Delta):
             lin.bias.zero_()
 
     def change(self, layer: DeltaLayer, h: Tensor) -> Tensor:
-        z = h.to(self.down.weight.dtype)
+        z = h.to(next(self.down.parameters()).dtype)
         if self.norm_before is not None:
             z = self.norm_before(z)
         return self.up(self.act(self.down(z))) * self.scale
