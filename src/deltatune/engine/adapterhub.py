@@ -317,12 +317,13 @@ def export_adapterhub(dm: DeltaModel, path: Any, name: str) -> Path:
         warnings.warn(f"AdapterHub keeps AdapterDrop outside the adapter config: activate '{name}' there with "
                       f"set_active_adapters('{name}', skip_layers={c.skip_layers})", stacklevel=3)
     phm = adapter.method.startswith("compacter")
-    n_layers = getattr(model.config, "num_hidden_layers", max(blocks) + 1)
+    covered = next(iter(blocks.values()))
+    n_layers = getattr(model.config, "num_hidden_layers", max(covered) + 1)
     bn = {**BN_DEFAULTS, **{k: getattr(c, k) for k in PLACEMENT_OPTIONS},
-          "mh_adapter": MH in blocks, "output_adapter": OUT in blocks, "reduction_factor": rf, "non_linearity": c.non_linearity,
-          "is_parallel": c.placement == "parallel", "scaling": c.scaling, "phm_layer": phm,
-          "leave_out": sorted(set(range(n_layers)) - set(next(iter(blocks.values())))),
-          "init_weights": "bert" if phm else c.init}
+          "mh_adapter": MH in blocks, "output_adapter": OUT in blocks, "reduction_factor": rf,
+          "non_linearity": c.non_linearity, "is_parallel": c.placement == "parallel", "scaling": c.scaling,
+          "phm_layer": phm, "leave_out": sorted(set(range(n_layers)) - set(covered)),
+          "init_weights": "bert" if phm else c.init}  # AdapterHub's other inits crash on PHM layers (spec §3)
     if phm:
         bn.update({k: getattr(c, k) for k in PHM_OPTIONS})
     prefix = getattr(model, "base_model_prefix", "")
