@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForSequenceClassification
 
 import deltatune as dt
-from deltatune.engine import DeltaLayer
 from deltatune import assets
+from deltatune.engine import DeltaLayer
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_PYTHON = ROOT / ".venv-adapters" / "bin" / "python"
@@ -173,7 +173,8 @@ def test_round_trip_is_exact(forward, tmp_path, case):
     saved = forward / case / "saved" / "a"
     dm = imported(case, forward / case)
     dm.export_adapterhub(tmp_path, "a")
-    ours, theirs = json.loads((tmp_path / "adapter_config.json").read_text()), json.loads((saved / "adapter_config.json").read_text())
+    ours = json.loads((tmp_path / "adapter_config.json").read_text())
+    theirs = json.loads((saved / "adapter_config.json").read_text())
     assert ours["config"] == theirs["config"]
     assert {k: ours[k] for k in ("hidden_size", "model_type", "name", "version")} == \
         {k: theirs[k] for k in ("hidden_size", "model_type", "name", "version")}
@@ -290,3 +291,9 @@ def test_export_refuses_what_adapterhub_cannot_hold(tmp_path):
     dm.add_adapter("query", dt.make_config("pfeiffer", targets=["attention.self.query"], site="module"))
     with pytest.raises(ValueError, match=r"AdapterHub places bottleneck adapters only at"):
         dm.export_adapterhub(tmp_path / "query", "query")
+
+
+def test_adapterhub_folder_given_to_load_peft(forward):
+    """AdapterHub and PEFT both name their config adapter_config.json: the PEFT loader points to the right one."""
+    with pytest.raises(ValueError, match=r"is an AdapterHub adapter config, not PEFT's: use dt.load_adapterhub"):
+        dt.load_peft(fresh(), forward / "pfeiffer" / "saved" / "a")
