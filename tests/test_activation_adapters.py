@@ -325,6 +325,9 @@ def test_bad_setups_and_options_get_clear_errors(minilm):
         dt.make_config("pfeiffer", reduction=8)
     with pytest.raises(ValueError, match="site branch='drop' is no submodule of BertSelfOutput \(children: dense, LayerNorm, dropout\)"):
         dm.add_adapter("c", dt.make_config("houlsby", site={"branch": "drop", "norm": "LayerNorm", "residual": 0}))
+    dm.add_adapter("h", dt.make_config("houlsby"))  # also on the attention outputs: no common modules
+    with pytest.raises(ValueError, match="a fusion needs its adapters at the same modules"):
+        dm.add_fusion("a", "h")
     with pytest.raises(ValueError, match="Average has 2 children but 3 weights"):
         Average("a", "b", weights=[1, 2, 3])
 
@@ -348,3 +351,13 @@ def test_an_adapter_set_saves_and_loads_with_its_fuse_setup(minilm, tmp_path):
     again = dt.load_adapters(fresh(path), tmp_path / "set")
     assert again.setup == Fuse("a", "b")
     assert torch.equal(again(**batch).last_hidden_state, out)
+
+
+def test_deleting_adapters_keeps_or_drops_the_setup_as_it_uses_them():
+    dm, model = one_layer("houlsby", ["a", "b", "c"], bottleneck=2)
+    dm.set_active(Average("a", "b"))
+    dm.delete_adapter("c")  # not in the setup: the setup stays
+    assert dm.setup == Average("a", "b")
+    with pytest.warns(UserWarning, match="deleted adapter 'b' of the active setup"):
+        dm.delete_adapter("b")
+    assert dm.setup is None and dm.active == ("a",)

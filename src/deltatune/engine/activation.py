@@ -145,7 +145,8 @@ def widths(module: nn.Module, site: ResidualSite | None, config: ActivationConfi
 
 
 class ActivationDelta(nn.Module):
-    """Mixin for a Delta that changes activations; subclasses give `change(layer, h_in) -> f(h_in)`."""
+    """Mixin for a Delta that changes activations; subclasses give `change(layer, h_in) -> f(h_in)`.
+    The engine's dropout (Delta.dropout, from the config's `dropout`) acts on f's output, as in AdapterHub."""
 
     any_module = True
     mergeable = False

@@ -264,9 +264,12 @@ class DeltaModel(nn.Module):
 
         block = Fuse(*children, name=name)
         self._check_names(block.names())
-        paths = [p for p, layer in self.layers() if all(n in layer.deltas for n in block.names())]
-        if not paths:
-            raise ValueError(f"adapters {block.names()} share no layer: a fusion needs them at the same modules")
+        places = {n: set(self.adapters[n].paths) for n in block.names()}
+        paths = [p for p, _ in self.layers() if all(p in where for where in places.values())]
+        if not paths or any(where != set(paths) for where in places.values()):
+            extra = {n: sorted(where - set(paths))[:3] for n, where in places.items() if where != set(paths)}
+            raise ValueError(f"a fusion needs its adapters at the same modules; {block.names()} differ ({extra} hold "
+                             "only some of them): fuse adapters added with the same targets")
         sites = {self.adapters[n].config.site if hasattr(self.adapters[n].config, "site") else None
                  for n in block.names()}
         if None in sites or len(sites) != 1:
@@ -337,7 +340,13 @@ class DeltaModel(nn.Module):
                 self._unwrap(path)
             elif not any(getattr(d, "activation", False) for d in layer.deltas.values()):
                 layer.remove_site()
+        if self.setup is not None and name not in self.active:  # the composition does not use it: keep it
+            self.set_active(self.setup)
+            return
         active = [n for n in self.active if n != name]
+        if self.setup is not None:
+            warnings.warn(f"deleted adapter '{name}' of the active setup {self.setup!r}; the remaining adapters "
+                          f"{active} are now stacked: call set_active() with another block", stacklevel=2)
         if not active and self.adapters and name in self.active:
             # as PEFT does: a model left with no active adapter would silently run as the base model
             active = [next(iter(self.adapters))]
@@ -544,6 +553,22 @@ class DeltaModel(nn.Module):
         from .adapterhub import export_adapterhub
 
         export_adapterhub(self, path, name or self._only())
+
+    def prepare_for_hotswap(self, target_rank: int | None = None, names: str | Sequence[str] | None = None) -> None:
+        """Before torch.compile: pad LoRA/DoRA factors to `target_rank` with zeros and hold their scales as
+        tensors, so that adapters of lower rank or another alpha hot-swap without recompiling (engine/hotswap.py)."""
+        from .hotswap import prepare_for_hotswap
+
+        prepare_for_hotswap(self, target_rank, names)
+
+    def hotswap_adapter(self, source: Any, name: str = "default", check_base: bool = True,
+                        check_integrity: bool = True) -> Adapter:
+        """Replace adapter `name`'s weights in place with those of `source` (a deltatune or PEFT adapter folder,
+        or a state dict), after checking it is the same method on the same layers: a compiled model runs it
+        without recompiling."""
+        from .hotswap import hotswap_adapter
+
+        return hotswap_adapter(self, source, name, check_base, check_integrity)
 
 
 def _fusions(block: Block) -> list[Any]:

@@ -75,7 +75,6 @@ class Bottleneck(ActivationDelta, Delta):
             self.scale = nn.Parameter(torch.ones(d, **kw))
         else:
             self.scale = float(config.scaling)
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         if initialize:
             self.reset(config.init)
 
