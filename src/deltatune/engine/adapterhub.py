@@ -167,7 +167,7 @@ def _bn_config(meta: dict[str, Any], path: Path, model: nn.Module) -> dict[str, 
     c = {**BN_DEFAULTS, **raw}
     refused = {**UNSUPPORTED, **(PHM_UNSUPPORTED if c["phm_layer"] else {})}
     for key, (ok, what) in refused.items():
-        if c[key] != ok and not (key == "stochastic_depth" and not c[key]):
+        if c[key] != ok:
             raise ValueError(f"{where} sets {key}={c[key]!r} ({what}), which deltatune does not have; only "
                              f"{key}={ok!r} imports: train it without, or keep using it in AdapterHub")
     d = getattr(getattr(model, "config", None), "hidden_size", None)
