@@ -16,6 +16,7 @@ from .engine import (  # noqa: E402
     inject,
     list_methods,
     load,
+    load_adapterhub,
     load_adapters,
     load_peft,
     make_config,
@@ -24,4 +25,4 @@ from .engine import (  # noqa: E402
 from .methods import DoRAConfig, FullConfig, LoRAConfig  # noqa: E402
 
 __all__ = ["BASE", "Average", "BatchSplit", "Fuse", "Parallel", "Split", "Stack", "DeltaConfig", "DeltaModel", "DoRAConfig", "FullConfig", "LoRAConfig", "__version__",
-           "get_method", "inject", "list_methods", "load", "load_adapters", "load_peft", "make_config", "register"]
+           "get_method", "inject", "list_methods", "load", "load_adapterhub", "load_adapters", "load_peft", "make_config", "register"]

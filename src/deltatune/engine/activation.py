@@ -164,7 +164,8 @@ class ActivationDelta(nn.Module):
 
     @property
     def skipped(self) -> bool:
-        """AdapterDrop: this block runs without the adapter (always in skip_layers, in training below n)."""
+        """AdapterDrop: this block runs without the adapter (always in skip_layers, in training below n).
+        Not named `dropped`: that is Delta's input dropout, a method every weight delta has."""
         if self.block is None:
             return False
         return self.block in self.config.skip_layers or (self.training and self.block < self.drop_below)

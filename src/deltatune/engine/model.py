@@ -542,6 +542,18 @@ class DeltaModel(nn.Module):
 
         return load_peft(self, path, name)
 
+    def load_adapterhub(self, path: Any, name: str | None = None) -> Adapter:
+        """Import an adapter (or AdapterFusion) folder saved by AdapterHub's `adapters` (safetensors form)."""
+        from .adapterhub import import_adapterhub
+
+        return import_adapterhub(self, path, name)
+
+    def export_adapterhub(self, path: Any, name: str | None = None) -> None:
+        """Write adapter `name` (bottleneck, Compacter or fusion) as a folder AdapterHub's load_adapter reads."""
+        from .adapterhub import export_adapterhub
+
+        export_adapterhub(self, path, name or self._only())
+
     def prepare_for_hotswap(self, target_rank: int | None = None, names: str | Sequence[str] | None = None) -> None:
         """Before torch.compile: pad LoRA/DoRA factors to `target_rank` with zeros and hold their scales as
         tensors, so that adapters of lower rank or another alpha hot-swap without recompiling (engine/hotswap.py)."""
