@@ -4,17 +4,25 @@ __version__ = "0.1.0"
 
 from .engine import (  # noqa: E402
     BASE,
+    Average,
+    BatchSplit,
     DeltaConfig,
     DeltaModel,
+    Fuse,
+    Parallel,
+    Split,
+    Stack,
     get_method,
     inject,
     list_methods,
     load,
+    load_adapterhub,
+    load_adapters,
     load_peft,
     make_config,
     register,
 )
 from .methods import DoRAConfig, FullConfig, LoRAConfig  # noqa: E402
 
-__all__ = ["BASE", "DeltaConfig", "DeltaModel", "DoRAConfig", "FullConfig", "LoRAConfig", "__version__",
-           "get_method", "inject", "list_methods", "load", "load_peft", "make_config", "register"]
+__all__ = ["BASE", "Average", "BatchSplit", "Fuse", "Parallel", "Split", "Stack", "DeltaConfig", "DeltaModel", "DoRAConfig", "FullConfig", "LoRAConfig", "__version__",
+           "get_method", "inject", "list_methods", "load", "load_adapterhub", "load_adapters", "load_peft", "make_config", "register"]

@@ -202,9 +202,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_methods(args: argparse.Namespace) -> int:
     """Table of the registered methods."""
     table = Table(title="deltatune methods")
-    for column in ("name", "family", "trainable parameters per layer", "paper"):
-        table.add_column(column)
-    for spec in dt.list_methods():
+    specs = dt.list_methods()
+    # names must stay copyable whole: never cut to "…"
+    table.add_column("name", no_wrap=True, min_width=max(len(s.name) for s in specs))
+    for column in ("family", "trainable parameters per layer", "paper"):
+        table.add_column(column, no_wrap=column == "paper")
+    for spec in specs:
         table.add_row(spec.name, spec.family, spec.formula, spec.paper)
     console.print(table)
     return 0

@@ -88,14 +88,16 @@ def write_adapter(path: Any, state: dict[str, Any], meta: dict[str, Any]) -> Pat
     return path
 
 
-def adapter_folder(path: Any, config_name: str, kind: str, weights_name: str) -> Path:
-    """`path` as an existing adapter folder holding `config_name`, or a one-line error saying what is there."""
+def adapter_folder(path: Any, config_name: str, kind: str, weights_name: str, pickle_names: tuple[str, ...] = (),
+                   resave: str = "") -> Path:
+    """`path` as an existing adapter folder holding `config_name`, or a one-line error saying what is there
+    (`pickle_names`, `resave`: see refuse_pickles)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no {kind} adapter at '{path}': it does not exist; check the path")
     if not path.is_dir():
         raise NotADirectoryError(f"'{path}' is a file, not an adapter folder; pass the folder holding {config_name}")
-    refuse_pickles(path, config_name, weights_name)
+    refuse_pickles(path, config_name, weights_name, pickle_names, resave)
     if not (path / config_name).is_file():
         others = {CONFIG_NAME: "a deltatune adapter: use deltatune.load / --format deltatune",
                   "adapter_config.json": "a PEFT adapter: use load_peft / --format peft"}
@@ -108,20 +110,23 @@ def adapter_folder(path: Any, config_name: str, kind: str, weights_name: str) ->
     return path
 
 
-def refuse_pickles(path: Path, config_name: str, weights_name: str) -> None:
+def refuse_pickles(path: Path, config_name: str, weights_name: str, pickle_names: tuple[str, ...] = (),
+                   resave: str = "") -> None:
     """Refuse an adapter whose weights exist only as a pickle: deltatune never unpickles (it can run code).
-    A pickle counts as the adapter's when the config is there or it bears the weights' name (adapter_model.bin)."""
+    A pickle counts as the adapter's when the config is there, it bears the weights' name (adapter_model.bin)
+    or it is one of `pickle_names` (a format's own pickle, e.g. AdapterHub's pytorch_adapter.bin); `resave`
+    is the format's own way to write safetensors, said before the generic one."""
     if (path / weights_name).is_file():
         return
     stem = Path(weights_name).stem
     pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file()
-                     and ((path / config_name).is_file() or p.stem == stem))
+                     and ((path / config_name).is_file() or p.stem == stem or p.name in pickle_names))
     if pickles:
         file = pickles[0]
-        raise ValueError(f"'{file}' is a pickle, which deltatune never loads (unpickling can run code); if you "
-                         "trust it, re-save it as safetensors: python -c \"import torch; from safetensors.torch "
-                         f"import save_file; save_file(torch.load('{file}', weights_only=True), "
-                         f"'{path / weights_name}')\"")
+        raise ValueError(f"'{file}' is a pickle, which deltatune never loads (unpickling can run code); "
+                         f"{resave}if you trust it, re-save it as safetensors: python -c \"import torch; "
+                         "from safetensors.torch import save_file; save_file(torch.load("
+                         f"'{file}', weights_only=True), '{path / weights_name}')\"")
 
 
 def read_json(file: Path) -> dict[str, Any]:
@@ -235,3 +240,34 @@ def load_adapter(dm: DeltaModel, path: Any, name: str | None, verify_base: bool 
                          "adapter again") from None
     adapter.fingerprints = meta["base_model"]["fingerprints"]
     return adapter
+
+
+SETUP_NAME = "deltatune_setup.json"
+SETUP_FORMAT = "deltatune.setup/1"
+
+
+def save_adapter_set(dm: DeltaModel, path: Any) -> Path:
+    """Every adapter of `dm` in its own subfolder, then the active setup (composition block) beside them.
+    Each adapter is written atomically; the setup file, written last, marks a complete set."""
+    path = Path(path)
+    for name in dm.adapters:
+        save_adapter(dm, path / name, name)
+    setup = dm.setup.to_dict() if dm.setup is not None else list(dm.active)
+    meta = {"format": SETUP_FORMAT, "adapters": list(dm.adapters), "active": setup}
+    atomic_write_text(path / SETUP_NAME, json.dumps(meta, indent=2) + "\n")
+    return path
+
+
+def load_adapter_set(dm: DeltaModel, path: Any, verify_base: bool = True, check_integrity: bool = True) -> None:
+    """Load a folder written by save_adapter_set: every adapter (in the order saved), then its setup."""
+    path = Path(path)
+    cfg = path / SETUP_NAME
+    if not cfg.is_file():
+        raise FileNotFoundError(f"no adapter set at '{path}': {SETUP_NAME} is missing (a single adapter loads with "
+                                "deltatune.load)")
+    meta = read_json(cfg)
+    if meta.get("format") != SETUP_FORMAT or not isinstance(meta.get("adapters"), list):
+        raise ValueError(f"'{cfg}' is not a {SETUP_FORMAT} file; save the adapter set again")
+    for name in meta["adapters"]:
+        load_adapter(dm, path / name, name, verify_base, check_integrity)
+    dm.set_active(meta["active"])

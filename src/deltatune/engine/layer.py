@@ -7,6 +7,7 @@ mixed-adapter batches. A method only supplies a `Delta` (its parameters and math
 from __future__ import annotations
 
 import copy
+import inspect
 import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -16,6 +17,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
+from .activation import Composer, ResidualSite, State, find_site, hidden_of, with_hidden
+from .composition import Block, Stack
 from .fused import LowRank, lowrank_linear, mixed_lowrank
 from .kinds import LINEAR, LayerKind, apply_weight, is_stock, mix_channels, per_channel
 
@@ -237,6 +240,12 @@ class DeltaLayer(nn.Module):
         self.route: Routing | None = None  # set by DeltaModel for one mixed-adapter forward
         self.token_mask: Tensor | None = None  # set by DeltaModel: deltas apply only where it is set
         self._merged: dict[str, Any] = {}  # adapter name -> undo state, in merge order
+        self.setup: Block | None = None  # set by DeltaModel when the active setup is more than a plain stack
+        self.site: ResidualSite | None = None  # where activation deltas act inside a residual sublayer
+        self._site_spec: Any = None  # the ActivationConfig.site that chose it (all adapters here must agree)
+        self._site_hooks: list[Any] = []
+        self._call: dict[str, Any] | None = None  # one residual-site forward in flight: setup, route, r, branch
+        self._first_arg = next(iter(inspect.signature(base_layer.forward).parameters), None)
 
     # --- views the methods use -------------------------------------------------------------
     @property
@@ -276,7 +285,10 @@ class DeltaLayer(nn.Module):
             return getattr(self.base_layer, name)  # in_features, bias, padding... as the wrapped layer has them
 
     # --- forward ---------------------------------------------------------------------------
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        if not args:  # called by keyword (HF decoder layers pass hidden_states=...): the first one is the input
+            args = (kwargs.pop(self._first_arg),) if self._first_arg in kwargs else (None,)
+        x, args = args[0], args[1:]
         route = self.route  # a plain attribute, not a context variable: torch.compile traces it
         if not self.enabled:
             self._require_unmerged("run with adapters disabled")
@@ -286,6 +298,10 @@ class DeltaLayer(nn.Module):
                              "src_key_padding_mask makes them); build the encoder with enable_nested_tensor=False")
         if self.kind is not None and self.kind.op is None:
             return self._forward_reweighted(x, route, *args, **kwargs)
+        if self.setup is not None or self.site is not None or any(
+                getattr(self.deltas[n], "activation", False) for n in (route.groups if route else self.active)
+                if n in self.deltas):
+            return self._forward_composed(x, route, *args, **kwargs)
         if route is not None:
             return self._forward_mixed(x, route, *args, **kwargs)
         pending = [self.deltas[n] for n in self.active if n not in self._merged]
@@ -305,6 +321,82 @@ class DeltaLayer(nn.Module):
         for delta in pending:
             out = delta(self, x, out, *args, **kwargs) if delta.needs_inputs else delta(self, x, out)
         return out if mask is None else self._masked(base, out, mask)
+
+    # --- activation deltas and composition blocks (engine/activation.py) ----------------------
+    def activation_site(self, spec: Any) -> ResidualSite | None:
+        """The residual site an activation delta with ActivationConfig.site `spec` uses here (no side effects)."""
+        site = find_site(self.base_layer, spec)
+        taken = [n for n, d in self.deltas.items() if getattr(d, "activation", False)]
+        if taken and site != self.site:
+            raise ValueError(f"'{self.path}' already holds activation adapters {taken} at site {self.site}; "
+                             f"site={spec!r} would put this one at {site}: give it the same site option")
+        return site
+
+    def install_site(self, site: ResidualSite | None) -> None:
+        """Hook the residual site's branch and norm (once); the hooks act only inside this layer's forward."""
+        if site is None or self._site_hooks:
+            self.site = site if not self._site_hooks else self.site
+            return
+        self.site = site
+        self._site_hooks = [
+            self.base_layer.get_submodule(site.branch).register_forward_hook(self._branch_hook),
+            self.base_layer.get_submodule(site.norm).register_forward_hook(self._norm_hook)]
+
+    def remove_site(self) -> None:
+        for handle in self._site_hooks:
+            handle.remove()
+        self._site_hooks, self.site = [], None
+
+    def _branch_hook(self, module: nn.Module, args: Any, out: Tensor) -> None:
+        if self._call is not None:
+            self._call["branch"] = out
+
+    def _norm_hook(self, module: nn.Module, args: Any, out: Tensor) -> Tensor | None:
+        call = self._call
+        if call is None or call.get("branch") is None:
+            return None
+        norm = module.forward  # the norm's own forward: calling the module would run this hook again
+        state = State(h=call["branch"], x=call["branch"], r=call["r"])
+        return self._composed(Composer(self, self.site, norm), call["setup"], call["route"], state, out)
+
+    def _forward_composed(self, x: Any, route: Routing | None, *args: Any, **kwargs: Any) -> Any:
+        """The module's forward with its active setup applied (activation deltas, composition blocks)."""
+        if route is not None or self.setup is not None:  # rows or blocks cannot share a merged weight
+            self._require_unmerged("run a composition block or a mixed batch")
+        setup = self.setup if self.setup is not None else Stack(*self.active) if self.active else None
+        if setup is None and route is None:
+            return self.base_layer(x, *args, **kwargs)
+        if self.site is not None:
+            self._call = {"setup": setup, "route": route, "r": self.site.residual_of(args, kwargs), "branch": None}
+            try:
+                return self.base_layer(x, *args, **kwargs)
+            finally:
+                self._call = None
+        out = self.base_layer(x, *args, **kwargs)
+        h = hidden_of(out)
+        state = State(h=h, x=x if isinstance(x, Tensor) and x.is_floating_point() else None)
+        return with_hidden(out, self._composed(Composer(self, None, None), setup, route, state, h))
+
+    def _composed(self, composer: Composer, setup: Block | None, route: Routing | None, state: State,
+                  plain: Tensor) -> Tensor:
+        """The setup (or each row's adapter) applied to `state`; `plain` is the module's own output, kept where
+        the token mask is unset and for rows routed to no adapter here."""
+        if route is None:
+            h = composer.post(composer.run(setup, state))
+        else:
+            if state.h.shape[0] != len(route.names):
+                raise ValueError(f"adapter_names has {len(route.names)} entries but the batch has "
+                                 f"{state.h.shape[0]} rows")
+            h = plain
+            for name in route.groups:
+                if name == BASE or name not in self.deltas:
+                    continue
+                rows = route.rows(name, state.h.device)
+                part = state.take(rows)
+                h = h.index_copy(0, rows, composer.post(composer.run(Stack(name), part)).to(h.dtype))
+        if self.token_mask is not None:
+            h = self._masked(plain, h, self.token_mask)
+        return h
 
     def _forward_reweighted(self, x: Tensor, route: Routing | None, *args: Any, **kwargs: Any) -> Any:
         """A layer whose forward reads its weight itself (MultiheadAttention): run it with W0 + ΔW.
@@ -403,7 +495,8 @@ class DeltaLayer(nn.Module):
             return
         delta = self.deltas[name]
         if not delta.mergeable:
-            raise ValueError(f"adapter '{name}' ({delta.method}) changes activations and cannot be merged")
+            raise ValueError(f"adapter '{name}' ({delta.method}) changes activations and cannot be merged into "
+                             "weights; keep it unmerged, or merge only the weight adapters: dm.merge([...names])")
         if safe_merge:
             self.check_merge([name])
         self._merged[name] = delta.merge(self)

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .activation import find_site
+from .composition import Block, Stack, parse
 from .kinds import has_fused_fast_path, target_kind, weight_of
 from .layer import BASE, Delta, DeltaLayer, Parts, Routing
 from .registry import DeltaConfig, did_you_mean, get_method, method_of
@@ -98,6 +100,7 @@ class DeltaModel(nn.Module):
         self.model = model
         self.adapters: dict[str, Adapter] = {}
         self.active: tuple[str, ...] = ()
+        self.setup: Block | None = None  # the active composition, when it is more than a plain stack of names
         self.shared = nn.ModuleDict()  # adapter name -> the tensors its layers share (Delta.build_shared)
 
     def __getattr__(self, name: str) -> Any:
@@ -114,12 +117,28 @@ class DeltaModel(nn.Module):
         """The wrapped model's forward. `adapter_names`: one adapter per row ("__base__": none);
         `token_mask` (batch, sequence): the adapters change only the tokens where it is set (token-masked
         LoRA, e.g. a new modality's tokens), every other token sees the base model."""
+        args, kwargs = self._repeated(args, kwargs)
         with self._routed(adapter_names), self._masked_tokens(token_mask):
             return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        args, kwargs = self._repeated(args, kwargs)
         with self._routed(adapter_names):
             return self.model.generate(*args, **kwargs)
+
+    def _repeated(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """A Parallel setup runs the batch once per child: every batch tensor repeated along dim 0."""
+        copies = self.setup.copies if self.setup is not None else 1
+        if copies == 1:
+            return args, kwargs
+        first = next((t for t in (*args, *kwargs.values()) if isinstance(t, Tensor)), None)
+        if first is None:
+            return args, kwargs
+        n = first.shape[0]
+
+        def rep(t: Any) -> Any:
+            return t.repeat(copies, *[1] * (t.dim() - 1)) if isinstance(t, Tensor) and t.dim() and t.shape[0] == n else t
+        return tuple(rep(a) for a in args), {k: rep(v) for k, v in kwargs.items()}
 
     def _masked_tokens(self, token_mask: Tensor | None) -> contextlib.AbstractContextManager:
         if token_mask is None:
@@ -180,7 +199,14 @@ class DeltaModel(nn.Module):
         if name in self.adapters:
             raise ValueError(f"adapter '{name}' exists already; delete_adapter('{name}') first or pick another name")
         spec, full = method_of(config), get_method("full")
-        paths = resolve(self.model, config.targets, config.exclude, need_kind=not spec.delta.any_module)
+        targets = config.targets
+        if targets is None and getattr(config, "default_targets", None):  # the method's own placement per model
+            model_type = getattr(getattr(self.model, "config", None), "model_type", None)
+            if model_type not in config.default_targets:
+                raise ValueError(f"no targets given and {spec.name} has no default for model type {model_type!r} "
+                                 f"(defaults for: {', '.join(config.default_targets)}); set targets=[...]")
+            targets = config.default_targets[model_type]
+        paths = resolve(self.model, targets, config.exclude, need_kind=not spec.delta.any_module)
         head_paths = resolve(self.model, train_modules, need_kind=False) if train_modules else []
         if overlap := set(paths) & set(head_paths):
             raise ValueError(f"modules both adapted and fully trained: {sorted(overlap)}; remove them from one list")
@@ -222,11 +248,35 @@ class DeltaModel(nn.Module):
                 if any(has_fused_fast_path(self.model.get_submodule(".".join(names[:i]))) for i in range(len(names))):
                     layer.register_forward_pre_hook(_keep_plain_path)
             layer.deltas[adapter.name] = delta
+            if getattr(delta, "activation", False):
+                layer.install_site(find_site(layer.base_layer, delta.config.site))
         if shared is not None:
             self.shared[adapter.name] = shared
         self.adapters[adapter.name] = adapter
-        self.set_active(self.active or adapter.name)
+        self.set_active(self.setup if self.setup is not None else (self.active or adapter.name))
         return adapter
+
+    def add_fusion(self, *children: str | Block, name: str | None = None, config: DeltaConfig | None = None
+                   ) -> Adapter:
+        """Add an AdapterFusion over `children` (adapter names, or Stacks) at every layer holding all of them;
+        then set_active(Fuse(*children)) trains it with the children frozen. Returns its Adapter (named 'a,b')."""
+        from .composition import Fuse
+
+        block = Fuse(*children, name=name)
+        self._check_names(block.names())
+        places = {n: set(self.adapters[n].paths) for n in block.names()}
+        paths = [p for p, _ in self.layers() if all(p in where for where in places.values())]
+        if not paths or any(where != set(paths) for where in places.values()):
+            extra = {n: sorted(where - set(paths))[:3] for n, where in places.items() if where != set(paths)}
+            raise ValueError(f"a fusion needs its adapters at the same modules; {block.names()} differ ({extra} hold "
+                             "only some of them): fuse adapters added with the same targets")
+        sites = {self.adapters[n].config.site if hasattr(self.adapters[n].config, "site") else None
+                 for n in block.names()}
+        if None in sites or len(sites) != 1:
+            raise ValueError(f"Fuse combines activation adapters placed alike; {block.names()} are not")
+        options = config.model_dump(exclude={"targets", "exclude"}) if config is not None else {}
+        fusion = get_method("adapter_fusion").config(**{**options, "targets": paths, "site": sites.pop()})
+        return self.add_adapter(block.name, fusion)
 
     def _check_names(self, names: Sequence[str]) -> None:
         for n in names:
@@ -234,20 +284,33 @@ class DeltaModel(nn.Module):
                 raise ValueError(f"unknown adapter '{n}'{did_you_mean(n, self.adapters)} "
                                  f"(adapters: {', '.join(self.adapters) or 'none'})")
 
-    def set_active(self, names: str | Sequence[str]) -> None:
-        """Activate one adapter, or several applied one after another; only active adapters train."""
-        names = (names,) if isinstance(names, str) else tuple(names)
+    def set_active(self, setup: str | Sequence[str] | Block | dict) -> None:
+        """Activate one adapter, several applied one after another (a list: a Stack), or any composition
+        block (engine/composition.py). The active adapters train, except those under a Fuse: as in
+        AdapterFusion, the fusion trains and the adapters it fuses stay frozen."""
+        block = parse(setup) if not (isinstance(setup, Sequence) and not isinstance(setup, str) and not setup) else None
+        names = tuple(block.names()) if block is not None else ()
+        fusions = _fusions(block) if block is not None else []
         self._check_names(names)
+        for f in fusions:
+            if f.name not in self.adapters:
+                raise ValueError(f"{f!r} needs the fusion adapter '{f.name}': "
+                                 f"dm.add_fusion({', '.join(map(repr, f.children))}) first")
+        frozen = {n for f in fusions for n in f.names()}
+        trained = {n for n in names if n not in frozen} | {f.name for f in fusions}
+        plain = block is None or (isinstance(block, Stack) and all(isinstance(c, str) for c in block))
         layers = list(self.layers())
-        self.active = names
+        self.active = names + tuple(f.name for f in fusions)
+        self.setup = None if plain else block
         for _, layer in layers:
-            layer.active = tuple(n for n in names if n in layer.deltas)
+            layer.active = tuple(n for n in self.active if n in layer.deltas)
+            layer.setup = self.setup
         self.model.requires_grad_(False)  # the base stays frozen; only the active deltas train
         for _, layer in layers:
             for name, delta in layer.deltas.items():
-                delta.requires_grad_(name in names)
+                delta.requires_grad_(name in trained)
         for name, shared in self.shared.items():
-            shared.requires_grad_(name in names)
+            shared.requires_grad_(name in trained)
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
@@ -275,7 +338,15 @@ class DeltaModel(nn.Module):
             del layer.deltas[name]
             if not len(layer.deltas):
                 self._unwrap(path)
+            elif not any(getattr(d, "activation", False) for d in layer.deltas.values()):
+                layer.remove_site()
+        if self.setup is not None and name not in self.active:  # the composition does not use it: keep it
+            self.set_active(self.setup)
+            return
         active = [n for n in self.active if n != name]
+        if self.setup is not None:
+            warnings.warn(f"deleted adapter '{name}' of the active setup {self.setup!r}; the remaining adapters "
+                          f"{active} are now stacked: call set_active() with another block", stacklevel=2)
         if not active and self.adapters and name in self.active:
             # as PEFT does: a model left with no active adapter would silently run as the base model
             active = [next(iter(self.adapters))]
@@ -285,7 +356,9 @@ class DeltaModel(nn.Module):
 
     def _unwrap(self, path: str) -> None:
         parent, child = get_parent(self.model, path)
-        setattr(parent, child, getattr(parent, child).base_layer)
+        layer = getattr(parent, child)
+        layer.remove_site()
+        setattr(parent, child, layer.base_layer)
 
     # --- merge -----------------------------------------------------------------------------
     def merge(self, names: str | Sequence[str] | None = None, safe_merge: bool = False) -> None:
@@ -446,6 +519,18 @@ class DeltaModel(nn.Module):
 
         return load_adapter(self, path, name, check_base, check_integrity)
 
+    def save_adapters(self, path: Any) -> None:
+        """Write every adapter (a subfolder each) and the active setup, e.g. a Fuse block, to `path`."""
+        from .io import save_adapter_set
+
+        save_adapter_set(self, path)
+
+    def load_adapters(self, path: Any, check_base: bool = True, check_integrity: bool = True) -> None:
+        """Load a folder written by save_adapters: its adapters, then its active setup."""
+        from .io import load_adapter_set
+
+        load_adapter_set(self, path, check_base, check_integrity)
+
     def export_peft(self, path: Any, name: str | None = None) -> None:
         """Write adapter `name` in PEFT's format (adapter_config.json + adapter_model.safetensors)."""
         from .peft_format import export_peft
@@ -456,6 +541,18 @@ class DeltaModel(nn.Module):
         from .peft_format import load_peft
 
         return load_peft(self, path, name)
+
+    def load_adapterhub(self, path: Any, name: str | None = None) -> Adapter:
+        """Import an adapter (or AdapterFusion) folder saved by AdapterHub's `adapters` (safetensors form)."""
+        from .adapterhub import import_adapterhub
+
+        return import_adapterhub(self, path, name)
+
+    def export_adapterhub(self, path: Any, name: str | None = None) -> None:
+        """Write adapter `name` (bottleneck, Compacter or fusion) as a folder AdapterHub's load_adapter reads."""
+        from .adapterhub import export_adapterhub
+
+        export_adapterhub(self, path, name or self._only())
 
     def prepare_for_hotswap(self, target_rank: int | None = None, names: str | Sequence[str] | None = None) -> None:
         """Before torch.compile: pad LoRA/DoRA factors to `target_rank` with zeros and hold their scales as
@@ -474,6 +571,17 @@ class DeltaModel(nn.Module):
         return hotswap_adapter(self, source, name, check_base, check_integrity)
 
 
+def _fusions(block: Block) -> list[Any]:
+    """Every Fuse block in a setup."""
+    from .composition import Fuse
+
+    found = [block] if isinstance(block, Fuse) else []
+    for child in block:
+        if isinstance(child, Block):
+            found += _fusions(child)
+    return found
+
+
 def inject(model: nn.Module, config: DeltaConfig, name: str = "default", train_modules: Any = None) -> DeltaModel:
     """Inject adapter `name` into `model` (in place) and return the DeltaModel that manages it."""
     dm = model if isinstance(model, DeltaModel) else DeltaModel(model)
@@ -486,6 +594,13 @@ def load(model: nn.Module, path: Any, name: str | None = None, check_base: bool 
     """Load a saved deltatune adapter onto `model`; checks shapes, checksums and the base model's identity."""
     dm = model if isinstance(model, DeltaModel) else DeltaModel(model)
     dm.load_adapter(path, name, check_base, check_integrity)
+    return dm
+
+
+def load_adapters(model: nn.Module, path: Any, check_base: bool = True, check_integrity: bool = True) -> DeltaModel:
+    """Load a set of adapters with its composition (DeltaModel.save_adapters) onto `model`."""
+    dm = model if isinstance(model, DeltaModel) else DeltaModel(model)
+    dm.load_adapters(path, check_base, check_integrity)
     return dm
 
 

@@ -212,6 +212,8 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     path = adapter_folder(path, CONFIG_NAME, "PEFT", WEIGHTS_NAME)
     pc = PeftConfig(read_json(path / CONFIG_NAME), path / CONFIG_NAME)
     if "peft_type" not in pc:
+        if isinstance(pc.get("config"), dict) and "model_class" in pc:  # AdapterHub's file of the same name
+            raise ValueError(f"'{pc.file}' is an AdapterHub adapter config, not PEFT's: use dt.load_adapterhub")
         raise ValueError(f"'{pc.file}' has no 'peft_type', so it is no PEFT adapter config; save the adapter "
                          "from PEFT again")
     if pc["peft_type"] not in _CODECS:

@@ -1,0 +1,1 @@
+"""Activation deltas: bottleneck adapters and their fusion."""
