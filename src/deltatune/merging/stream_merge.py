@@ -44,6 +44,7 @@ from deltatune.merging.checkpoint import (
 
 logger = logging.getLogger(__name__)
 NAME = "default"  # the adapter's name inside its layers; not written anywhere
+COPY_BLOCK_BYTES = 32 * 2**20  # tensors copied through unchanged move in row blocks of about this size
 
 
 def has_checkpoint(base_dir: str | os.PathLike) -> bool:
@@ -234,17 +235,27 @@ class StreamMerge:
                 sizes[e.spec.dtype] = sizes.get(e.spec.dtype, 0) + e.spec.nbytes
         return max(sizes, key=sizes.get, default=torch.float32)
 
+    def _copied(self, e: Entry) -> Iterator[tuple[str, Tensor]]:
+        """A base tensor as it is stored, in row blocks: an embedding table never has to be held whole."""
+        shape = e.spec.shape
+        row_bytes = e.spec.nbytes // shape[0] if shape and shape[0] else 0
+        if not row_bytes or e.spec.nbytes <= COPY_BLOCK_BYTES:
+            yield e.spec.name, self.reader.read(e.stored)
+            return
+        step = max(1, COPY_BLOCK_BYTES // row_bytes)
+        for start in range(0, shape[0], step):
+            yield e.spec.name, self.reader.read(e.stored, slice(start, start + step))
+
     def tensors(self) -> Iterator[tuple[str, Tensor]]:
         """Every output tensor in order, merged where an adapted module owns it; one module held at a time."""
         held: dict[str, Tensor] = {}
         for e in self.entries:
             if e.owner is None:
-                t = self.reader.read(e.stored)
-            else:
-                if e.spec.name not in held:
-                    held = self.merged(e.owner)
-                t = held.pop(e.spec.name)
-            yield e.spec.name, t.to(e.spec.dtype)
+                yield from self._copied(e)
+                continue
+            if e.spec.name not in held:
+                held = self.merged(e.owner)
+            yield e.spec.name, held.pop(e.spec.name).to(e.spec.dtype)
         unused = sorted(self.state.keys() - self._used)
         if unused:
             raise ValueError(f"the adapter '{self.where}' holds tensors for no adapted layer ({unused[:3]}): it does "
