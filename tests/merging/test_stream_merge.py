@@ -83,30 +83,50 @@ def test_every_mergeable_method_streams_exactly(method, minilm_base, tmp_path):
                       dm.merge_and_unload().eval(), batch)
 
 
-def test_smollm2_merge_keeps_tied_embeddings_and_never_holds_the_model(tmp_path):
-    """LoRA on the tied embedding and the attention of real SmolLM2: the merged table serves both ends, as
-    in memory; the merge's peak memory above its start stays under half the base's bytes (one layer, one
-    block of a copied tensor, the adapter)."""
-    base = assets.smollm2_path()
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    dm = dt.inject(model, dt.make_config("lora", r=8, targets=["embed_tokens", "q_proj", "v_proj"]))
+IDS = torch.tensor([[1, 42, 7, 99, 1000, 5]])
+
+
+def smollm2_adapter(targets, folder):
+    """(DeltaModel, adapter folder): LoRA r=8 with trained-looking weights on real SmolLM2-135M."""
+    model = AutoModelForCausalLM.from_pretrained(assets.smollm2_path(), dtype=torch.float32)
+    dm = dt.inject(model, dt.make_config("lora", r=8, targets=targets))
     perturb(dm, std=0.02)
-    dm.save(tmp_path / "adapter")
+    dm.eval().save(folder)
+    return dm, folder
+
+
+def test_smollm2_merge_keeps_tied_embeddings_as_in_memory(tmp_path):
+    """LoRA on SmolLM2's tied embedding: the merged table serves both ends, as merge_and_unload leaves it."""
+    dm, adapter = smollm2_adapter(["embed_tokens", "q_proj"], tmp_path / "adapter")
+    out = merge_adapter_streaming(assets.smollm2_path(), adapter, tmp_path / "merged", max_shard_size="100MB")
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    assert "lm_head.weight" not in json.loads((out / INDEX_NAME).read_text())["weight_map"]
     reference = dm.merge_and_unload().eval()
-    ids = torch.tensor([[1, 42, 7, 99, 1000, 5]])
+    assert_close(merged.model.embed_tokens.weight, reference.model.embed_tokens.weight, rtol=1e-6, atol=1e-7)
     with torch.no_grad():
-        want = reference(input_ids=ids).logits
-    del dm, model, reference
+        assert_close(merged(input_ids=IDS).logits, reference(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_smollm2_streaming_merge_never_holds_the_model(tmp_path):
+    """LoRA on all seven projections of every SmolLM2 block: the merge's peak memory above its start stays under
+    half the base's bytes (it holds one layer and its ΔW, a block of a copied tensor, the adapter), and the
+    merged model computes what base + adapter computes."""
+    dm, adapter = smollm2_adapter(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                  tmp_path / "adapter")
+    with torch.no_grad():
+        want = dm(input_ids=IDS).logits
+    del dm
     gc.collect()
+    base = assets.smollm2_path()
     with PeakRSS() as rss:
-        out = merge_adapter_streaming(base, tmp_path / "adapter", tmp_path / "merged", max_shard_size="100MB")
+        out = merge_adapter_streaming(base, adapter, tmp_path / "merged", max_shard_size="100MB")
     base_bytes = CheckpointReader(base).nbytes
     assert rss.excess < base_bytes / 2, f"peak {rss.excess / 1e6:.0f} MB above start, base {base_bytes / 1e6:.0f} MB"
     assert len(list(out.glob("model-*.safetensors"))) >= 5
-    merged = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert merged.lm_head.weight is merged.model.embed_tokens.weight
     with torch.no_grad():
-        assert_close(merged(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+        got = AutoModelForCausalLM.from_pretrained(out).eval()(input_ids=IDS).logits
+    assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 # --- refusals ------------------------------------------------------------------------------------
