@@ -102,6 +102,7 @@ class StreamMerge:
         self.state, self._used = state, set()  # the adapter's tensors, and those merged so far
         self.names = self._canonical_names()
         self.entries = self._plan()
+        self.stored = {e.spec.name: e.stored for e in self.entries}
         # shape-only stand-ins of every target: build_shared sees the layers the engine would give it, and each
         # layer keeps its identity (shared tensors key per-layer draws by it) when its real weights arrive
         self.layers = {path: self._stand_in(path) for path in self.targets + self.heads}
@@ -188,10 +189,9 @@ class StreamMerge:
     def _materialise(self, path: str) -> nn.Module:
         """A copy of the meta module holding its real tensors (float32, as the in-memory merge loads them)."""
         meta_module = self.model.get_submodule(path)
-        stored = {e.spec.name: e.stored for e in self.entries if e.owner == path}
         tensors = {}
         for local, t in meta_module.state_dict(keep_vars=True).items():
-            key = stored[self.names[id(t)]]
+            key = self.stored[self.names[id(t)]]
             value = self.reader.read(key) if key is not None else torch.empty(t.shape, dtype=t.dtype)
             tensors[local] = value.float() if value.is_floating_point() else value
         module = copy.deepcopy(meta_module)
@@ -201,7 +201,7 @@ class StreamMerge:
     def _fill(self, own: dict[str, Tensor]) -> None:
         """Copy the adapter's tensors into `own`, checked for keys, shapes and dtypes."""
         try:
-            _copy_state(own, {k: self.state[k] for k in own if k in self.state}, NAME)
+            _copy_state(own, {k: self.state[k] for k in own if k in self.state}, self.meta["name"])
         except StateMismatch as err:
             raise ValueError(f"the adapter '{self.where}' does not match its config: {err}; save it again") from None
         self._used.update(own)
