@@ -130,10 +130,15 @@ def test_smollm2_streaming_merge_never_holds_the_model(tmp_path):
 
 
 # --- refusals ------------------------------------------------------------------------------------
-def test_an_activation_adapter_is_refused(minilm_base, tmp_path):
-    _, adapter = classifier_adapter(minilm_base, "sira", CASES["sira"].options, tmp_path / "adapter")
-    with pytest.raises(ValueError, match="changes activations, not weights, so it cannot be merged"):
-        merge_adapter_streaming(minilm_base, adapter, tmp_path / "merged")
+@pytest.mark.parametrize("method", ["houlsby", "sira"])
+def test_an_activation_adapter_is_refused(method, minilm_base, tmp_path):
+    """A bottleneck adapter (family 'adapters', at BERT's default sites) and SiRA's routed experts."""
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_base, num_labels=2)
+    options = {"targets": ["query", "value"], **CASES["sira"].options} if method == "sira" else {"bottleneck": 8}
+    dt.inject(model, dt.make_config(method, **options), train_modules=["classifier"]).save(tmp_path / "adapter")
+    with pytest.raises(ValueError, match=f"\\({method}\\) changes activations, not weights, so it cannot be merged"):
+        merge_adapter_streaming(minilm_base, tmp_path / "adapter", tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
 
 
