@@ -47,6 +47,7 @@ class Task(ABC):
     """
 
     fields: ClassVar[tuple[str, ...]]  # record fields, read from data.<field>_column
+    auto_class: ClassVar[type]  # the transformers Auto class of the model this task trains
 
     def __init__(self, model_path: Path, max_length: int, label_names: list[str] | None = None,
                  length_key: str = "train.max_length"):
@@ -62,8 +63,6 @@ class Task(ABC):
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         # padding is masked out of attention and loss, so any token serves when none is declared
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-
-    auto_class: ClassVar[type]  # the transformers Auto class of the model this task trains
 
     def model_kwargs(self) -> dict:
         """Config options the task sets on the pretrained model (a head's labels), beyond its config.json."""
