@@ -165,13 +165,23 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     """Fold the adapter into its base model and save a standalone Hugging Face model."""
     from deltatune.merging.checkpoint import parse_size
+    from deltatune.merging.stream_merge import has_checkpoint, merge_adapter_streaming
 
     shard = parse_size(args.max_shard_size)  # a bad size fails before the model loads
     adapter = _adapter_dir(args.adapter)
-    task, model = _load_adapter(adapter, _adapter_recipe(adapter, []))
+    recipe = _adapter_recipe(adapter, [])
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out} exists and is not an empty folder; choose a new folder or remove it first")
+    base = resolve_model_path(recipe.model.path)
+    if args.stream if args.stream is not None else has_checkpoint(base):
+        # layer by layer from the base's safetensors: never the whole model in memory
+        task = make_task(recipe, recipe.model.labels)
+        merge_adapter_streaming(base, adapter, out, shard, model_class=task.auto_class,
+                                model_kwargs=task.model_kwargs())
+        console.print(f"merged model written to {args.out}, layer by layer (loads with transformers alone)")
+        return 0
+    task, model = _load_adapter(adapter, recipe)
     merged = model.merge_and_unload()
     tmp = out.with_name(f".{out.name}.tmp")  # written whole, then renamed: a killed run leaves no half model
     shutil.rmtree(tmp, ignore_errors=True)
@@ -256,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", default="50GB",
                    help="split the weights into safetensors shards of at most this size, with an index "
                         "(model.safetensors.index.json), e.g. 2GB or 500MiB")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="merge layer by layer from the base's safetensors, never holding the whole model (default "
+                        "when the base has them); --no-stream loads base + adapter in memory and merges there")
     p.set_defaults(handler=cmd_merge)
 
     merge_cli.add_parser(sub)

@@ -208,20 +208,26 @@ def read_adapter(path: Any, check_integrity: bool = True) -> tuple[dict[str, Any
 
 def check_base(dm: DeltaModel, meta: dict[str, Any], path: Any) -> None:
     """The model must have every adapted layer, with the same shapes and (by fingerprint) weights."""
-    from .model import fingerprint
-
-    base = meta["base_model"]
     require_layers(dm.model, meta["targets"] + meta["train_modules"], f"adapter '{path}'")
     for p in meta["targets"]:
         merged = getattr(dm.model.get_submodule(p), "merged", ())
         if merged:  # the base weight now holds those adapters, so it cannot be compared with the saved base
             raise ValueError(f"'{p}' has merged adapters {list(merged)}: unmerge() before loading '{path}'")
     layers = dict(named_layers(dm.model))
-    for p, saved in base["fingerprints"].items():
-        if fingerprint(weight_of(layers[p])) != saved:
-            raise ValueError(f"adapter '{path}' was saved for another base model ({base.get('class')} "
-                             f"'{base.get('name_or_path')}'): layer '{p}' has different weights or shape; load it "
-                             "onto the model it was trained on (or pass check_base=False)")
+    for p in meta["base_model"]["fingerprints"]:
+        check_fingerprint(meta, p, weight_of(layers[p]), path)
+
+
+def check_fingerprint(meta: dict[str, Any], layer_path: str, weight: torch.Tensor, path: Any) -> None:
+    """The base weight of `layer_path` must be the one the adapter was saved with (by its fingerprint)."""
+    from .model import fingerprint
+
+    base = meta["base_model"]
+    saved = base["fingerprints"].get(layer_path)
+    if saved is not None and fingerprint(weight) != saved:
+        raise ValueError(f"adapter '{path}' was saved for another base model ({base.get('class')} "
+                         f"'{base.get('name_or_path')}'): layer '{layer_path}' has different weights or shape; load "
+                         "it onto the model it was trained on (or pass check_base=False)")
 
 
 def load_adapter(dm: DeltaModel, path: Any, name: str | None, verify_base: bool = True,

@@ -64,6 +64,21 @@ def _part(spec: Any, config: DeltaConfig, layer: DeltaLayer, child: str, initial
     return view, spec.delta(config, view, initialize, **extra)
 
 
+def build_delta(config: DeltaConfig, layer: DeltaLayer, initialize: bool, shared: nn.Module | None = None) -> Delta:
+    """The method's delta on one wrapped layer (`layer.path` set), with a delta on each submodule its forward
+    reads without calling (Parts); `shared`: the adapter's build_shared tensors."""
+    spec, path = method_of(config), layer.path
+    if layer.kind is not None and layer.kind.op is None and not spec.delta.additive:
+        raise ValueError(f"{spec.name} cannot adapt '{path}' ({type(layer.base_layer).__name__}): its forward "
+                         "reads the weight itself, so only additive weight deltas (LoRA, LoHa...) reach it; "
+                         "train it whole (train_modules) or pick an additive method")
+    extra = {} if shared is None else {"shared": shared}
+    delta = spec.delta(config, layer, initialize, **extra)
+    if layer.kind is not None and layer.kind.parts:
+        delta = Parts(delta, {child: _part(spec, config, layer, child, initialize, extra) for child in layer.kind.parts})
+    return delta
+
+
 class StateMismatch(ValueError):
     """A state dict whose keys, shapes or dtypes do not fit the adapter it is loaded into."""
 
@@ -216,7 +231,6 @@ class DeltaModel(nn.Module):
             wrapped[path] = module if isinstance(module, DeltaLayer) else DeltaLayer(module, target_kind(module))
             wrapped[path].path = path
         shared = spec.delta.build_shared(config, [wrapped[p] for p in paths])
-        extra = {} if shared is None else {"shared": shared}
         built = []
         for path in paths + head_paths:
             module, layer = self.model.get_submodule(path), wrapped[path]
@@ -224,14 +238,7 @@ class DeltaModel(nn.Module):
                 raise ValueError(f"'{path}' has merged adapters {list(layer.merged)}: unmerge() before adding '{name}'")
             if path in head_paths and any(isinstance(m, DeltaLayer) for m in layer.base_layer.modules()):
                 raise ValueError(f"train module '{path}' contains adapted layers; train it in full or adapt its layers")
-            if path in paths and layer.kind is not None and layer.kind.op is None and not spec.delta.additive:
-                raise ValueError(f"{spec.name} cannot adapt '{path}' ({type(layer.base_layer).__name__}): its forward "
-                                 "reads the weight itself, so only additive weight deltas (LoRA, LoHa...) reach it; "
-                                 "train it whole (train_modules) or pick an additive method")
-            delta = spec.delta(config, layer, initialize, **extra) if path in paths else full.delta(full.config(), layer)
-            if path in paths and layer.kind is not None and layer.kind.parts:
-                delta = Parts(delta, {child: _part(spec, config, layer, child, initialize, extra)
-                                      for child in layer.kind.parts})
+            delta = build_delta(config, layer, initialize, shared) if path in paths else full.delta(full.config(), layer)
             delta.train(layer.base_layer.training)  # an adapter loaded onto an eval() model must not drop out
             built.append((path, layer, delta))
         prints = {path: fingerprint(w) for path, layer, _ in built

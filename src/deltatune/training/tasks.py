@@ -47,6 +47,7 @@ class Task(ABC):
     """
 
     fields: ClassVar[tuple[str, ...]]  # record fields, read from data.<field>_column
+    auto_class: ClassVar[type]  # the transformers Auto class of the model this task trains
 
     def __init__(self, model_path: Path, max_length: int, label_names: list[str] | None = None,
                  length_key: str = "train.max_length"):
@@ -63,9 +64,13 @@ class Task(ABC):
         # padding is masked out of attention and loss, so any token serves when none is declared
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
 
-    @abstractmethod
+    def model_kwargs(self) -> dict:
+        """Config options the task sets on the pretrained model (a head's labels), beyond its config.json."""
+        return {}
+
     def build_model(self) -> nn.Module:
-        """The pretrained model with the outputs this task needs."""
+        """The pretrained model with the outputs this task needs, in float32."""
+        return self.auto_class.from_pretrained(self.model_path, **self.model_kwargs(), dtype=torch.float32)
 
     @abstractmethod
     def encode(self, records: list[dict]) -> list[dict]:
@@ -102,15 +107,12 @@ class ClassificationTask(Task):
             raise ValueError("classification needs label names (model.labels, or labels in the data)")
         super().__init__(model_path, max_length, label_names, length_key)
 
-    def build_model(self) -> nn.Module:
-        """A sequence classifier whose new head has one output per label."""
-        return AutoModelForSequenceClassification.from_pretrained(
-            self.model_path,
-            num_labels=len(self.label_names),
-            id2label=dict(enumerate(self.label_names)),
-            label2id={name: i for i, name in enumerate(self.label_names)},
-            dtype=torch.float32,
-        )
+    auto_class = AutoModelForSequenceClassification
+
+    def model_kwargs(self) -> dict:
+        """A new head with one output per label."""
+        return {"num_labels": len(self.label_names), "id2label": dict(enumerate(self.label_names)),
+                "label2id": {name: i for i, name in enumerate(self.label_names)}}
 
     def encode(self, records: list[dict]) -> list[dict]:
         """Truncated token ids and the int label of each text."""
@@ -159,9 +161,7 @@ class CausalLMTask(Task):
 
     fields = ("prompt", "response")
 
-    def build_model(self) -> nn.Module:
-        """The pretrained causal language model."""
-        return AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+    auto_class = AutoModelForCausalLM
 
     def encode(self, records: list[dict]) -> list[dict]:
         """Chat-template token ids, labelled only on the assistant turn; drops fully truncated ones."""
