@@ -6,13 +6,16 @@ transformers, adapters and safetensors, never deltatune, so the two sides share 
     .venv-adapters/bin/python benchmarks/adapterhub_peer.py REQUEST.json OUT_DIR/
     .venv-adapters/bin/python benchmarks/adapterhub_peer.py --serve   # a train-step worker (step_worker.py)
 
-REQUEST.json (every key but "model", "adapters" and "texts" is optional):
+REQUEST.json is one request, or a list of them run in one process (imports paid once), request i writing
+to OUT_DIR/<its "id", or i>/. A request (every key but "model", "adapters" and "texts" is optional):
     {
       "model": "/path/to/all-MiniLM-L6-v2",          # an HF BERT folder
       "adapters": [{"name": "a", "config": "seq_bn"},  # an AdapterHub config name ...
                    {"name": "b", "config": {"base": "par_bn", "scaling": 1.0}},  # ... with overrides
-                   {"name": "c", "config": {"mh_adapter": true, ...}}],          # ... or a full BnConfig dict
-      "fusions": [{"adapters": ["a", "c"], "config": "dynamic"}],  # config: name or {"base": ..., overrides}
+                   {"name": "c", "config": {"mh_adapter": true, ...}},           # ... or a full BnConfig dict
+                   {"name": "d", "load": "dir/d"}],   # ... or AdapterHub's load_adapter of a saved folder
+      "fusions": [{"adapters": ["a", "c"], "config": "dynamic"},   # config: name or {"base": ..., overrides}
+                  {"adapters": ["a", "d"], "load": "dir/fusion"}], # ... or load_adapter_fusion of a folder
       "heads": [{"name": "a", "num_labels": 3, "layers": 2}],      # AdapterHub classification heads
       "setup": {"Stack": ["a", {"Fuse": ["a", "c"]}]},   # a name, or one-key dicts Stack / Parallel / Fuse /
                                                         # Average (+weights, normalize_weights) /
@@ -153,8 +156,14 @@ def run(request, out_dir):
     timings["load_model_s"] = time.perf_counter() - started
 
     for entry in request["adapters"]:
-        model.add_adapter(entry["name"], config=load_adapter_config(entry["config"]))
+        if "load" in entry:  # AdapterHub's own loader: the folder's config and weights as AdapterHub reads them
+            model.load_adapter(entry["load"], load_as=entry["name"], use_safetensors=True, set_active=False)
+        else:
+            model.add_adapter(entry["name"], config=load_adapter_config(entry["config"]))
     for fusion in request.get("fusions", []):
+        if "load" in fusion:
+            model.load_adapter_fusion(fusion["load"], use_safetensors=True, set_active=False)
+            continue
         model.add_adapter_fusion(
             ac.Fuse(*fusion["adapters"], name=fusion.get("name")),
             config=load_fusion_config(fusion.get("config")),
@@ -287,12 +296,17 @@ def main(argv):
         return serve_steps()
     if len(argv) != 3:
         sys.exit(__doc__)
-    request = json.loads(Path(argv[1]).read_text())
-    for key in ("model", "adapters", "texts"):
-        if key not in request:
-            fail(f"the request {argv[1]} lacks {key!r} (see the usage at the top of this script)")
-    meta = run(request, Path(argv[2]))
-    print(json.dumps({"setup": meta["setup"], "shapes": meta["output_shapes"], "timings": meta["timings"]}))
+    given = json.loads(Path(argv[1]).read_text())
+    requests = given if isinstance(given, list) else [given]
+    for i, request in enumerate(requests):
+        for key in ("model", "adapters", "texts"):
+            if key not in request:
+                fail(f"request {i} of {argv[1]} lacks {key!r} (see the usage at the top of this script)")
+    for i, request in enumerate(requests):
+        out_dir = Path(argv[2]) / str(request.get("id", i)) if isinstance(given, list) else Path(argv[2])
+        meta = run(request, out_dir)
+        print(json.dumps({"id": request.get("id", i), "setup": meta["setup"], "shapes": meta["output_shapes"],
+                          "timings": meta["timings"]}))
 
 
 if __name__ == "__main__":

@@ -118,3 +118,16 @@ def tiny_llama():
     cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """(all-MiniLM-L6-v2's path, a padded batch of two sentences): the activation-adapter tests build their own."""
+    from transformers import AutoTokenizer
+
+    from deltatune import assets
+
+    path = assets.minilm_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    batch = dict(tok(["a fine, moving film", "terrible, boring and far too long"], padding=True, return_tensors="pt"))
+    return path, batch

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from adapter_helpers import adapter_f, by_hand, fresh, outputs_alone, randomise
 from helpers import assert_close
 from torch import nn
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoTokenizer
 
 import deltatune as dt
 from deltatune import assets
@@ -29,54 +29,6 @@ from deltatune.engine.composition import (
 from deltatune.engine.registry import list_methods
 
 BOTTLENECKS = ["houlsby", "pfeiffer", "parallel_adapter", "scaled_parallel_adapter"]
-
-
-@pytest.fixture(scope="module")
-def minilm():
-    path = assets.minilm_path()
-    tok = AutoTokenizer.from_pretrained(path)
-    batch = dict(tok(["a fine, moving film", "terrible, boring and far too long"], padding=True, return_tensors="pt"))
-    return path, batch
-
-
-def fresh(path):
-    torch.manual_seed(0)
-    return AutoModel.from_pretrained(path).eval()
-
-
-def randomise(dm, std=0.05, seed=1):
-    """Adapters start at the identity (up = 0); random weights make every term of the definition count."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in dm.parameters():
-            if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if p.dim() == 1 and p.numel() == 1 else 0.0))
-
-
-def adapter_f(delta, h):
-    """s · up(act(down(h))) from the delta's own parameters."""
-    return delta.up(delta.act(delta.down(h))) * delta.scale
-
-
-def by_hand(model, dm, name):
-    """The adapted BertOutput/BertSelfOutput forwards, written from the definitions on the model's submodules."""
-    cfg = dm.adapters[name].config
-
-    def sublayer(mod, delta):
-        def forward(hidden_states, input_tensor):
-            h = mod.dropout(mod.dense(hidden_states))
-            r, N = input_tensor, mod.LayerNorm
-            if cfg.placement == "parallel":  # He et al.: h + s f(r), then the block's own residual and norm
-                return N(h + adapter_f(delta, r) + r)
-            if cfg.original_ln_before:  # Pfeiffer: the adapter reads N(h + r), its residual is h
-                return N(h + adapter_f(delta, N(h + r)) + r)
-            return N(h + adapter_f(delta, h) + r)  # Houlsby
-        return forward
-
-    for path in dm.adapters[name].paths:
-        layer = dm.model.get_submodule(path)
-        model.get_submodule(path).forward = sublayer(model.get_submodule(path), layer.deltas[name])
-    return model
 
 
 @pytest.mark.parametrize("method", BOTTLENECKS)
@@ -162,12 +114,8 @@ def test_mixed_batch_rows_equal_each_adapter_alone_and_token_masks_keep_the_base
     dm.add_adapter("b", dt.make_config("pfeiffer"))
     dm.set_active(["a", "b"])
     randomise(dm)
-    alone = {}
-    for n in ("a", "b"):
-        dm.set_active(n)
-        alone[n] = dm(**batch).last_hidden_state
-    with dm.disabled():
-        base = dm(**batch).last_hidden_state
+    alone = outputs_alone(dm, ["a", "b"], batch)
+    base = alone["__base__"]
     mixed = dm(**batch, adapter_names=["b", "__base__"]).last_hidden_state
     assert_close(mixed[0], alone["b"][0])
     assert_close(mixed[1], base[1])
@@ -323,8 +271,11 @@ def test_bad_setups_and_options_get_clear_errors(minilm):
         dm(**batch)
     with pytest.raises(ValueError, match="unknown option 'reduction' for PfeifferConfig; did you mean 'reduction_factor'"):
         dt.make_config("pfeiffer", reduction=8)
-    with pytest.raises(ValueError, match="site branch='drop' is no submodule of BertSelfOutput \(children: dense, LayerNorm, dropout\)"):
+    with pytest.raises(ValueError, match=r"site branch='drop' is no submodule of BertSelfOutput \(children: dense, LayerNorm, dropout\)"):
         dm.add_adapter("c", dt.make_config("houlsby", site={"branch": "drop", "norm": "LayerNorm", "residual": 0}))
+    dm.add_adapter("h", dt.make_config("houlsby"))  # also on the attention outputs: no common modules
+    with pytest.raises(ValueError, match="a fusion needs its adapters at the same modules"):
+        dm.add_fusion("a", "h")
     with pytest.raises(ValueError, match="Average has 2 children but 3 weights"):
         Average("a", "b", weights=[1, 2, 3])
 
@@ -348,3 +299,13 @@ def test_an_adapter_set_saves_and_loads_with_its_fuse_setup(minilm, tmp_path):
     again = dt.load_adapters(fresh(path), tmp_path / "set")
     assert again.setup == Fuse("a", "b")
     assert torch.equal(again(**batch).last_hidden_state, out)
+
+
+def test_deleting_adapters_keeps_or_drops_the_setup_as_it_uses_them():
+    dm, model = one_layer("houlsby", ["a", "b", "c"], bottleneck=2)
+    dm.set_active(Average("a", "b"))
+    dm.delete_adapter("c")  # not in the setup: the setup stays
+    assert dm.setup == Average("a", "b")
+    with pytest.warns(UserWarning, match="deleted adapter 'b' of the active setup"):
+        dm.delete_adapter("b")
+    assert dm.setup is None and dm.active == ("a",)

@@ -98,6 +98,28 @@ def test_merged_model_loads_with_transformers_alone_and_matches_the_adapter(trai
         assert_close(merged(**batch).logits, adapted(**batch).logits, rtol=1e-3, atol=1e-4)
 
 
+def test_merge_adapter_streams_by_default_and_equals_the_in_memory_merge(trained, tmp_path):
+    """The default (layer by layer from the base's safetensors) and --no-stream write the same tensors."""
+    from safetensors.torch import load_file
+
+    run_dir, _ = trained
+    outs = {}
+    for flag in ("--stream", "--no-stream"):
+        outs[flag] = tmp_path / flag.strip("-")
+        code, out, err = run("merge-adapter", str(run_dir / "adapter"), "--out", str(outs[flag]),
+                             "--max-shard-size", "30MB", flag)
+        assert code == 0, err
+        assert ("layer by layer" in out) == (flag == "--stream")
+    tensors = {flag: {k: v for f in sorted(o.glob("model-*.safetensors")) for k, v in load_file(f).items()}
+               for flag, o in outs.items()}
+    assert len(list(outs["--stream"].glob("model-*.safetensors"))) >= 2
+    assert tensors["--stream"].keys() == tensors["--no-stream"].keys()
+    for key, t in tensors["--no-stream"].items():
+        assert_close(tensors["--stream"][key], t, rtol=1e-6, atol=1e-7, msg=key)
+    config = json.loads((outs["--stream"] / "config.json").read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"] and config["id2label"] == {"0": "0", "1": "1"}
+
+
 def test_merge_adapter_refuses_a_non_empty_output_folder(trained, tmp_path):
     run_dir, _ = trained
     keep = tmp_path / "precious.txt"

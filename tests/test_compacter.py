@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from adapter_helpers import by_hand, fresh, outputs_alone, randomise
 from helpers import assert_close
-from test_activation_adapters import by_hand, fresh, minilm, randomise  # noqa: F401 (minilm is a fixture)
 from torch import nn
 
 import deltatune as dt
@@ -138,12 +138,8 @@ def test_mixed_batch_rows_equal_each_adapter_alone(minilm):
     dm.add_adapter("b", dt.make_config("compacter++", phm_dim=2))
     dm.set_active(["a", "b"])
     randomise(dm)
-    alone = {}
-    for n in ("a", "b"):
-        dm.set_active(n)
-        alone[n] = dm(**batch).last_hidden_state
-    with dm.disabled():
-        base = dm(**batch).last_hidden_state
+    alone = outputs_alone(dm, ["a", "b"], batch)
+    base = alone["__base__"]
     mixed = dm(**batch, adapter_names=["b", "a"]).last_hidden_state
     assert_close(mixed[0], alone["b"][0])
     assert_close(mixed[1], alone["a"][1])
@@ -237,5 +233,5 @@ def test_adapterdrop_in_training_drops_the_lowest_n_blocks_drawn_per_step(minilm
     dm.on_train_step(step)
     check_drops(dm, batch, {0, 1, 2})
     dm.model.eval()  # inference keeps every block
-    assert all(not d.dropped for _, d in deltas(dm, "drop"))
+    assert all(not d.skipped for _, d in deltas(dm, "drop"))
     check_drops(dm, batch, set())

@@ -27,3 +27,24 @@ def test_readme_merge_config_is_valid(tmp_path):
     cfg = load_merge_config(tmp_path / "merge.yaml")
     assert [m.path for m in cfg.models] == ["ft-math", "ft-code", "ft-chat"]
     assert cfg.models[2].weight == 0.5 and cfg.models[2].parameters == {"density": 0.5}
+
+
+def test_readme_composition_block_runs(tmp_path, monkeypatch):
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    import deltatune as dt
+    from deltatune import assets
+
+    text = README.read_text()
+    section = text[text.index("### Activation deltas and composition"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"dt": dt, "model": AutoModel.from_pretrained(assets.minilm_path())}
+    exec(compile(code, str(README), "exec"), namespace)
+    dm = namespace["dm"]
+    assert dm.setup == dt.Fuse("topic", "sentiment")
+    assert (tmp_path / "runs/set/deltatune_setup.json").is_file()
+    tok = AutoTokenizer.from_pretrained(assets.minilm_path())
+    out = dm(**tok(["a fine film"], return_tensors="pt")).last_hidden_state
+    assert torch.isfinite(out).all()

@@ -6,16 +6,17 @@ from .engine import (  # noqa: E402
     BASE,
     Average,
     BatchSplit,
+    DeltaConfig,
+    DeltaModel,
     Fuse,
     Parallel,
     Split,
     Stack,
-    DeltaConfig,
-    DeltaModel,
     get_method,
     inject,
     list_methods,
     load,
+    load_adapterhub,
     load_adapters,
     load_peft,
     make_config,
@@ -24,4 +25,4 @@ from .engine import (  # noqa: E402
 from .methods import DoRAConfig, FullConfig, LoRAConfig  # noqa: E402
 
 __all__ = ["BASE", "Average", "BatchSplit", "Fuse", "Parallel", "Split", "Stack", "DeltaConfig", "DeltaModel", "DoRAConfig", "FullConfig", "LoRAConfig", "__version__",
-           "get_method", "inject", "list_methods", "load", "load_adapters", "load_peft", "make_config", "register"]
+           "get_method", "inject", "list_methods", "load", "load_adapterhub", "load_adapters", "load_peft", "make_config", "register"]

@@ -17,6 +17,7 @@ import deltatune as dt
 from deltatune.cli import bench as bench_cli
 from deltatune.cli import compress as compress_cli
 from deltatune.cli import merge as merge_cli
+from deltatune.training.distributed import RemoteError
 from deltatune.training.loop import ADAPTER, RECIPE, Trainer, build_model, evaluate, load_data, make_task
 from deltatune.training.recipe import (
     DEFAULT_RECIPE,
@@ -101,12 +102,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     path, overrides = _recipe_args(args.items)
     recipe = load_recipe(path, overrides)
     trainer = Trainer(recipe, resume=args.resume, overwrite=args.overwrite)
+    if not trainer.group.main:  # under torchrun, rank 0 alone reports (and writes)
+        logging.getLogger("deltatune").setLevel(logging.ERROR)
+        trainer.setup()
+        trainer.train()
+        return 0
     trainer.setup()
-    r = trainer.recipe
+    r, g = trainer.recipe, trainer.group
     console.print(f"{r.name}: {r.method.name} on {r.model.path} ({r.model.task}), data {r.data.source}")
     console.print(f"trainable parameters: {_trainable(trainer.model)}")
+    on = f"{g.world} processes ({g.mode}), {trainer.device}" if g.parallel else str(trainer.device)
     console.print(f"examples: {len(trainer.train_set):,} train, {len(trainer.eval_set):,} eval; "
-                  f"{trainer.total_steps} steps on {trainer.device}")
+                  f"{trainer.total_steps} steps on {on}")
     result = trainer.train()
     _metrics("before", result.before)
     _metrics("after", result.after)
@@ -157,15 +164,28 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     """Fold the adapter into its base model and save a standalone Hugging Face model."""
+    from deltatune.merging.checkpoint import parse_size
+    from deltatune.merging.stream_merge import has_checkpoint, merge_adapter_streaming
+
+    shard = parse_size(args.max_shard_size)  # a bad size fails before the model loads
     adapter = _adapter_dir(args.adapter)
-    task, model = _load_adapter(adapter, _adapter_recipe(adapter, []))
+    recipe = _adapter_recipe(adapter, [])
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out} exists and is not an empty folder; choose a new folder or remove it first")
+    base = resolve_model_path(recipe.model.path)
+    if args.stream if args.stream is not None else has_checkpoint(base):
+        # layer by layer from the base's safetensors: never the whole model in memory
+        task = make_task(recipe, recipe.model.labels)
+        merge_adapter_streaming(base, adapter, out, shard, model_class=task.auto_class,
+                                model_kwargs=task.model_kwargs())
+        console.print(f"merged model written to {args.out}, layer by layer (loads with transformers alone)")
+        return 0
+    task, model = _load_adapter(adapter, recipe)
     merged = model.merge_and_unload()
     tmp = out.with_name(f".{out.name}.tmp")  # written whole, then renamed: a killed run leaves no half model
     shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
+    merged.save_pretrained(tmp, max_shard_size=shard)
     task.tokenizer.save_pretrained(tmp)
     if out.exists():
         out.rmdir()
@@ -192,9 +212,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_methods(args: argparse.Namespace) -> int:
     """Table of the registered methods."""
     table = Table(title="deltatune methods")
-    for column in ("name", "family", "trainable parameters per layer", "paper"):
-        table.add_column(column, no_wrap=column in ("name", "paper"))  # names must stay copyable whole
-    for spec in dt.list_methods():
+    specs = dt.list_methods()
+    # names must stay copyable whole: never cut to "…"
+    table.add_column("name", no_wrap=True, min_width=max(len(s.name) for s in specs))
+    for column in ("family", "trainable parameters per layer", "paper"):
+        table.add_column(column, no_wrap=column == "paper")
+    for spec in specs:
         table.add_row(spec.name, spec.family, spec.formula, spec.paper)
     console.print(table)
     return 0
@@ -240,6 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge-adapter", help=cmd_merge.__doc__)
     p.add_argument("adapter", metavar="ADAPTER_DIR")
     p.add_argument("--out", required=True, help="output folder for the merged model and its tokenizer")
+    p.add_argument("--max-shard-size", default="50GB",
+                   help="split the weights into safetensors shards of at most this size, with an index "
+                        "(model.safetensors.index.json), e.g. 2GB or 500MiB")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="merge layer by layer from the base's safetensors, never holding the whole model (default "
+                        "when the base has them); --no-stream loads base + adapter in memory and merges there")
     p.set_defaults(handler=cmd_merge)
 
     merge_cli.add_parser(sub)
@@ -286,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         return args.handler(args)
+    except RemoteError:  # rank 0 of a distributed run has printed it
+        return 2
     except (ValueError, OSError) as e:
         print(f"deltatune {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -145,7 +145,8 @@ def widths(module: nn.Module, site: ResidualSite | None, config: ActivationConfi
 
 
 class ActivationDelta(nn.Module):
-    """Mixin for a Delta that changes activations; subclasses give `change(layer, h_in) -> f(h_in)`."""
+    """Mixin for a Delta that changes activations; subclasses give `change(layer, h_in) -> f(h_in)`.
+    The engine's dropout (Delta.dropout, from the config's `dropout`) acts on f's output, as in AdapterHub."""
 
     any_module = True
     mergeable = False
@@ -162,8 +163,9 @@ class ActivationDelta(nn.Module):
         return self.config.placement == "parallel"
 
     @property
-    def dropped(self) -> bool:
-        """AdapterDrop: this block runs without the adapter (always in skip_layers, in training below n)."""
+    def skipped(self) -> bool:
+        """AdapterDrop: this block runs without the adapter (always in skip_layers, in training below n).
+        Not named `dropped`: that is Delta's input dropout, a method every weight delta has."""
         if self.block is None:
             return False
         return self.block in self.config.skip_layers or (self.training and self.block < self.drop_below)
@@ -215,7 +217,7 @@ class Composer:
     def delta(self, name: str) -> nn.Module | None:
         """The adapter's delta here, or None: not at this layer, merged, or dropped here (AdapterDrop)."""
         d = self.layer.deltas[name] if name in self.layer.deltas and name not in self.layer.merged else None
-        return None if d is None or getattr(d, "dropped", False) else d
+        return None if d is None or getattr(d, "skipped", False) else d
 
     # AdapterHub's pre_forward: what the adapter reads and its own residual
     def pre(self, name: str, s: State) -> State:

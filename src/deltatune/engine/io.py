@@ -88,14 +88,16 @@ def write_adapter(path: Any, state: dict[str, Any], meta: dict[str, Any]) -> Pat
     return path
 
 
-def adapter_folder(path: Any, config_name: str, kind: str, weights_name: str) -> Path:
-    """`path` as an existing adapter folder holding `config_name`, or a one-line error saying what is there."""
+def adapter_folder(path: Any, config_name: str, kind: str, weights_name: str, pickle_names: tuple[str, ...] = (),
+                   resave: str = "") -> Path:
+    """`path` as an existing adapter folder holding `config_name`, or a one-line error saying what is there
+    (`pickle_names`, `resave`: see refuse_pickles)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no {kind} adapter at '{path}': it does not exist; check the path")
     if not path.is_dir():
         raise NotADirectoryError(f"'{path}' is a file, not an adapter folder; pass the folder holding {config_name}")
-    refuse_pickles(path, config_name, weights_name)
+    refuse_pickles(path, config_name, weights_name, pickle_names, resave)
     if not (path / config_name).is_file():
         others = {CONFIG_NAME: "a deltatune adapter: use deltatune.load / --format deltatune",
                   "adapter_config.json": "a PEFT adapter: use load_peft / --format peft"}
@@ -108,20 +110,23 @@ def adapter_folder(path: Any, config_name: str, kind: str, weights_name: str) ->
     return path
 
 
-def refuse_pickles(path: Path, config_name: str, weights_name: str) -> None:
+def refuse_pickles(path: Path, config_name: str, weights_name: str, pickle_names: tuple[str, ...] = (),
+                   resave: str = "") -> None:
     """Refuse an adapter whose weights exist only as a pickle: deltatune never unpickles (it can run code).
-    A pickle counts as the adapter's when the config is there or it bears the weights' name (adapter_model.bin)."""
+    A pickle counts as the adapter's when the config is there, it bears the weights' name (adapter_model.bin)
+    or it is one of `pickle_names` (a format's own pickle, e.g. AdapterHub's pytorch_adapter.bin); `resave`
+    is the format's own way to write safetensors, said before the generic one."""
     if (path / weights_name).is_file():
         return
     stem = Path(weights_name).stem
     pickles = sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file()
-                     and ((path / config_name).is_file() or p.stem == stem))
+                     and ((path / config_name).is_file() or p.stem == stem or p.name in pickle_names))
     if pickles:
         file = pickles[0]
-        raise ValueError(f"'{file}' is a pickle, which deltatune never loads (unpickling can run code); if you "
-                         "trust it, re-save it as safetensors: python -c \"import torch; from safetensors.torch "
-                         f"import save_file; save_file(torch.load('{file}', weights_only=True), "
-                         f"'{path / weights_name}')\"")
+        raise ValueError(f"'{file}' is a pickle, which deltatune never loads (unpickling can run code); "
+                         f"{resave}if you trust it, re-save it as safetensors: python -c \"import torch; "
+                         "from safetensors.torch import save_file; save_file(torch.load("
+                         f"'{file}', weights_only=True), '{path / weights_name}')\"")
 
 
 def read_json(file: Path) -> dict[str, Any]:
@@ -203,20 +208,26 @@ def read_adapter(path: Any, check_integrity: bool = True) -> tuple[dict[str, Any
 
 def check_base(dm: DeltaModel, meta: dict[str, Any], path: Any) -> None:
     """The model must have every adapted layer, with the same shapes and (by fingerprint) weights."""
-    from .model import fingerprint
-
-    base = meta["base_model"]
     require_layers(dm.model, meta["targets"] + meta["train_modules"], f"adapter '{path}'")
     for p in meta["targets"]:
         merged = getattr(dm.model.get_submodule(p), "merged", ())
         if merged:  # the base weight now holds those adapters, so it cannot be compared with the saved base
             raise ValueError(f"'{p}' has merged adapters {list(merged)}: unmerge() before loading '{path}'")
     layers = dict(named_layers(dm.model))
-    for p, saved in base["fingerprints"].items():
-        if fingerprint(weight_of(layers[p])) != saved:
-            raise ValueError(f"adapter '{path}' was saved for another base model ({base.get('class')} "
-                             f"'{base.get('name_or_path')}'): layer '{p}' has different weights or shape; load it "
-                             "onto the model it was trained on (or pass check_base=False)")
+    for p in meta["base_model"]["fingerprints"]:
+        check_fingerprint(meta, p, weight_of(layers[p]), path)
+
+
+def check_fingerprint(meta: dict[str, Any], layer_path: str, weight: torch.Tensor, path: Any) -> None:
+    """The base weight of `layer_path` must be the one the adapter was saved with (by its fingerprint)."""
+    from .model import fingerprint
+
+    base = meta["base_model"]
+    saved = base["fingerprints"].get(layer_path)
+    if saved is not None and fingerprint(weight) != saved:
+        raise ValueError(f"adapter '{path}' was saved for another base model ({base.get('class')} "
+                         f"'{base.get('name_or_path')}'): layer '{layer_path}' has different weights or shape; load "
+                         "it onto the model it was trained on (or pass check_base=False)")
 
 
 def load_adapter(dm: DeltaModel, path: Any, name: str | None, verify_base: bool = True,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -28,8 +29,10 @@ class Delta(nn.Module):
     """One adapter's change to one layer.
 
     Weight deltas implement `delta_weight` (ΔW as a d_out x d_in matrix); the defaults then give
-    an additive forward and merge. Methods override `forward` for an activation-space form that
-    never materialises ΔW, and `merge`/`unmerge` for non-additive combinations (DoRA).
+    an additive forward and merge. An additive method with an activation-space form that never
+    materialises ΔW implements `change` (Δh); the engine's `forward` owns the rest, once: the input
+    dropout, the casts to the delta's dtype and back, and the add (token masks and mixed batches
+    are DeltaLayer's). Non-additive methods (DoRA, IA3, OFT) override `forward`, and `merge`/`unmerge`.
     """
 
     method: str = ""
@@ -39,10 +42,13 @@ class Delta(nn.Module):
     uses_base_output = True  # False: forward ignores `out` (replacement deltas), so the base is not run
     any_module = False  # True: targets may be any module (SSF on LayerNorm), not only weight layers
     needs_inputs = False  # True: forward also gets the layer call's other arguments (a delta that reruns the layer)
+    serial = False  # True: the change is a function of the layer's output (a serial adapter), not of its input
 
     def __init__(self, config: Any, layer: DeltaLayer, initialize: bool = True, shared: nn.Module | None = None):
         super().__init__()
         self.config = config
+        p = getattr(config, "dropout", None)  # every method's input dropout, built here once
+        self.dropout = nn.Dropout(p) if isinstance(p, float) and p > 0 else nn.Identity()
         # Adapter-wide tensors (VeRA's random bases, VB-LoRA's bank) live once in the DeltaModel; a plain
         # attribute, not a submodule, so they are neither saved nor counted once per layer.
         self.__dict__["shared"] = shared
@@ -71,8 +77,13 @@ class Delta(nn.Module):
     def delta_weight(self, layer: DeltaLayer) -> Tensor:
         raise TypeError(f"{type(self).__name__} has no weight delta")
 
+    @property
+    def dropout_p(self) -> float:
+        """The dropout rate this forward applies to the delta's input (0 in eval mode), for LowRank."""
+        return self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
+
     def low_rank(self) -> LowRank | None:
-        """(A, B, scale, dropout) when this delta's forward is exactly out + scale · B A dropout(x).
+        """(A, B, scale, dropout_p) when this delta's forward is exactly out + scale · B A dropout(x).
 
         Returning them lets the engine run its fused paths on linear layers (engine/fused.py): one
         autograd node for the layer and all its low-rank terms, and mixed-adapter batches by batched
@@ -92,10 +103,29 @@ class Delta(nn.Module):
         return deltas
 
     def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
+        src = out if self.serial else x
+        return out + self.change(layer, self.dropped(src)).to(out.dtype)
+
+    def change(self, layer: DeltaLayer, x: Tensor) -> Tensor:
+        """Δh, the additive change in the layer's output space, from the delta's input `x` (the layer's input,
+        or its output when `serial`) after the engine's dropout, in the delta's dtype (`dropped`)."""
         y = layer.apply_matrix(x, self.delta_weight(layer))
         if (b := self.bias_delta()) is not None:
             y = y + layer.per_channel(b, y)
-        return out + y.to(out.dtype)
+        return y
+
+    def dropped(self, x: Tensor) -> Tensor:
+        """x after the engine's dropout, cast to the delta's own dtype (fp32 adapters on a half-precision base):
+        that of its first float parameter, else of its shared tensors. Integer inputs (an embedding's ids) pass."""
+        return self.dropout(x).to(self._float_dtype() or x.dtype) if x.is_floating_point() else x
+
+    def _float_dtype(self) -> torch.dtype | None:
+        for t in self._parameters.values():  # the common case, a dict lookup (this runs on every forward)
+            if t is not None and t.is_floating_point():
+                return t.dtype
+        shared = () if self.shared is None else (self.shared.parameters(), self.shared.buffers())
+        tensors = itertools.chain(self.parameters(), self.buffers(), *shared)
+        return next((t.dtype for t in tensors if t.is_floating_point()), None)
 
     def merge(self, layer: DeltaLayer) -> Any:
         """Fold this delta into the base weight; return what `unmerge` needs to undo it exactly."""

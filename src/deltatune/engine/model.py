@@ -64,6 +64,21 @@ def _part(spec: Any, config: DeltaConfig, layer: DeltaLayer, child: str, initial
     return view, spec.delta(config, view, initialize, **extra)
 
 
+def build_delta(config: DeltaConfig, layer: DeltaLayer, initialize: bool, shared: nn.Module | None = None) -> Delta:
+    """The method's delta on one wrapped layer (`layer.path` set), with a delta on each submodule its forward
+    reads without calling (Parts); `shared`: the adapter's build_shared tensors."""
+    spec, path = method_of(config), layer.path
+    if layer.kind is not None and layer.kind.op is None and not spec.delta.additive:
+        raise ValueError(f"{spec.name} cannot adapt '{path}' ({type(layer.base_layer).__name__}): its forward "
+                         "reads the weight itself, so only additive weight deltas (LoRA, LoHa...) reach it; "
+                         "train it whole (train_modules) or pick an additive method")
+    extra = {} if shared is None else {"shared": shared}
+    delta = spec.delta(config, layer, initialize, **extra)
+    if layer.kind is not None and layer.kind.parts:
+        delta = Parts(delta, {child: _part(spec, config, layer, child, initialize, extra) for child in layer.kind.parts})
+    return delta
+
+
 class StateMismatch(ValueError):
     """A state dict whose keys, shapes or dtypes do not fit the adapter it is loaded into."""
 
@@ -216,7 +231,6 @@ class DeltaModel(nn.Module):
             wrapped[path] = module if isinstance(module, DeltaLayer) else DeltaLayer(module, target_kind(module))
             wrapped[path].path = path
         shared = spec.delta.build_shared(config, [wrapped[p] for p in paths])
-        extra = {} if shared is None else {"shared": shared}
         built = []
         for path in paths + head_paths:
             module, layer = self.model.get_submodule(path), wrapped[path]
@@ -224,14 +238,7 @@ class DeltaModel(nn.Module):
                 raise ValueError(f"'{path}' has merged adapters {list(layer.merged)}: unmerge() before adding '{name}'")
             if path in head_paths and any(isinstance(m, DeltaLayer) for m in layer.base_layer.modules()):
                 raise ValueError(f"train module '{path}' contains adapted layers; train it in full or adapt its layers")
-            if path in paths and layer.kind is not None and layer.kind.op is None and not spec.delta.additive:
-                raise ValueError(f"{spec.name} cannot adapt '{path}' ({type(layer.base_layer).__name__}): its forward "
-                                 "reads the weight itself, so only additive weight deltas (LoRA, LoHa...) reach it; "
-                                 "train it whole (train_modules) or pick an additive method")
-            delta = spec.delta(config, layer, initialize, **extra) if path in paths else full.delta(full.config(), layer)
-            if path in paths and layer.kind is not None and layer.kind.parts:
-                delta = Parts(delta, {child: _part(spec, config, layer, child, initialize, extra)
-                                      for child in layer.kind.parts})
+            delta = build_delta(config, layer, initialize, shared) if path in paths else full.delta(full.config(), layer)
             delta.train(layer.base_layer.training)  # an adapter loaded onto an eval() model must not drop out
             built.append((path, layer, delta))
         prints = {path: fingerprint(w) for path, layer, _ in built
@@ -264,9 +271,12 @@ class DeltaModel(nn.Module):
 
         block = Fuse(*children, name=name)
         self._check_names(block.names())
-        paths = [p for p, layer in self.layers() if all(n in layer.deltas for n in block.names())]
-        if not paths:
-            raise ValueError(f"adapters {block.names()} share no layer: a fusion needs them at the same modules")
+        places = {n: set(self.adapters[n].paths) for n in block.names()}
+        paths = [p for p, _ in self.layers() if all(p in where for where in places.values())]
+        if not paths or any(where != set(paths) for where in places.values()):
+            extra = {n: sorted(where - set(paths))[:3] for n, where in places.items() if where != set(paths)}
+            raise ValueError(f"a fusion needs its adapters at the same modules; {block.names()} differ ({extra} hold "
+                             "only some of them): fuse adapters added with the same targets")
         sites = {self.adapters[n].config.site if hasattr(self.adapters[n].config, "site") else None
                  for n in block.names()}
         if None in sites or len(sites) != 1:
@@ -337,7 +347,13 @@ class DeltaModel(nn.Module):
                 self._unwrap(path)
             elif not any(getattr(d, "activation", False) for d in layer.deltas.values()):
                 layer.remove_site()
+        if self.setup is not None and name not in self.active:  # the composition does not use it: keep it
+            self.set_active(self.setup)
+            return
         active = [n for n in self.active if n != name]
+        if self.setup is not None:
+            warnings.warn(f"deleted adapter '{name}' of the active setup {self.setup!r}; the remaining adapters "
+                          f"{active} are now stacked: call set_active() with another block", stacklevel=2)
         if not active and self.adapters and name in self.active:
             # as PEFT does: a model left with no active adapter would silently run as the base model
             active = [next(iter(self.adapters))]
@@ -532,6 +548,34 @@ class DeltaModel(nn.Module):
         from .peft_format import load_peft
 
         return load_peft(self, path, name)
+
+    def load_adapterhub(self, path: Any, name: str | None = None) -> Adapter:
+        """Import an adapter (or AdapterFusion) folder saved by AdapterHub's `adapters` (safetensors form)."""
+        from .adapterhub import import_adapterhub
+
+        return import_adapterhub(self, path, name)
+
+    def export_adapterhub(self, path: Any, name: str | None = None) -> None:
+        """Write adapter `name` (bottleneck, Compacter or fusion) as a folder AdapterHub's load_adapter reads."""
+        from .adapterhub import export_adapterhub
+
+        export_adapterhub(self, path, name or self._only())
+
+    def prepare_for_hotswap(self, target_rank: int | None = None, names: str | Sequence[str] | None = None) -> None:
+        """Before torch.compile: pad LoRA/DoRA factors to `target_rank` with zeros and hold their scales as
+        tensors, so that adapters of lower rank or another alpha hot-swap without recompiling (engine/hotswap.py)."""
+        from .hotswap import prepare_for_hotswap
+
+        prepare_for_hotswap(self, target_rank, names)
+
+    def hotswap_adapter(self, source: Any, name: str = "default", check_base: bool = True,
+                        check_integrity: bool = True) -> Adapter:
+        """Replace adapter `name`'s weights in place with those of `source` (a deltatune or PEFT adapter folder,
+        or a state dict), after checking it is the same method on the same layers: a compiled model runs it
+        without recompiling."""
+        from .hotswap import hotswap_adapter
+
+        return hotswap_adapter(self, source, name, check_base, check_integrity)
 
 
 def _fusions(block: Block) -> list[Any]:

@@ -135,7 +135,7 @@ def _lora_export(dm: DeltaModel, adapter: Adapter) -> tuple[dict[str, Any], Tens
         layer = dm.model.get_submodule(p)
         delta = layer.deltas[name]
         A, B = delta.factors()  # PiSSA: its rank-2r form, relative to W0
-        alphas[p] = A.shape[0], delta.scale * (math.sqrt(A.shape[0]) if cfg.rslora else A.shape[0])
+        alphas[p] = A.shape[0], float(delta.scale) * (math.sqrt(A.shape[0]) if cfg.rslora else A.shape[0])
         if layer.kind is EMBEDDING:
             tensors[f"{PREFIX}{p}.lora_embedding_A"], tensors[f"{PREFIX}{p}.lora_embedding_B"] = A, B
         else:
@@ -212,6 +212,8 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     path = adapter_folder(path, CONFIG_NAME, "PEFT", WEIGHTS_NAME)
     pc = PeftConfig(read_json(path / CONFIG_NAME), path / CONFIG_NAME)
     if "peft_type" not in pc:
+        if isinstance(pc.get("config"), dict) and "model_class" in pc:  # AdapterHub's file of the same name
+            raise ValueError(f"'{pc.file}' is an AdapterHub adapter config, not PEFT's: use dt.load_adapterhub")
         raise ValueError(f"'{pc.file}' has no 'peft_type', so it is no PEFT adapter config; save the adapter "
                          "from PEFT again")
     if pc["peft_type"] not in _CODECS:
@@ -242,6 +244,16 @@ def _check_lora_config(pc: dict[str, Any], path: Any) -> None:
 def load_peft(dm: DeltaModel, path: Any, name: str) -> Adapter:
     from .model import StateMismatch
 
+    config, train_modules, state = read_peft(dm, path)
+    try:
+        return dm.add_adapter_from_state(name, config, train_modules, state)
+    except StateMismatch as err:
+        raise ValueError(f"'{Path(path) / WEIGHTS_NAME}' does not fit its {CONFIG_NAME} on this model: {err}; "
+                         "load it onto the model it was trained on, or save it from PEFT again") from None
+
+
+def read_peft(dm: DeltaModel, path: Any) -> tuple[DeltaConfig, list[str] | None, Tensors]:
+    """(config, train modules, deltatune state) of a PEFT adapter folder, checked against `dm`'s layers."""
     pc, tensors = _read(Path(path))
     codec = _CODECS[pc["peft_type"]]
     heads: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
@@ -264,11 +276,7 @@ def load_peft(dm: DeltaModel, path: Any, name: str) -> Adapter:
                          "incomplete: save the adapter again") from None
     for p, params in heads.items():
         state.update({f"{p}.params.{k.replace('.', '__')}": v for k, v in params.items()})
-    try:
-        return dm.add_adapter_from_state(name, config, sorted(heads) or None, state)
-    except StateMismatch as err:
-        raise ValueError(f"'{Path(path) / WEIGHTS_NAME}' does not fit its {CONFIG_NAME} on this model: {err}; "
-                         "load it onto the model it was trained on, or save it from PEFT again") from None
+    return config, sorted(heads) or None, state
 
 
 def layer_tensors(tensors: Tensors, suffixes: dict[str, str], path: Any) -> dict[str, dict[str, torch.Tensor]]:

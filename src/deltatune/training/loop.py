@@ -7,6 +7,7 @@ states, so a resumed run continues exactly as if it had never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -26,7 +27,7 @@ from tqdm import tqdm
 import deltatune as dt
 from deltatune.engine.atomic import atomic_write_text
 
-from . import checkpoint, rundir
+from . import checkpoint, distributed, rundir
 from .data import Splits, load_splits
 from .loraplus import loraplus_param_groups
 from .recipe import Recipe
@@ -111,26 +112,30 @@ class Trainer:
         self.resume = resume
         self.overwrite = overwrite
         self.output_dir = recipe.output_dir
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.lock = rundir.RunLock(self.output_dir)
+        self.group = distributed.init(recipe.train.distributed)  # one process unless launched by torchrun
+        self.device = self.group.device()
+        self.lock = rundir.RunLock(self.output_dir)  # held by rank 0, the only rank that writes
 
     # --- setup ---------------------------------------------------------------------------------
     def setup(self) -> None:
         """Lock and claim the output folder, load data and model, build optimizer and schedule, and
         restore a checkpoint when resuming. The lock is held until `train()` ends (or `close()`)."""
         created = not self.output_dir.exists()
-        self.lock.acquire()
+        self.group.on_main(lambda: self.lock.acquire() and None)
         try:
-            rundir.claim(self.output_dir, self.recipe.model_dump(mode="json"), self.resume, self.overwrite)
+            recipe = self.recipe.model_dump(mode="json")
+            self.group.on_main(lambda: rundir.claim(self.output_dir, recipe, self.resume, self.overwrite))
             self._setup()
         except BaseException:
             self.close()
-            rundir.discard_if_unused(self.output_dir, created)
+            if self.group.main:
+                rundir.discard_if_unused(self.output_dir, created)
             raise
 
     def close(self) -> None:
-        """Release the output folder for the next run."""
+        """Release the output folder for the next run (and the process group, if this run started it)."""
         self.lock.release()
+        self.group.close()
 
     def _setup(self) -> None:
         splits = load_data(self.recipe)
@@ -141,6 +146,7 @@ class Trainer:
         self.task = make_task(self.recipe, splits.label_names)
         self.train_set, self.eval_set = self.task.encode(splits.train), self.task.encode(splits.eval)
         self.model = build_model(self.recipe, self.task).to(self.device)
+        self.step_module = self._training_forward()
         self.optimizer = self._optimizer()
         self.total_steps = self._total_steps()
         warmup = round(self.recipe.schedule.warmup_ratio * self.total_steps)
@@ -153,6 +159,15 @@ class Trainer:
         self.rows = 0  # metrics rows logged, so a resume keeps exactly those its checkpoint had seen
         if self.resume:
             self._restore()
+
+    def _training_forward(self) -> torch.nn.Module:
+        """The module each micro-batch runs through: wrapped in DDP, or over an FSDP-sharded base."""
+        step = distributed.LossStep(self.model)
+        if self.group.parallel and self.group.mode == "ddp":
+            return distributed.wrap_ddp(step, self.group)
+        if self.group.parallel and self.group.mode == "fsdp":
+            distributed.shard_base(self.model, self.group)
+        return step
 
     def _optimizer(self) -> AdamW:
         """AdamW over the trainable parameters only, in LoRA+ groups when asked for."""
@@ -178,7 +193,34 @@ class Trainer:
         (self.output_dir / METRICS).unlink(missing_ok=True)
 
     def _restore(self) -> None:
-        """Continue from the newest valid checkpoint; invalid ones are skipped with a warning naming why."""
+        """Continue from the newest valid checkpoint; invalid ones are skipped with a warning naming why.
+        Rank 0 chooses and reads it, and every rank restores the same state."""
+        ckpt = self.group.on_main(self._find_checkpoint)
+        if ckpt is None:
+            return
+        state = ckpt.trainer_state
+        self.model.load_adapter_state_dict(ckpt.params)
+        self.optimizer.load_state_dict(ckpt.torch_state["optimizer"])
+        self.scheduler.load_state_dict(ckpt.torch_state["scheduler"])
+        checkpoint.set_rng_state(self._own_rng_state(ckpt))
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.elapsed, self.initial_eval = state["elapsed"], state["initial_eval"]
+        if self.group.main:
+            self._truncate_metrics(self.step, state.get("metrics_rows"))
+            logger.info("resumed from %s", ckpt.path)
+
+    def _own_rng_state(self, ckpt: checkpoint.Checkpoint) -> dict:
+        """This rank's RNG state; a checkpoint of another number of processes gives rank 0's to every rank."""
+        ranks = ckpt.torch_state.get("rng_ranks", [ckpt.torch_state["rng"]])
+        if len(ranks) != self.group.world:
+            if self.group.main:
+                logger.warning("%s was written by %d processes, this run has %d: dropout draws will differ from "
+                               "the uninterrupted run's", ckpt.path, len(ranks), self.group.world)
+            return ckpt.torch_state["rng"]
+        return ranks[self.group.rank]
+
+    def _find_checkpoint(self) -> checkpoint.Checkpoint | None:
+        """The checkpoint to resume from (None: start afresh), or a ValueError saying why there is none."""
         root = self.output_dir / CHECKPOINTS
         ckpt = checkpoint.load_latest(root, self._check_checkpoint)
         if ckpt is None and checkpoint.checkpoints(root):
@@ -190,19 +232,11 @@ class Trainer:
                                  "nothing to resume: pass --overwrite to train it again")
             logger.warning("no checkpoint in %s to resume from: starting afresh", root)
             self._start_afresh()
-            return
-        state = ckpt.trainer_state
-        if changed := rundir.changed_keys(state["recipe"], self.recipe.model_dump(mode="json")):
+            return None
+        if changed := rundir.changed_keys(ckpt.trainer_state["recipe"], self.recipe.model_dump(mode="json")):
             raise ValueError(f"{ckpt.path} was written by a different recipe (changed: {', '.join(changed)}): "
                              "resume with that recipe, or pass --overwrite to start afresh")
-        self.model.load_adapter_state_dict(ckpt.params)
-        self.optimizer.load_state_dict(ckpt.torch_state["optimizer"])
-        self.scheduler.load_state_dict(ckpt.torch_state["scheduler"])
-        checkpoint.set_rng_state(ckpt.torch_state["rng"])
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        self.elapsed, self.initial_eval = state["elapsed"], state["initial_eval"]
-        self._truncate_metrics(self.step, state.get("metrics_rows"))
-        logger.info("resumed from %s", ckpt.path)
+        return ckpt
 
     def _check_checkpoint(self, ckpt: checkpoint.Checkpoint) -> None:
         """Raise ValueError unless `ckpt` fits this run: its tensors, data position, schedule and optimizer."""
@@ -236,20 +270,26 @@ class Trainer:
                     raise ValueError(f"its optimizer state '{name}' of parameter {i} holds NaN or inf")
 
     # --- data ----------------------------------------------------------------------------------
-    def _next_batch(self) -> dict[str, Tensor]:
-        """The next training micro-batch in the seeded order; the position survives a resume."""
+    def _next_batch(self) -> tuple[dict[str, Tensor], float, int]:
+        """The next training micro-batch in the seeded order (the position survives a resume): this rank's
+        slice of it, the weight of that slice's mean loss (distributed.rank_share), and the global batch size."""
         if self.batch_in_epoch == self._batches_per_epoch():
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         bs = self.recipe.train.batch_size
         order = epoch_order(self.recipe.train.seed, self.epoch, len(self.train_set))
         idx = order[self.batch_in_epoch * bs : (self.batch_in_epoch + 1) * bs]
         self.batch_in_epoch += 1
-        return to_device(self.task.collate([self.train_set[i] for i in idx]), self.device)
+        examples = [self.train_set[i] for i in idx]
+        mine, weight = distributed.rank_share(examples, self.task.loss_terms, self.group)
+        return to_device(self.task.collate(mine), self.device), weight, len(examples)
 
     # --- the loop ------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        """The task's metrics on the held-out set."""
-        return evaluate(self.model, self.task, self.eval_set, self.recipe.eval.batch_size)
+        """The task's metrics on the held-out set. An FSDP forward needs every rank; otherwise rank 0 evaluates."""
+        def run() -> dict[str, float]:
+            return evaluate(self.model, self.task, self.eval_set, self.recipe.eval.batch_size)
+
+        return run() if self.group.mode == "fsdp" else self.group.on_main(run)
 
     def train_step(self) -> tuple[float, int]:
         """One optimizer step over `grad_accum` micro-batches; returns (mean loss, samples)."""
@@ -257,15 +297,21 @@ class Trainer:
         accum = self.recipe.train.grad_accum
         loss_sum, samples = 0.0, 0
         self.model.on_train_step(self.step)  # a function of the step, so --resume replays the same draws
-        for _ in range(accum):
-            batch = self._next_batch()
-            loss = self.model(**batch).loss / accum
-            # methods' own terms (SORSA's orthonormality...); the logged loss stays the task's
-            (loss + self.model.regularization_loss() / accum).backward()
-            loss_sum += loss.item()
-            samples += len(batch["input_ids"])
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        for i in range(accum):
+            batch, weight, n = self._next_batch()
+            # DDP averages gradients at the last micro-batch only
+            last = i == accum - 1 or not hasattr(self.step_module, "no_sync")
+            with contextlib.nullcontext() if last else self.step_module.no_sync():
+                # methods' own terms (SORSA's orthonormality...) are in `total`; the logged loss stays the task's
+                loss, total = self.step_module(batch, weight, accum)
+                total.backward()
+            loss_sum += (loss * (weight / self.group.world) / accum).item()
+            samples += n
+        if self.group.mode == "fsdp":
+            distributed.sync_gradients(params, self.group)
+        loss_sum = self.group.total(loss_sum)
         if self.recipe.optimizer.grad_clip is not None:
-            params = [p for group in self.optimizer.param_groups for p in group["params"]]
             torch.nn.utils.clip_grad_norm_(params, self.recipe.optimizer.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
@@ -286,7 +332,8 @@ class Trainer:
         if self.initial_eval is None:
             self.initial_eval = self.evaluate()
             self._log({"step": 0, **_prefixed(self.initial_eval)}, start)
-        progress = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=None)
+        progress = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
+                        disable=None if self.group.main else True)
         while self.step < self.total_steps:
             lr = self.scheduler.get_last_lr()[0]  # the rate this step uses
             tick = time.perf_counter()
@@ -316,7 +363,9 @@ class Trainer:
 
     # --- outputs -------------------------------------------------------------------------------
     def _log(self, row: dict, start: float) -> None:
-        """Append one metrics row (with seconds since the run began) to metrics.jsonl; show eval rows."""
+        """Append one metrics row (with seconds since the run began) to metrics.jsonl; show eval rows (rank 0)."""
+        if not self.group.main:
+            return
         if "loss" not in row:
             logger.info("step %d: %s", row["step"], "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "step"))
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -342,11 +391,14 @@ class Trainer:
         self.rows = len(kept)
 
     def save_checkpoint(self, elapsed: float) -> Path:
-        """A resumable checkpoint of the current step."""
+        """A resumable checkpoint of the current step, written by rank 0 (the adapter and optimizer are
+        replicated, so its copy is everyone's; each rank's RNG state is gathered)."""
+        rng = self.group.gather(checkpoint.rng_state())
         torch_state = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": checkpoint.rng_state(),
+            "rng": rng[0],
+            **({"rng_ranks": rng} if self.group.parallel else {}),
         }
         trainer_state = {
             "epoch": self.epoch,
@@ -356,21 +408,25 @@ class Trainer:
             "metrics_rows": self.rows,
             "recipe": self.recipe.model_dump(mode="json"),
         }
-        return checkpoint.save_checkpoint(
+        return self.group.on_main(lambda: checkpoint.save_checkpoint(
             self.output_dir / CHECKPOINTS,
             self.step,
             self.model.adapter_state_dict(),
             torch_state,
             trainer_state,
             self.recipe.train.keep_checkpoints,
-        )
+        ))
 
     def save_adapter(self) -> Path:
         """The trained adapter, with the resolved recipe that rebuilds its base model beside it."""
         path = self.output_dir / ADAPTER
-        self.model.save(path)
-        atomic_write_text(path / RECIPE, self.recipe.to_yaml())
-        return path
+
+        def write() -> Path:
+            self.model.save(path)
+            atomic_write_text(path / RECIPE, self.recipe.to_yaml())
+            return path
+
+        return self.group.on_main(write)  # the adapter is whole on every rank, even under FSDP
 
 
 def _prefixed(metrics: dict[str, float]) -> dict[str, float]:

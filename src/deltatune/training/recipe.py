@@ -112,6 +112,10 @@ class TrainSection(Section):
     save_every: int | None = Field(None, ge=1, description="write a resumable checkpoint every N steps")
     keep_checkpoints: int = Field(2, ge=1, description="how many of the newest checkpoints to keep")
     seed: int = Field(0, description="seed of initialisation, data order and dropout")
+    distributed: Literal["none", "ddp", "fsdp"] = Field(
+        "none", description="under torchrun / accelerate launch: ddp (replicated model) or fsdp (frozen base "
+        "sharded over the processes, adapter replicated); none = one process"
+    )
     output_dir: str | None = Field(None, description="where metrics, checkpoints and the adapter go; null = runs/<name>")
 
 

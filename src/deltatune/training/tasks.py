@@ -47,6 +47,7 @@ class Task(ABC):
     """
 
     fields: ClassVar[tuple[str, ...]]  # record fields, read from data.<field>_column
+    auto_class: ClassVar[type]  # the transformers Auto class of the model this task trains
 
     def __init__(self, model_path: Path, max_length: int, label_names: list[str] | None = None,
                  length_key: str = "train.max_length"):
@@ -63,9 +64,13 @@ class Task(ABC):
         # padding is masked out of attention and loss, so any token serves when none is declared
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
 
-    @abstractmethod
+    def model_kwargs(self) -> dict:
+        """Config options the task sets on the pretrained model (a head's labels), beyond its config.json."""
+        return {}
+
     def build_model(self) -> nn.Module:
-        """The pretrained model with the outputs this task needs."""
+        """The pretrained model with the outputs this task needs, in float32."""
+        return self.auto_class.from_pretrained(self.model_path, **self.model_kwargs(), dtype=torch.float32)
 
     @abstractmethod
     def encode(self, records: list[dict]) -> list[dict]:
@@ -83,6 +88,10 @@ class Task(ABC):
         """Modules trained in full beside the deltas when the recipe names none."""
         return []
 
+    @abstractmethod
+    def loss_terms(self, examples: list[dict]) -> int:
+        """How many terms the mean loss of a batch of these encoded examples averages over."""
+
     def _mask(self, ids: list[list[int]]) -> Tensor:
         return pad([[1] * len(row) for row in ids], 0)
 
@@ -98,15 +107,12 @@ class ClassificationTask(Task):
             raise ValueError("classification needs label names (model.labels, or labels in the data)")
         super().__init__(model_path, max_length, label_names, length_key)
 
-    def build_model(self) -> nn.Module:
-        """A sequence classifier whose new head has one output per label."""
-        return AutoModelForSequenceClassification.from_pretrained(
-            self.model_path,
-            num_labels=len(self.label_names),
-            id2label=dict(enumerate(self.label_names)),
-            label2id={name: i for i, name in enumerate(self.label_names)},
-            dtype=torch.float32,
-        )
+    auto_class = AutoModelForSequenceClassification
+
+    def model_kwargs(self) -> dict:
+        """A new head with one output per label."""
+        return {"num_labels": len(self.label_names), "id2label": dict(enumerate(self.label_names)),
+                "label2id": {name: i for i, name in enumerate(self.label_names)}}
 
     def encode(self, records: list[dict]) -> list[dict]:
         """Truncated token ids and the int label of each text."""
@@ -134,6 +140,10 @@ class ClassificationTask(Task):
             count += n
         return {"loss": loss_sum / count, "accuracy": correct / count}
 
+    def loss_terms(self, examples: list[dict]) -> int:
+        """One cross-entropy term per example."""
+        return len(examples)
+
     def default_train_modules(self, model: nn.Module) -> list[str]:
         """The head: every top-level child with parameters other than the pretrained body."""
         # Hugging Face task models are `<base_model_prefix>` plus head modules (BERT: classifier,
@@ -151,9 +161,7 @@ class CausalLMTask(Task):
 
     fields = ("prompt", "response")
 
-    def build_model(self) -> nn.Module:
-        """The pretrained causal language model."""
-        return AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+    auto_class = AutoModelForCausalLM
 
     def encode(self, records: list[dict]) -> list[dict]:
         """Chat-template token ids, labelled only on the assistant turn; drops fully truncated ones."""
@@ -192,6 +200,10 @@ class CausalLMTask(Task):
             "attention_mask": self._mask(ids),
             "labels": pad([e["labels"] for e in examples], IGNORE_INDEX),
         }
+
+    def loss_terms(self, examples: list[dict]) -> int:
+        """One term per labelled token; the model shifts labels by one, so the first label never counts."""
+        return sum(sum(y != IGNORE_INDEX for y in e["labels"][1:]) for e in examples)
 
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> dict[str, float]:
         """Mean loss per response token, and its perplexity."""

@@ -141,6 +141,9 @@ class Compacter(Bottleneck):
         return PHMRule(config, layers[0])
 
     def projection(self, d_in: int, d_out: int, **kw) -> PHMLinear:
+        if self.bits is not None:
+            raise ValueError(f"{self.method}: bits= quantises plain bottleneck projections; Compacter's PHM layers "
+                             "are not quantised: drop bits, or use houlsby/pfeiffer with bits")
         n = self.config.phm_dim
         if d_in % n or d_out % n:
             fits = max(k for k in range(1, n + 1) if math.gcd(d_in, d_out) % k == 0)

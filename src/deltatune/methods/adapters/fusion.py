@@ -59,7 +59,6 @@ class AdapterFusion(ActivationDelta, Delta):
         self.query = nn.Linear(d, d, **kw)
         self.key = nn.Linear(d, d, **kw)
         self.value = nn.Linear(d, d, bias=False, **kw) if config.kind == "dynamic" else None
-        self.score_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.T = 50.0 if config.temperature else 1.0
         if initialize:
             with torch.no_grad():
@@ -80,7 +79,7 @@ class AdapterFusion(ActivationDelta, Delta):
             ups = ups + residual.unsqueeze(-2)
         q, k = self.query(query), self.key(ups)
         v = self.value(ups) if self.value is not None and self.config.value_before_softmax else ups
-        scores = self.score_dropout((k @ q.unsqueeze(-1)).squeeze(-1))  # (…, n)
+        scores = self.dropout((k @ q.unsqueeze(-1)).squeeze(-1))  # (…, n): the engine's dropout, on the scores
         probs = torch.softmax(scores / self.T, dim=-1)
         if self.config.temperature and self.training:
             self.T = max(self.T - 50.0 / 1000.0, 1.0)

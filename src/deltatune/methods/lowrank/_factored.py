@@ -6,16 +6,14 @@ vector bank, frozen outer matrices...). Forward applies them to x, never forming
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from ...engine.fused import LowRank
 from ...engine.layer import Delta, DeltaLayer
-from .lora import dropout_p
 
 
 class Factored(Delta):
     scale: float = 1.0
-    dropout: nn.Module = nn.Identity()  # subclasses with a dropout option set their own
 
     def factors(self) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -25,12 +23,11 @@ class Factored(Delta):
         return self.scale * (B @ A)  # (d_out, d_in)
 
     def low_rank(self) -> LowRank | None:
-        if type(self).forward is not Factored.forward:
+        if type(self).change is not Factored.change or type(self).forward is not Delta.forward:
             return None
         A, B = self.factors()
-        return LowRank(A, B, self.scale, dropout_p(self.dropout, self.training))
+        return LowRank(A, B, self.scale, self.dropout_p)
 
-    def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
+    def change(self, layer: DeltaLayer, x: Tensor) -> Tensor:
         A, B = self.factors()
-        x = self.dropout(x).to(A.dtype) if x.is_floating_point() else x  # embeddings take ids
-        return out + (layer.mix(layer.apply_matrix(x, A), B) * self.scale).to(out.dtype)
+        return layer.mix(layer.apply_matrix(x, A), B) * self.scale

@@ -25,8 +25,3 @@ def top_svd(layer: DeltaLayer, r: int, niter: int | None = None) -> tuple[Tensor
         return U[:, :r], S[:r], Vh[:r]
     U, S, V = torch.svd_lowrank(W, q=r, niter=niter)
     return U, S, V.t()
-
-
-def dropped(dropout: torch.nn.Module, x: Tensor, dtype: torch.dtype) -> Tensor:
-    """Dropout on float inputs (embeddings take ids, which pass through)."""
-    return dropout(x).to(dtype) if x.is_floating_point() else x

@@ -77,7 +77,7 @@ class DoRA(LoRA):
         if out is None:
             out = layer.base_layer(x)
         g = layer.per_channel(g, out)
-        dx = self.drop(x)
+        dx = self.dropped(x)
         if (self.training and not isinstance(self.dropout, nn.Identity)) or not layer.stock:
             # The base term must see the same dropped input as the low-rank term (as PEFT does); a custom
             # forward's output need not be W0 x + b, so its linear part is computed.

@@ -29,7 +29,7 @@ from torch import Tensor
 from ...engine.fused import LowRank
 from ...engine.layer import DeltaLayer
 from ...engine.registry import register
-from .lora import LoRA, LoRAConfig, dropout_p
+from .lora import LoRA, LoRAConfig
 
 
 class DyLoRAConfig(LoRAConfig):
@@ -95,7 +95,7 @@ class DyLoRA(LoRA):
             return None
         b = self.rank
         A, B = self.factors(b)
-        return LowRank(A, B, self.config.alpha / b, dropout_p(self.dropout, self.training))
+        return LowRank(A, B, self.config.alpha / b, self.dropout_p)
 
     # The merged rank is remembered, so unmerge subtracts exactly what merge added even if the rank changed.
     @torch.no_grad()

@@ -34,7 +34,7 @@ class EDoRAConfig(LoRAXSConfig):
           summary="EDoRA: DoRA's magnitude times the direction of W0 + (alpha/r) U_r R S_r V_r^T, R and m trained")
 class EDoRA(LoRAXS):
     additive = False
-    # DoRA's methods only use factors(), lora_out(), drop(), scale, lora_magnitude and lora_bias
+    # DoRA's methods only use factors(), lora_out(), scale, lora_magnitude and lora_bias
     weight_norm = DoRA.weight_norm
     _fused = DoRA._fused
     uses_base_output = DoRA.uses_base_output

@@ -26,7 +26,6 @@ from torch import Tensor, nn
 from ...engine.kinds import kaiming_uniform_
 from ...engine.layer import Delta, DeltaLayer
 from ...engine.registry import DeltaConfig, register
-from ._svd import dropped
 from .lora import adapter_dtype, check_rank
 
 
@@ -50,7 +49,6 @@ class LaMDA(Delta):
         self.register_buffer("lamda_A", torch.zeros(r, d_in, **kw))  # PMA (r, d_in), frozen
         self.lamda_S = nn.Parameter(torch.zeros(r, r, **kw))
         self.lamda_B = nn.Parameter(torch.zeros(d_out, r, **kw))  # PMB (d_out, r), zero at init
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.frozen_columns = 0  # a function of the step (on_step), so a resumed run replays it
         if initialize:
             kaiming_uniform_(self.lamda_A)
@@ -71,7 +69,6 @@ class LaMDA(Delta):
     def delta_weight(self, layer: DeltaLayer) -> Tensor:
         return self.scale * (self.lamda_B @ self.lamda_S @ self.lamda_A)  # (d_out, d_in)
 
-    def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
-        h = layer.apply_matrix(dropped(self.dropout, x, self.lamda_S.dtype), self.lamda_A)  # (.., r)
-        y = layer.mix(layer.mix(h, self.lamda_S), self.pmb()) * self.scale
-        return out + y.to(out.dtype)
+    def change(self, layer: DeltaLayer, x: Tensor) -> Tensor:
+        h = layer.apply_matrix(x, self.lamda_A)  # (.., r)
+        return layer.mix(layer.mix(h, self.lamda_S), self.pmb()) * self.scale

@@ -64,7 +64,11 @@ class LoRAConfig(DeltaConfig):
 
     @property
     def scaling(self) -> float:
-        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+        return self.scale_at(self.r, self.alpha)
+
+    def scale_at(self, r: int, alpha: float) -> float:
+        """s = alpha / r (alpha / sqrt(r) with rslora) for a layer of rank r and alpha `alpha`."""
+        return alpha / (math.sqrt(r) if self.rslora else r)
 
     def for_layer(self, path: str) -> tuple[int, float]:
         """(r, alpha) of the layer at `path`: rank_pattern / alpha_pattern over r / alpha."""
@@ -156,7 +160,7 @@ class LoRA(Delta):
     def adapts_grouped_convs(cls) -> bool:
         """Grouped convs need LoRA's own factors, lora_out and merge rule; a forward of its own must opt in."""
         own = all(getattr(cls, f) is getattr(LoRA, f) for f in ("factors", "lora_out", "delta_weight"))
-        return own and (cls.forward is LoRA.forward or cls.grouped_forward)
+        return own and (cls.change is LoRA.change and cls.forward is Delta.forward or cls.grouped_forward)
 
     def __init__(self, config: LoRAConfig, layer: DeltaLayer, initialize: bool = True, shared: nn.Module | None = None):
         super().__init__(config, layer, shared=shared)
@@ -172,13 +176,12 @@ class LoRA(Delta):
         d_out, d_in = check_rank(r, layer, self.method, warn_for=config,
                                  grouped=not config.pissa and self.adapts_grouped_convs())
         kw = {"dtype": adapter_dtype(layer), "device": layer.weight.device}
-        self.scale = alpha / (math.sqrt(r) if config.rslora else r)  # config.scaling, at this layer's r and alpha
+        self.scale = config.scale_at(r, alpha)  # a float; prepare_for_hotswap makes it a tensor buffer
         self.groups = getattr(layer.base_layer, "groups", 1)  # > 1: B is a grouped 1x1 conv (PEFT's layout)
         self.lora_A = nn.Parameter(torch.zeros(r, d_in, **kw))  # (r, d_in)
         self.lora_B = nn.Parameter(torch.zeros(d_out, r // self.groups, **kw))  # (d_out, r / groups)
         has_bias = config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None
         self.lora_bias = nn.Parameter(torch.zeros(d_out, **kw)) if has_bias else None
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         if config.pissa:
             self.register_buffer("lora_A0", torch.zeros_like(self.lora_A))
             self.register_buffer("lora_B0", torch.zeros_like(self.lora_B))
@@ -216,13 +219,11 @@ class LoRA(Delta):
 
     def low_rank(self) -> LowRank | None:
         cls = type(self)
-        if self.lora_bias is not None or cls.forward is not LoRA.forward or cls.lora_out is not LoRA.lora_out:
+        own = cls.forward is Delta.forward and cls.change is LoRA.change and cls.lora_out is LoRA.lora_out
+        if self.lora_bias is not None or not own:
             return None  # a bias term, or a subclass with its own arithmetic
         A, B = self.factors()
-        return LowRank(A, B, self.scale, dropout_p(self.dropout, self.training))
-
-    def drop(self, x: Tensor) -> Tensor:
-        return self.dropout(x).to(self.lora_A.dtype) if x.is_floating_point() else x  # embeddings take ids
+        return LowRank(A, B, self.scale, self.dropout_p)
 
     def lora_out(self, layer: DeltaLayer, x: Tensor, A: Tensor | None = None) -> Tensor:
         """s · B A x, computed in activation space (ΔW is never formed); `A` replaces the factor A if given."""
@@ -232,15 +233,10 @@ class LoRA(Delta):
             return grouped_lora(layer.base_layer, x, A, B) * self.scale
         return layer.mix(layer.apply_matrix(x, A), B) * self.scale
 
-    def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
-        y = self.lora_out(layer, self.drop(x))
-        if self.lora_bias is not None:
-            y = y + layer.per_channel(self.lora_bias, y)
-        return out + y.to(out.dtype)
-
-
-def dropout_p(dropout: nn.Module, training: bool) -> float:
-    return dropout.p if training and isinstance(dropout, nn.Dropout) else 0.0
+    def change(self, layer: DeltaLayer, x: Tensor, A: Tensor | None = None) -> Tensor:
+        """s · B A x (+ the bias delta); `A` replaces the factor A if given (MonteCLoRA's sampled A)."""
+        y = self.lora_out(layer, x) if A is None else self.lora_out(layer, x, A)  # DyLoRA's lora_out takes no A
+        return y if self.lora_bias is None else y + layer.per_channel(self.lora_bias, y)
 
 
 def pissa_factors(W: Tensor, r: int, scale: float, init: str) -> tuple[Tensor, Tensor]:

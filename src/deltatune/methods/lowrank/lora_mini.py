@@ -97,7 +97,6 @@ class LoRAMini(Factored):
         if initialize:
             with torch.no_grad():
                 kaiming_uniform_(self.lora_A_train)
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     @classmethod
     def build_shared(cls, config: LoRAMiniConfig, layers: list[DeltaLayer]) -> LayerShared:

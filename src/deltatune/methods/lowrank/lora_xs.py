@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ...engine.layer import Delta, DeltaLayer
 from ...engine.registry import register
-from ._svd import SVDConfig, dropped, top_svd
+from ._svd import SVDConfig, top_svd
 from .lora import adapter_dtype, check_rank
 
 
@@ -43,7 +43,6 @@ class LoRAXS(Delta):
         self.register_buffer("lora_B", torch.zeros(d_out, r, **kw))  # (d_out, r) = U_r
         self.lora_R = nn.Parameter(torch.zeros(r, r, **kw))
         self.lora_bias = None  # DoRA's forward (borrowed by EDoRA) looks for it
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         if initialize:
             with torch.no_grad():
                 U, S, Vh = top_svd(layer, r, config.svd_niter)
@@ -59,12 +58,9 @@ class LoRAXS(Delta):
     def delta_weight(self, layer: DeltaLayer) -> Tensor:
         return self.scale * (self.lora_B @ self.lora_R @ self.lora_A)  # (d_out, d_in)
 
-    def drop(self, x: Tensor) -> Tensor:
-        return dropped(self.dropout, x, self.lora_R.dtype)
-
     def lora_out(self, layer: DeltaLayer, x: Tensor) -> Tensor:
         """s · B R A x in activation space: A x (r channels), then R, then B."""
         return layer.mix(layer.mix(layer.apply_matrix(x, self.lora_A), self.lora_R), self.lora_B) * self.scale
 
-    def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
-        return out + self.lora_out(layer, self.drop(x)).to(out.dtype)
+    def change(self, layer: DeltaLayer, x: Tensor) -> Tensor:
+        return self.lora_out(layer, x)

@@ -20,7 +20,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ...engine.layer import DeltaLayer
+from ...engine.layer import Delta, DeltaLayer
 from ...engine.registry import register
 from .lora import LoRA, LoRAConfig
 
@@ -51,7 +51,6 @@ class MaskedLoRA(LoRA):
             if self.lora_bias is not None:
                 params["bias"] = layer.base_layer.bias + self.lora_bias.to(w.dtype)
             return functional_call(layer.base_layer, params, (x,))
-        y = layer.apply_matrix(self.drop(x), self.delta_weight(layer))
-        if self.lora_bias is not None:
-            y = y + layer.per_channel(self.lora_bias, y)
-        return out + y.to(out.dtype)
+        return super().forward(layer, x, out)
+
+    change = Delta.change  # the masked ΔW (and Δb) through the layer's own op

@@ -109,10 +109,8 @@ class MonteCLoRA(LoRA):
         A = self.factors()[0]
         r = self.config.r
         A = torch.cat([A[:r] + self.noise(self.draws()), A[r:]])  # only the trainable A (PiSSA's A0 rows stay)
-        y = self.lora_out(layer, self.drop(x), A)
-        if self.lora_bias is not None:
-            y = y + layer.per_channel(self.lora_bias, y)
-        return out + y.to(out.dtype)
+        # its own forward only to draw the noise before the engine's dropout, in the order it always had
+        return out + self.change(layer, self.dropped(x), A).to(out.dtype)
 
     def regularizer(self, layer: DeltaLayer) -> Tensor | None:
         if not self.training:

@@ -100,7 +100,6 @@ class MoS(Factored):
         self.register_buffer("mos_index_A", idx_A.to(layer.weight.device))  # (r·l,) rows of the A pool
         self.register_buffer("mos_index_B", idx_B.to(layer.weight.device))  # (r·l,) rows of the B pool
         self.scale = config.alpha / config.r
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     @classmethod
     def build_shared(cls, config: MoSConfig, layers: Sequence[DeltaLayer]) -> MoSPools:

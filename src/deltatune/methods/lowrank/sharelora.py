@@ -82,7 +82,6 @@ class ShareLoRA(LoRA):
         self.lora_B = None if "B" in config.share else nn.Parameter(torch.zeros(d_out, config.r, **kw))
         has_bias = config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None
         self.lora_bias = nn.Parameter(torch.zeros(d_out, **kw)) if has_bias else None
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         if initialize and self.lora_A is not None:
             init_A(self.lora_A, config)
 
@@ -97,9 +96,6 @@ class ShareLoRA(LoRA):
         A = self.shared.lora_A[self.group] if self.lora_A is None else self.lora_A
         B = self.shared.lora_B[self.group] if self.lora_B is None else self.lora_B
         return A, B
-
-    def drop(self, x: Tensor) -> Tensor:
-        return self.dropout(x).to(self.factors()[0].dtype) if x.is_floating_point() else x
 
 
 @torch.no_grad()

@@ -84,7 +84,6 @@ class SiRA(Delta):
         self.sira_B = nn.Parameter(torch.zeros(E, d_out, config.r, **kw))  # (E, d_out, r)
         self.sira_gate = nn.Parameter(torch.zeros(E, d_in, **kw))  # (E, d_in), W_g
         self.scale = config.alpha / config.r
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.expert_drop = nn.Dropout(config.expert_dropout) if config.expert_dropout > 0 else nn.Identity()
         self._aux: Tensor | None = None
         if initialize:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ...engine.layer import Delta, DeltaLayer
 from ...engine.registry import register
 from ._sharing import LayerShared
-from ._svd import SVDConfig, dropped, top_svd
+from ._svd import SVDConfig, top_svd
 from .lora import adapter_dtype, check_rank
 
 
@@ -58,7 +58,6 @@ class SORSA(Delta):
         self.sorsa_Vh = nn.Parameter(torch.zeros(r, d_in, **kw))  # (r, d_in)
         for name, p in (("U", self.sorsa_U), ("S", self.sorsa_S), ("Vh", self.sorsa_Vh)):
             self.register_buffer(f"sorsa_{name}0", torch.zeros_like(p))  # frozen initial factors
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         if initialize:
             with torch.no_grad():
                 for t, v in zip(("U", "S", "Vh"), top_svd(layer, r, config.svd_niter)):
@@ -78,10 +77,9 @@ class SORSA(Delta):
         (A, B), (A0, B0) = self._product(""), self._product("0")
         return self.scale * (B @ A - B0 @ A0)  # (d_out, d_in); the same op twice, so exactly 0 at init
 
-    def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
-        x = dropped(self.dropout, x, self.sorsa_U.dtype)
+    def change(self, layer: DeltaLayer, x: Tensor) -> Tensor:
         y = [layer.mix(layer.apply_matrix(x, A), B) for A, B in (self._product(""), self._product("0"))]
-        return out + (self.scale * (y[0] - y[1])).to(out.dtype)
+        return self.scale * (y[0] - y[1])
 
     def orthonormality(self) -> Tensor:
         """||U^T U - I||_F + ||V^T V - I||_F (V^T is the r x d_in factor), unweighted."""

@@ -82,7 +82,6 @@ class VBLoRA(Factored):
         if initialize:
             nn.init.normal_(self.vblora_logits_A, std=config.init_logits_std)
             nn.init.normal_(self.vblora_logits_B, std=config.init_logits_std)
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     @classmethod
     def build_shared(cls, config: VBLoRAConfig, layers: Sequence[DeltaLayer]) -> VectorBank:

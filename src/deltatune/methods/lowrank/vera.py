@@ -30,7 +30,7 @@ from ...engine.layer import Delta, DeltaLayer
 from ...engine.peft_format import PeftCodec, layer_tensors, register_peft
 from ...engine.registry import DeltaConfig, make_config, register
 from ...engine.targeting import require_layers
-from .lora import adapter_dtype, dropout_p
+from .lora import adapter_dtype
 
 
 class VeRAConfig(DeltaConfig):
@@ -74,7 +74,6 @@ class VeRA(Delta):
         kw = {"dtype": adapter_dtype(layer), "device": layer.weight.device}
         self.vera_lambda_b = nn.Parameter(torch.zeros(self.d_out, **kw))
         self.vera_lambda_d = nn.Parameter(torch.full((config.r,), float(config.d_initial), **kw))
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     @classmethod
     def build_shared(cls, config: VeRAConfig, layers: list[DeltaLayer]) -> VeRABases:
@@ -92,16 +91,14 @@ class VeRA(Delta):
         """ΔW = (Λb B)(Λd A): scaled copies of the thin shared slices, for the engine's fused paths."""
         A, B = self.bases()
         return LowRank(self.vera_lambda_d[:, None] * A, self.vera_lambda_b[:, None] * B, 1.0,
-                       dropout_p(self.dropout, self.training))
+                       self.dropout_p)
 
-    def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
+    def change(self, layer: DeltaLayer, x: Tensor) -> Tensor:
         A, B = self.bases()
-        if x.is_floating_point():  # embeddings take ids
-            x = self.dropout(x).to(A.dtype)
         h = layer.apply_matrix(x, A)  # r channels
         h = h * layer.per_channel(self.vera_lambda_d, h)
         y = layer.mix(h, B)  # d_out channels
-        return out + (y * layer.per_channel(self.vera_lambda_b, y)).to(out.dtype)
+        return y * layer.per_channel(self.vera_lambda_b, y)
 
 
 # --- PEFT format (peft_type VERA): per layer vera_lambda_b / vera_lambda_d, shared base_model.vera_A / vera_B

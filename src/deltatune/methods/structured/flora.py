@@ -102,7 +102,6 @@ class FLoRA(Delta):
         self.flora_U_kernel = nn.ParameterList(
             [nn.Parameter(torch.zeros(n, rk, **kw)) for n, rk in zip(self.modes[2:], ranks[2:])])  # (k_j, r_kj)
         self.grouped = getattr(layer.base_layer, "groups", 1) != 1
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         if initialize:
             for U in self.factors():  # G stays 0, so ΔW = 0 at step 0
                 nn.init.kaiming_normal_(U, a=math.sqrt(3))
@@ -117,11 +116,9 @@ class FLoRA(Delta):
     def delta_weight(self, layer: DeltaLayer) -> Tensor:
         return self.delta_tensor().flatten(1)  # (d_out, d_in)
 
-    def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
-        if x.is_floating_point():
-            x = self.dropout(x).to(self.flora_G.dtype)
+    def change(self, layer: DeltaLayer, x: Tensor) -> Tensor:
         if self.grouped:  # the core cannot be lifted through a grouped conv: one conv with the small kernel
-            return super().forward(layer, x, out)
+            return super().change(layer, x)
         if len(self.modes) == 2:
             h = layer.apply_matrix(x, self.flora_U_in.t())  # (…, r_in)
             h = layer.mix(h, self.flora_G)  # (…, r_out)
@@ -129,5 +126,4 @@ class FLoRA(Delta):
             # r_out moved last is left uncontracted and comes back first: K is (r_out, in, k...)
             K = tucker_full(self.flora_G.movedim(0, -1), self.factors()[1:])
             h = layer.apply_matrix(x, K.flatten(1))  # (B, r_out, spatial...)
-        y = layer.mix(h, self.flora_U_out) * self.config.scale
-        return out + y.to(out.dtype)
+        return layer.mix(h, self.flora_U_out) * self.config.scale

@@ -94,12 +94,11 @@ class LoHa(Delta):
         return _hadamard(self.scale, *params)
 
     def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
-        cfg = self.config
-        if module_dropped(self, cfg.module_dropout):
-            return out
-        dW = self.delta_weight(layer)
-        y = drop_ranks(self, layer, layer.apply_matrix(x.to(dW.dtype), dW), cfg.rank_dropout, scale=True)
-        return out + y.to(out.dtype)
+        return out if module_dropped(self, self.config.module_dropout) else super().forward(layer, x, out)
+
+    def change(self, layer: DeltaLayer, x: Tensor) -> Tensor:
+        y = layer.apply_matrix(x, self.delta_weight(layer))
+        return drop_ranks(self, layer, y, self.config.rank_dropout, scale=True)
 
 
 # --- PEFT format: '<path>.hada_w1_a' ... same names and shapes as deltatune's parameters ------------------

@@ -129,24 +129,25 @@ class LoKr(Delta):
         return self.scale * torch.kron(*self.factors())  # (d_out, d_in)
 
     def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
+        return out if module_dropped(self, self.config.module_dropout) else super().forward(layer, x, out)
+
+    def change(self, layer: DeltaLayer, x: Tensor) -> Tensor:
         cfg = self.config
-        if module_dropped(self, cfg.module_dropout):
-            return out
         tokens = x.numel() // x.shape[-1]
         # The Kronecker product applied to activations saves an (a2 x b1) map per token; from d_in tokens on,
         # forming ΔW (d_out x d_in, as PEFT does) is cheaper in time and in saved memory.
         if layer.kind in (LINEAR, CONV1D) and layer.stock and tokens < x.shape[-1]:
             a1, a2, b1, b2 = self.shape
             A = self.factors()[0]
-            X = x.to(A.dtype).reshape(*x.shape[:-1], a2, b2)  # x = vec(X), X (..., a2, b2)
+            X = x.reshape(*x.shape[:-1], a2, b2)  # x = vec(X), X (..., a2, b2)
             if hasattr(self, "lokr_w2"):
                 H = X @ self.lokr_w2.t()  # X Bᵀ: (..., a2, b1)
             else:
                 H = (X @ self.lokr_w2_b.t()) @ self.lokr_w2_a.t()  # rank-r B applied in two steps
             y = (A @ H).reshape(*x.shape[:-1], a1 * b1) * self.scale  # vec(A X Bᵀ): (..., d_out)
         else:
-            y = layer.apply_matrix(x.to(self.factors()[0].dtype), self.delta_weight(layer))
-        return out + drop_ranks(self, layer, y, cfg.rank_dropout, cfg.rank_dropout_scale).to(out.dtype)
+            y = layer.apply_matrix(x, self.delta_weight(layer))
+        return drop_ranks(self, layer, y, cfg.rank_dropout, cfg.rank_dropout_scale)
 
 
 # --- PEFT format ("LOKR"): lokr_w1 / lokr_w1_a / lokr_w1_b / lokr_w2 / lokr_w2_a / lokr_w2_b per layer ----------

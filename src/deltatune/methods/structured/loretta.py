@@ -116,17 +116,13 @@ class LoRETTARep(Delta):
         self.loretta_A = TTMatrix(d_in, config.r, *tt, zero_last=False, **kw)  # A^T: (d_in, r), as official
         self.loretta_B = TTMatrix(config.r, d_out, *tt, zero_last=config.init == "zero", **kw)  # B^T: (r, d_out)
         self.scale = config.alpha / config.r
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     def delta_weight(self, layer: DeltaLayer) -> Tensor:
         return self.scale * self.loretta_B.full().t() @ self.loretta_A.full().t()  # (d_out, d_in)
 
-    def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
-        if x.is_floating_point():
-            x = self.dropout(x).to(self.loretta_A.cores[0].dtype)
+    def change(self, layer: DeltaLayer, x: Tensor) -> Tensor:
         h = layer.apply_matrix(x, self.loretta_A.full().t())  # (…, r)
-        y = layer.mix(h, self.loretta_B.full().t()) * self.scale  # (…, d_out)
-        return out + y.to(out.dtype)
+        return layer.mix(h, self.loretta_B.full().t()) * self.scale  # (…, d_out)
 
 
 class LoRETTAAdpConfig(DeltaConfig):
@@ -169,21 +165,24 @@ class LoRETTAAdp(Delta):
                 self.loretta_down_bias.uniform_(-1 / math.sqrt(m), 1 / math.sqrt(m))
                 self.loretta_up_bias.uniform_(-1 / math.sqrt(d), 1 / math.sqrt(d))
         self.act = ACTIVATIONS[config.non_linearity]
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     @property
     def additive(self) -> bool:  # after the layer it transforms the whole output, so it cannot be stacked
         return self.config.placement == "input"
 
+    @property
+    def serial(self) -> bool:  # 'output': h + f(h), a function of the layer's output
+        return self.config.placement == "output"
+
     def adapter(self, layer: DeltaLayer, h: Tensor) -> Tensor:
-        """s · up(act(down(h))) on h's channels, (…, d)."""
-        z = layer.mix(self.dropout(h.to(self.loretta_up_bias.dtype)), self.loretta_down.full().t())
+        """s · up(act(down(h))) on h's channels, (…, d); h already dropped out and in the adapter's dtype."""
+        z = layer.mix(h, self.loretta_down.full().t())
         z = self.act(z + layer.per_channel(self.loretta_down_bias, z))  # (…, m)
         z = layer.mix(z, self.loretta_up.full().t())
         return self.config.scaling * (z + layer.per_channel(self.loretta_up_bias, z))
 
-    def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
-        if self.config.placement == "output":
-            return out + self.adapter(layer, out).to(out.dtype)
+    def change(self, layer: DeltaLayer, h: Tensor) -> Tensor:
+        if self.serial:
+            return self.adapter(layer, h)
         # W0 (x + f(x)) + b = out + W0 f(x): the layer's own op on f(x), without its bias
-        return out + layer.apply_matrix(self.adapter(layer, x).to(x.dtype), layer.matrix()).to(out.dtype)
+        return layer.apply_matrix(self.adapter(layer, h).to(layer.weight.dtype), layer.matrix())

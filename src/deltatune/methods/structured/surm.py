@@ -59,7 +59,6 @@ class SURM(Delta):
         self.n, self.p, self.q = n, d_out // n, d_in // n
         self.surm_v = nn.Parameter(torch.zeros(self.p, self.q, self.vector_len(n), dtype=adapter_dtype(layer),
                                                device=layer.weight.device))  # zero: ΔW = 0 at step 0
-        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
 
     @staticmethod
     def vector_len(n: int) -> int:
@@ -77,17 +76,15 @@ class SURM(Delta):
         blocks = self.surm_v[..., self.index()]  # (p, q, n, n)
         return self.config.alpha * blocks.permute(0, 2, 1, 3).reshape(self.p * self.n, self.q * self.n)
 
-    def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor) -> Tensor:
-        v = self.surm_v
-        h = self.dropout(x.to(v.dtype)) if x.is_floating_point() else x  # embeddings take ids
+    def change(self, layer: DeltaLayer, h: Tensor) -> Tensor:
         if not (layer.kind in (LINEAR, CONV1D) and layer.stock):
-            return super().forward(layer, h, out)  # conv / embedding / custom forward: materialises ΔW
+            return super().change(layer, h)  # conv / embedding / custom forward: materialises ΔW
         L = self.fft_factor * self.n
-        X = torch.fft.rfft(h.reshape(*x.shape[:-1], self.q, self.n), n=L)  # (..., q, L/2+1)
+        X = torch.fft.rfft(h.reshape(*h.shape[:-1], self.q, self.n), n=L)  # (..., q, L/2+1)
         F = torch.fft.rfft(self.first_column(), n=L)  # (p, q, L/2+1)
         Y = torch.einsum("pqf,...qf->...pf", F, X)  # sum over input blocks, per frequency
-        y = torch.fft.irfft(Y, n=L)[..., : self.n].reshape(*x.shape[:-1], self.p * self.n)  # (..., d_out)
-        return out + (self.config.alpha * y).to(out.dtype)
+        y = torch.fft.irfft(Y, n=L)[..., : self.n].reshape(*h.shape[:-1], self.p * self.n)  # (..., d_out)
+        return self.config.alpha * y
 
 
 class CirculantConfig(SURMConfig):
