@@ -4,6 +4,7 @@ Runs INSIDE .venv-adapters (see benchmarks/setup_adapters.sh); it imports only t
 transformers, adapters and safetensors, never deltatune, so the two sides share nothing but files.
 
     .venv-adapters/bin/python benchmarks/adapterhub_peer.py REQUEST.json OUT_DIR/
+    .venv-adapters/bin/python benchmarks/adapterhub_peer.py --serve   # a train-step worker (step_worker.py)
 
 REQUEST.json is one request, or a list of them run in one process (imports paid once), request i writing
 to OUT_DIR/<its "id", or i>/. A request (every key but "model", "adapters" and "texts" is optional):
@@ -223,12 +224,7 @@ def run(request, out_dir):
     timings["total_s"] = time.perf_counter() - started + timings["load_model_s"]
 
     meta = {
-        "versions": {
-            "adapters": adapters.__version__,
-            "transformers": transformers.__version__,
-            "torch": torch.__version__,
-            "safetensors": safetensors.__version__,
-        },
+        "versions": versions(),
         "setup": repr(model.active_adapters),
         "active_head": model.active_head,
         "configs": {
@@ -247,7 +243,57 @@ def run(request, out_dir):
     return meta
 
 
+def versions():
+    return {
+        "adapters": adapters.__version__,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "safetensors": safetensors.__version__,
+    }
+
+
+def serve_steps():
+    """--serve: the AdapterHub side of benchmarks/adapters_vs_adapterhub.py (protocol in step_worker.py).
+
+    Each build is a fresh BertAdapterModel with one adapter (an AdapterHub config, as in "adapters" above) and
+    a one-layer classification head on the pooler output (BertForSequenceClassification's head), trained with
+    train_adapter (base frozen; adapter and head train) by AdamW on the batch the driver saved.
+    """
+    from step_worker import serve
+
+    state = {}
+
+    def setup(request):
+        state["model"], state["batch"] = request["model"], load_file(request["batch"])
+        return {"versions": versions(), "threads": torch.get_num_threads()}
+
+    def build(request):
+        key = request["key"]
+        torch.manual_seed(request.get("seed", 0))
+        model = BertAdapterModel.from_pretrained(state["model"])
+        model.add_adapter(key, config=load_adapter_config(request["config"]))
+        model.add_classification_head(key, num_labels=2, layers=1, use_pooler=True)
+        model.train_adapter(key)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=request.get("lr", 1e-5))
+        batch = state["batch"]
+
+        def step():
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        extra = {"config": model.adapters_config.get(key).to_dict(),
+                 "attention": model.config._attn_implementation}
+        return step, sum(p.numel() for p in params), extra
+
+    serve(setup, build)
+
+
 def main(argv):
+    if argv[1:] == ["--serve"]:
+        return serve_steps()
     if len(argv) != 3:
         sys.exit(__doc__)
     given = json.loads(Path(argv[1]).read_text())

@@ -12,6 +12,7 @@ above the level before the step, as in `deltatune bench`) as ratios to LoRA's, m
     python benchmarks/methods_table.py                       # all methods, seeds 0 1 2, then the table
     python benchmarks/methods_table.py --methods vera lora_xs --seeds 0
     python benchmarks/methods_table.py --table-only          # rebuild the Markdown from what has run
+    python benchmarks/methods_table.py --methods houlsby pfeiffer --costs-only   # new rows' step costs vs LoRA
 """
 
 from __future__ import annotations
@@ -76,6 +77,17 @@ SPECS: dict[str, tuple[dict, float]] = {
     "boft": ({"name": "boft", "targets": QV}, 3e-2),
     "goft": ({"name": "goft", "targets": QV}, 3e-2),
     "qgoft": ({"name": "qgoft", "targets": QV}, 3e-2),
+    # Bottleneck adapters at their default placement (targets omitted: BERT's attention.output and output
+    # sublayers for Houlsby, output only for the rest) and AdapterHub's presets (reduction factor 16, 2 for the
+    # parallel ones, 32 for Compacter), the same configs as benchmarks/adapters_vs_adapterhub.py; their init
+    # is the identity (up = 0), so the rate was swept on seed 0 like LoRA-Mini's (the sweep table): the scaled
+    # parallel adapter (s = 4) stays at the majority class at 3e-3, Compacter's PHM rule (init std 1e-4) needs 1e-2.
+    "houlsby": ({"name": "houlsby"}, 3e-3),
+    "pfeiffer": ({"name": "pfeiffer"}, 3e-3),
+    "parallel_adapter": ({"name": "parallel_adapter"}, 3e-3),
+    "scaled_parallel_adapter": ({"name": "scaled_parallel_adapter"}, 1e-3),
+    "compacter": ({"name": "compacter"}, 1e-2),
+    "compacter++": ({"name": "compacter++"}, 1e-2),
 }
 # Claims from the papers that this setting can test: (label, a, b, what "held" means)
 ETHER_RATES = (3e-3, 1e-2, 3e-2)  # ETHER's claim: stable across learning rates (LoRA run at the same rates)
@@ -248,6 +260,8 @@ def main() -> None:
                         "method's own (shown in the sweep table)")
     parser.add_argument("--table-only", action="store_true", help="rebuild the Markdown from the recorded runs")
     parser.add_argument("--skip-costs", action="store_true", help="keep the step costs already recorded")
+    parser.add_argument("--costs-only", action="store_true", help="measure the step costs of --methods (with "
+                        "LoRA, interleaved), keep the others recorded, train nothing")
     parser.add_argument("--quick", action="store_true", help="smoke run: 128 training and 64 held-out snippets, "
                         "results in a temporary folder")
     args = parser.parse_args()
@@ -265,7 +279,8 @@ def main() -> None:
             labels = list(dict.fromkeys(["lora", *args.methods]))
             old = json.loads(cost_file.read_text())["costs"] if cost_file.is_file() else {}
             cost_file.write_text(json.dumps({**meta, "costs": {**old, **step_costs(labels, args.rounds)}}, indent=2))
-        accuracy_runs(args.methods, args.seeds, args.lrs)
+        if not args.costs_only:
+            accuracy_runs(args.methods, args.seeds, args.lrs)
     costs = json.loads(cost_file.read_text())["costs"] if cost_file.is_file() else {}
     (RESULTS / "methods_table.md").write_text(markdown(costs, meta))
     print((RESULTS / "methods_table.md").read_text())
