@@ -242,7 +242,6 @@ class DeltaLayer(nn.Module):
         self._merged: dict[str, Any] = {}  # adapter name -> undo state, in merge order
         self.setup: Block | None = None  # set by DeltaModel when the active setup is more than a plain stack
         self.site: ResidualSite | None = None  # where activation deltas act inside a residual sublayer
-        self._site_spec: Any = None  # the ActivationConfig.site that chose it (all adapters here must agree)
         self._site_hooks: list[Any] = []
         self._call: dict[str, Any] | None = None  # one residual-site forward in flight: setup, route, r, branch
         self._first_arg = next(iter(inspect.signature(base_layer.forward).parameters), None)
@@ -334,8 +333,7 @@ class DeltaLayer(nn.Module):
 
     def install_site(self, site: ResidualSite | None) -> None:
         """Hook the residual site's branch and norm (once); the hooks act only inside this layer's forward."""
-        if site is None or self._site_hooks:
-            self.site = site if not self._site_hooks else self.site
+        if self._site_hooks or site is None:  # hooked by an earlier adapter (activation_site checked they agree)
             return
         self.site = site
         self._site_hooks = [
