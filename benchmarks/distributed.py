@@ -86,7 +86,7 @@ def table(runs: dict[str, list[list[dict]]]) -> tuple[list[dict], str]:
     """One row per setting: medians over rounds of each rank's figures (ranks shown as a / b)."""
     rows = []
     for name, rounds in runs.items():
-        def per_rank(key: str) -> list[float]:
+        def per_rank(key: str, rounds: list[list[dict]] = rounds) -> list[float]:
             return [statistics.median(r[rank][key] for r in rounds) for rank in range(len(rounds[0]))]
         rows.append({"setting": name, "samples_per_s": statistics.median(r[0]["samples_per_s"] for r in rounds),
                      **{key: per_rank(key) for key in ("peak_rss_mib", "end_rss_mib", "base_bytes",

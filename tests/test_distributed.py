@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from distributed_worker import record_first_gradients
+from helpers import assert_close
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
@@ -26,8 +28,6 @@ from deltatune import assets
 from deltatune.training import distributed
 from deltatune.training.loop import Trainer
 from deltatune.training.recipe import load_recipe
-from distributed_worker import record_first_gradients
-from helpers import assert_close
 
 TESTS = Path(__file__).resolve().parent
 SRC = Path(dt.__file__).resolve().parents[1]
