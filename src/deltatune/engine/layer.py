@@ -243,6 +243,7 @@ class DeltaLayer(nn.Module):
         self.setup: Block | None = None  # set by DeltaModel when the active setup is more than a plain stack
         self.site: ResidualSite | None = None  # where activation deltas act inside a residual sublayer
         self._site_hooks: list[Any] = []
+        self.activations = False  # holds activation deltas: forwards go through the Composer (install/remove_site)
         self._call: dict[str, Any] | None = None  # one residual-site forward in flight: setup, route, r, branch
         self._first_arg = next(iter(inspect.signature(base_layer.forward).parameters), None)
 
@@ -297,9 +298,7 @@ class DeltaLayer(nn.Module):
                              "src_key_padding_mask makes them); build the encoder with enable_nested_tensor=False")
         if self.kind is not None and self.kind.op is None:
             return self._forward_reweighted(x, route, *args, **kwargs)
-        if self.setup is not None or self.site is not None or any(
-                getattr(self.deltas[n], "activation", False) for n in (route.groups if route else self.active)
-                if n in self.deltas):
+        if self.setup is not None or self.activations:
             return self._forward_composed(x, route, *args, **kwargs)
         if route is not None:
             return self._forward_mixed(x, route, *args, **kwargs)
@@ -332,7 +331,9 @@ class DeltaLayer(nn.Module):
         return site
 
     def install_site(self, site: ResidualSite | None) -> None:
-        """Hook the residual site's branch and norm (once); the hooks act only inside this layer's forward."""
+        """Mark this layer as holding activation deltas, and hook its residual site's branch and norm (once); the
+        hooks act only inside this layer's forward."""
+        self.activations = True
         if self._site_hooks or site is None:  # hooked by an earlier adapter (activation_site checked they agree)
             return
         self.site = site
@@ -341,9 +342,10 @@ class DeltaLayer(nn.Module):
             self.base_layer.get_submodule(site.norm).register_forward_hook(self._norm_hook)]
 
     def remove_site(self) -> None:
+        """Undo install_site: the last activation delta left this layer."""
         for handle in self._site_hooks:
             handle.remove()
-        self._site_hooks, self.site = [], None
+        self._site_hooks, self.site, self.activations = [], None, False
 
     def _branch_hook(self, module: nn.Module, args: Any, out: Tensor) -> None:
         if self._call is not None:

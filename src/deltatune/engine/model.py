@@ -295,7 +295,8 @@ class DeltaModel(nn.Module):
         """Activate one adapter, several applied one after another (a list: a Stack), or any composition
         block (engine/composition.py). The active adapters train, except those under a Fuse: as in
         AdapterFusion, the fusion trains and the adapters it fuses stay frozen."""
-        block = parse(setup) if not (isinstance(setup, Sequence) and not isinstance(setup, str) and not setup) else None
+        empty = isinstance(setup, (list, tuple)) and not setup  # no adapter active (the last one was deleted)
+        block = None if empty else parse(setup)
         names = tuple(block.names()) if block is not None else ()
         fusions = _fusions(block) if block is not None else []
         self._check_names(names)

@@ -75,7 +75,11 @@ class MethodSection(Section):
         valid = ["name", *specs[self.name].config.model_fields]
         for key in self.model_extra:
             if key not in valid:
-                raise ValueError(unknown_key("method", key, valid))
+                others = [n for n, spec in specs.items() if key in spec.config.model_fields]
+                hint = (f" ({key} is an option of {', '.join(others[:3])}{', ...' if len(others) > 3 else ''}: to switch "
+                        f"methods from the command line, replace the whole section: 'method={{name: {self.name}}}')"
+                        if others and not did_you_mean(key, valid) else "")  # a misspelling gets its suggestion
+                raise ValueError(unknown_key("method", key, valid) + hint)
         try:
             self.config()
         except ValidationError as e:

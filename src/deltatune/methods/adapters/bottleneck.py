@@ -86,7 +86,7 @@ class Bottleneck(ActivationDelta, Delta):
         site = layer.activation_site(config.site)
         d_in, d = widths(layer.base_layer, site, config)
         m = config.bottleneck_size(d)
-        kw = {"dtype": adapter_dtype_of(layer), "device": device_of(layer)}
+        kw = {"dtype": adapter_dtype(layer), "device": device_of(layer)}
         self.norm_before = nn.LayerNorm(d_in, **kw) if config.ln_before else None
         self.bits = config.bits
         self.down = self.projection(d_in, m, **kw)
@@ -135,15 +135,6 @@ class Bottleneck(ActivationDelta, Delta):
 
     def linear(self, proj: nn.Module, x: Tensor) -> Tensor:
         return proj(x) if self.bits is None else F.linear(x, self.forward_weight(proj), proj.bias)
-
-
-def adapter_dtype_of(layer: DeltaLayer) -> torch.dtype:
-    """The adapter's dtype: that of the module's parameters (float32 for a half-precision base)."""
-    p = next(layer.base_layer.parameters(), None)
-    if p is None or not p.is_floating_point():
-        return torch.float32
-    return adapter_dtype(layer) if layer.kind is not None else (
-        torch.float32 if p.dtype in (torch.float16, torch.bfloat16) else p.dtype)
 
 
 def device_of(layer: DeltaLayer) -> torch.device:

@@ -39,7 +39,8 @@ from torch import Tensor, nn
 
 from ...engine.layer import DeltaLayer
 from ...engine.registry import register
-from .bottleneck import Bottleneck, HoulsbyConfig, PfeifferConfig, adapter_dtype_of, device_of
+from ..lowrank.lora import adapter_dtype
+from .bottleneck import Bottleneck, HoulsbyConfig, PfeifferConfig, device_of
 
 
 class CompacterConfig(HoulsbyConfig):
@@ -76,7 +77,7 @@ class PHMRule(nn.Module):
     def __init__(self, config: CompacterConfig, layer: DeltaLayer):
         super().__init__()
         n = config.phm_dim
-        A = torch.empty(n, n, n, dtype=adapter_dtype_of(layer), device=device_of(layer))
+        A = torch.empty(n, n, n, dtype=adapter_dtype(layer), device=device_of(layer))
         if config.phm_c_init == "normal":
             A.normal_(0.0, config.phm_init_range)
         else:

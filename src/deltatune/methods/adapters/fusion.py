@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from ...engine.activation import ActivationDelta, widths
 from ...engine.layer import Delta, DeltaLayer
 from ...engine.registry import DeltaConfig, register
-from .bottleneck import adapter_dtype_of, device_of
+from ..lowrank.lora import adapter_dtype
+from .bottleneck import device_of
 
 REGULARIZATION = 0.01  # AdapterHub's weight on ‖I − V‖²
 
@@ -55,7 +56,7 @@ class AdapterFusion(ActivationDelta, Delta):
     def __init__(self, config: AdapterFusionConfig, layer: DeltaLayer, initialize: bool = True):
         super().__init__(config, layer)
         _, d = widths(layer.base_layer, layer.activation_site(config.site), config)
-        kw = {"dtype": adapter_dtype_of(layer), "device": device_of(layer)}
+        kw = {"dtype": adapter_dtype(layer), "device": device_of(layer)}
         self.query = nn.Linear(d, d, **kw)
         self.key = nn.Linear(d, d, **kw)
         self.value = nn.Linear(d, d, bias=False, **kw) if config.kind == "dynamic" else None

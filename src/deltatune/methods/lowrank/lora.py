@@ -145,8 +145,12 @@ def grouped_lora(conv: nn.Module, x: Tensor, A: Tensor, B: Tensor) -> Tensor:
 
 
 def adapter_dtype(layer: DeltaLayer) -> torch.dtype:
-    """Half-precision bases get float32 adapters: tiny, and their updates would underflow in fp16/bf16."""
-    dtype = layer.weight.dtype
+    """Half-precision bases get float32 adapters: tiny, and their updates would underflow in fp16/bf16.
+    A layer of no kind (a sublayer an activation adapter sits on) is read by its first float parameter."""
+    if layer.kind is not None:
+        dtype = layer.weight.dtype
+    else:
+        dtype = next((p.dtype for p in layer.base_layer.parameters() if p.is_floating_point()), torch.float32)
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
