@@ -21,10 +21,15 @@ P = l·d (Δ; E(c) is a frozen copy).
 from __future__ import annotations
 
 import math
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from ...engine.prompt import PromptConfig, PromptDelta, PromptSite
+from ...engine.registry import register
 
 MIN_EPSILON = 1e-10  # labels and untyped tokens: Δ stays (numerically) zero
 
@@ -97,3 +102,75 @@ def cpt_loss(logits: Tensor, labels: Tensor, types: Tensor, decay: float | None)
     keep = labels != -100
     weights = decay_weights(types, decay) if decay is not None else torch.ones_like(losses)
     return (losses[keep] * weights[keep]).mean()
+
+
+class CPTConfig(PromptConfig):
+    num_virtual_tokens: int = Field(1, gt=0, description="l: set from token_ids (the context's length)")
+    token_ids: list[int] = Field(min_length=1, description="the context's token ids, which initialise P "
+                                 "(PEFT's cpt_token_ids): training examples written out")
+    type_mask: list[int] | None = Field(None, description="each context token's type, example k using 4k+1..4k+4: "
+                                        "input template, input, output template, label (PEFT's "
+                                        "cpt_tokens_type_mask); None = all 1 (templates)")
+    loss_weighting: Literal["none", "decay"] = Field("none", description="'decay': the k-th label from the last "
+                                                     "weighs loss_decay^k")
+    loss_decay: float = Field(1.0, gt=0, description="the decay factor of loss_weighting='decay'")
+    epsilon: float = Field(0.1, gt=0, description="radius of the input tokens' ball, times sqrt(d/2048)")
+    format_epsilon: float = Field(0.1, gt=0, description="radius of the template tokens' ball, times sqrt(d/2048)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _length_from_context(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("token_ids"):
+            n = len(data["token_ids"])
+            if data.get("num_virtual_tokens", n) != n:
+                raise ValueError(f"num_virtual_tokens={data['num_virtual_tokens']} differs from the {n} token_ids: "
+                                 "CPT's prompt is its context, so drop num_virtual_tokens")
+            if data.get("type_mask") is not None and len(data["type_mask"]) != n:
+                raise ValueError(f"type_mask has {len(data['type_mask'])} entries for {n} token_ids: give one type "
+                                 "per context token")
+            data = {**data, "num_virtual_tokens": n}
+        return data
+
+
+@register("cpt", config=CPTConfig, family="prompt", formula="l*d", paper="arXiv:2410.17222",
+          summary="CPT: a context of examples as the prompt, its embeddings refined within an epsilon-ball "
+                  "(projected gradient), the context's labels in the loss")
+class CPT(PromptDelta):
+    batch_keys = ("input_type_mask",)  # the batch's token types, taken out before the base model runs
+
+    def __init__(self, config: CPTConfig, site: PromptSite, initialize: bool = True):
+        super().__init__(config, site, initialize)
+        if site.task != "causal_lm":
+            raise ValueError(f"CPT trains on the context's label tokens with the language-model head, so it needs a "
+                             f"causal LM (this model is {site.task}); use prompt tuning for other tasks")
+        device = site.embedding.weight.device
+        ids = torch.tensor(config.token_ids, device=device)
+        if int(ids.max()) >= site.vocab_size or int(ids.min()) < 0:
+            raise ValueError(f"CPT token_ids must lie in the vocabulary [0, {site.vocab_size}); got "
+                             f"{int(ids.min())} .. {int(ids.max())}")
+        types = torch.tensor(config.type_mask or [1] * len(ids), device=device)
+        self.register_buffer("cpt_token_ids", ids, persistent=False)
+        self.register_buffer("cpt_types", types, persistent=False)
+        with torch.no_grad():  # E(c): a frozen fp32 copy of the context's embeddings (saved: the file is whole)
+            self.register_buffer("cpt_context", site.embedding(ids).detach().float().clone())
+        self.cpt_delta = nn.Parameter(torch.zeros(len(ids), site.hidden_size, device=device))
+        self.register_buffer("cpt_epsilon", epsilons(types, site.hidden_size, config.epsilon, config.format_epsilon),
+                             persistent=False)
+        self.register_buffer("cpt_trained", trained_tokens(types).float().unsqueeze(1), persistent=False)
+
+    def input_prompt(self, batch: int) -> Tensor:
+        with torch.no_grad():  # projected gradient descent: the step is taken from the projected point
+            self.cpt_delta.copy_(project(self.cpt_delta, self.cpt_epsilon))
+        P = self.cpt_context + self.cpt_delta * self.cpt_trained  # labels' rows get no gradient
+        return P.unsqueeze(0).expand(batch, -1, -1)
+
+    def virtual_tokens(self) -> Tensor:
+        """P = E(c) + Π(Δ) (l, d), what PEFT saves as prompt_embeddings."""
+        with torch.no_grad():
+            return self.input_prompt(1)[0].clone()
+
+    def loss(self, logits: Tensor, labels: Tensor, input_type_mask: Tensor | None = None) -> Tensor:
+        """The CPT loss over [context ; inputs] (logits (batch, l + n, V), labels (batch, n))."""
+        full, types = full_labels(labels, input_type_mask, self.cpt_token_ids, self.cpt_types)
+        decay = self.config.loss_decay if self.config.loss_weighting == "decay" else None
+        return cpt_loss(logits, full, types, decay)

@@ -22,7 +22,11 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from ...engine.prompt import PromptConfig, PromptDelta, PromptSite
+from ...engine.registry import register
 
 
 def prompt_length(l: int, d: int, r: int, max_length: int) -> int:
@@ -64,3 +68,53 @@ def init_pair(max_length: int, r: int, d: int, **kw) -> tuple[Tensor, Tensor]:
     """A (S, r) Kaiming-uniform with a = sqrt(5) (bound 1/sqrt(r)), B (r, d) zero, as the official code."""
     A = torch.nn.init.kaiming_uniform_(torch.empty(max_length, r, **kw), a=math.sqrt(5))
     return A, torch.zeros(r, d, **kw)
+
+
+class DePTConfig(PromptConfig):
+    num_virtual_tokens: int = Field(20, gt=0, description="l: the prompt-tuning length whose budget l*d DePT "
+                                    "matches; its own prompt is m = floor((l*d - r(max_length + d)) / d) tokens")
+    rank: int = Field(8, ge=1, description="r, the rank of the embedding update A (max_length x r) B (r x d)")
+    max_length: int = Field(64, ge=1, description="S: input positions A B updates (the official code pads every "
+                                                  "input to it); set it to the task's max length")
+    alpha: float = Field(8.0, gt=0, description="scale s = alpha / sqrt(r) (the official code: lora_alpha = 8)")
+    pair_lr_ratio: float = Field(1.0, gt=0, description="A and B learn at lr * ratio (the prompt at lr); the paper "
+                                                        "searches the pair's rate apart, e.g. prompt 0.3, pair 5e-3")
+    pair_lr: float | None = Field(None, gt=0, description="A and B's absolute learning rate (peak), instead of "
+                                                          "pair_lr_ratio")
+
+    @model_validator(mode="after")
+    def _one_pair_rate(self) -> DePTConfig:
+        if self.pair_lr is not None and self.pair_lr_ratio != 1.0:
+            raise ValueError("give the embedding pair's learning rate once: pair_lr (absolute) or pair_lr_ratio "
+                             "(times the optimizer's lr), not both")
+        return self
+
+
+@register("dept", config=DePTConfig, family="prompt", formula="m*d + r*(S + d) <= l*d", paper="arXiv:2309.05173",
+          summary="DePT: a short prompt (m tokens) plus a low-rank update A B of the first S input embeddings, "
+                  "two learning rates, the budget of l-token prompt tuning")
+class DePT(PromptDelta):
+    def __init__(self, config: DePTConfig, site: PromptSite, initialize: bool = True):
+        super().__init__(config, site, initialize)
+        d, r, S = site.hidden_size, config.rank, config.max_length
+        self.num_virtual_tokens = prompt_length(config.num_virtual_tokens, d, r, S)  # m: what it prepends
+        kw = {"device": site.embedding.weight.device}
+        self.prompt = nn.Parameter(torch.randn(self.num_virtual_tokens, d, **kw))  # nn.Embedding's N(0, 1)
+        A, B = init_pair(S, r, d, **kw)
+        self.dept_A, self.dept_B = nn.Parameter(A), nn.Parameter(B)
+        self.scale = config.alpha / math.sqrt(r)
+
+    def input_prompt(self, batch: int) -> Tensor:
+        return self.prompt.unsqueeze(0).expand(batch, -1, -1)
+
+    def embed(self, input_ids: Tensor, embeds: Tensor, positions: Tensor | None = None) -> Tensor:
+        """E(x) + s·(A B)[position]: positions (batch, n) of these tokens among their row's real tokens
+        (default 0 .. n-1, every slot real)."""
+        if positions is None:
+            positions = real_positions(None, input_ids.shape[1], input_ids.shape[0], input_ids.device)
+        return embeds + embedding_update(self.dept_A, self.dept_B, self.scale, positions).to(embeds.dtype)
+
+    def lr_groups(self, lr: float) -> list[tuple[list[nn.Parameter], float]]:
+        """The prompt at lr, the pair A, B at its own rate (training/param_groups.py reads this)."""
+        c = self.config
+        return [([self.prompt], lr), ([self.dept_A, self.dept_B], c.pair_lr if c.pair_lr else lr * c.pair_lr_ratio)]

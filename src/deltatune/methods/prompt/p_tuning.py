@@ -16,7 +16,11 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor, nn
+
+from ...engine.prompt import PromptConfig, PromptDelta, PromptSite
+from ...engine.registry import register
 
 EncoderKind = Literal["MLP", "LSTM"]
 
@@ -63,3 +67,48 @@ class PromptEncoder(nn.Module):
             return self().detach().clone()
         finally:
             self.train(was)
+
+
+class PTuningConfig(PromptConfig):
+    encoder_reparameterization_type: EncoderKind = Field("MLP", description="prompt encoder: 'MLP' or 'LSTM'")
+    encoder_hidden_size: int | None = Field(None, ge=1, description="h, the encoder's width; None = d")
+    encoder_num_layers: int = Field(2, ge=1, description="LSTM layers (the MLP always has PEFT's three Linear layers)")
+    encoder_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout between LSTM layers")
+    folded: bool = Field(False, description="the encoder is replaced by its output P (set by fold_prompt())")
+
+    @model_validator(mode="after")
+    def _mlp_has_fixed_depth(self) -> PTuningConfig:
+        if self.encoder_reparameterization_type == "MLP" and self.encoder_num_layers != 2:
+            raise ValueError(f"encoder_num_layers={self.encoder_num_layers} applies to the LSTM encoder only (PEFT's "
+                             "MLP has a fixed depth and ignores it): drop it or set encoder_reparameterization_type="
+                             "'LSTM'")
+        return self
+
+
+@register("p_tuning", config=PTuningConfig, family="prompt", formula="l*d + encoder", paper="arXiv:2103.10385",
+          summary="P-tuning: l virtual tokens made by an MLP or LSTM prompt encoder, folded to l*d after training")
+class PTuning(PromptDelta):
+    def __init__(self, config: PTuningConfig, site: PromptSite, initialize: bool = True):
+        super().__init__(config, site, initialize)
+        l, d = config.num_virtual_tokens, site.hidden_size
+        device = site.embedding.weight.device
+        if config.folded:  # P itself, as fold() left it (or as PEFT saves it)
+            self.prompt = nn.Parameter(torch.zeros(l, d, device=device))
+        else:
+            self.encoder = PromptEncoder(l, d, config.encoder_reparameterization_type, config.encoder_hidden_size,
+                                         config.encoder_num_layers, config.encoder_dropout).to(device)
+
+    def virtual_tokens(self) -> Tensor:
+        """P (l, d): the encoder's output, or the folded tensor."""
+        return self.prompt if self.config.folded else self.encoder()
+
+    def input_prompt(self, batch: int) -> Tensor:
+        return self.virtual_tokens().unsqueeze(0).expand(batch, -1, -1)  # computed once, shared by the rows
+
+    def fold(self) -> None:
+        if self.config.folded:
+            return
+        trains = self.encoder.embedding.weight.requires_grad
+        self.prompt = nn.Parameter(self.encoder.folded(), requires_grad=trains)
+        del self.encoder
+        self.config = self.config.model_copy(update={"folded": True})
