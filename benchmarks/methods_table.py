@@ -91,6 +91,8 @@ SPECS: dict[str, tuple[dict, float]] = {
     # Prompt methods: model-level deltas on the inputs (20 virtual tokens before the 64 real ones), the body
     # frozen and the head trained. Prompt tuning's paper trains its few l·d parameters at 0.3 (Adafactor).
     "prompt_tuning": ({"name": "prompt_tuning", "num_virtual_tokens": 20}, 3e-1),
+    # P-tuning's MLP encoder trains at the rates of a small network (PEFT's examples: 1e-3 to 1e-2)
+    "p_tuning": ({"name": "p_tuning", "num_virtual_tokens": 20}, 3e-3),
 }
 # Claims from the papers that this setting can test: (label, a, b, what "held" means)
 ETHER_RATES = (3e-3, 1e-2, 3e-2)  # ETHER's claim: stable across learning rates (LoRA run at the same rates)
