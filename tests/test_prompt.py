@@ -91,9 +91,9 @@ def test_prefix_is_the_base_model_with_its_keys_and_values_cached(smollm2, lm_ba
 
 
 @pytest.mark.parametrize("method,count", [
-    ("prompt_tuning", lambda l, d, kv, L, h: l * d),
-    ("p_tuning_v2", lambda l, d, kv, L, h: 2 * L * l * kv),
-    ("prefix_tuning", lambda l, d, kv, L, h: l * kv + (kv * h + h) + (h * 2 * L * kv + 2 * L * kv)),
+    ("prompt_tuning", lambda n, d, kv, L, h: n * d),
+    ("p_tuning_v2", lambda n, d, kv, L, h: 2 * L * n * kv),
+    ("prefix_tuning", lambda n, d, kv, L, h: n * kv + (kv * h + h) + (h * 2 * L * kv + 2 * L * kv)),
 ])
 def test_parameter_count_and_gradients_only_in_the_prompt(smollm2, lm_batch, method, count):
     options = {"encoder_hidden_size": 16} if method == "prefix_tuning" else {}

@@ -127,6 +127,8 @@ def export_peft(dm: DeltaModel, path: Any, name: str) -> Path:
         "target_modules": adapter.paths, "modules_to_save": adapter.train_modules or None,
         "inference_mode": True, **fields,
     }
+    if peft_config["target_modules"] is None:  # prompt learning's configs have no such field (PEFT warns of it)
+        del peft_config["target_modules"]
     return write_peft(path, tensors, peft_config)
 
 

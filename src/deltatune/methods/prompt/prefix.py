@@ -43,14 +43,14 @@ def kv_dim(site: PromptSite) -> int:
 class PTuningV2(PromptDelta):
     def __init__(self, config: PTuningV2Config, site: PromptSite, initialize: bool = True):
         super().__init__(config, site, initialize)
-        l, width = config.num_virtual_tokens, 2 * site.num_layers * kv_dim(site)
+        n, width = config.num_virtual_tokens, 2 * site.num_layers * kv_dim(site)
         device = site.embedding.weight.device
         if getattr(config, "prefix_projection", False):
             h = config.encoder_hidden_size or kv_dim(site)
-            self.prefix_embedding = nn.Parameter(torch.zeros(l, kv_dim(site), device=device))  # E (l, kv_dim)
+            self.prefix_embedding = nn.Parameter(torch.zeros(n, kv_dim(site), device=device))  # E (l, kv_dim)
             self.prefix_mlp = nn.Sequential(nn.Linear(kv_dim(site), h), nn.Tanh(), nn.Linear(h, width)).to(device)
         else:
-            self.prefix_embedding = nn.Parameter(torch.zeros(l, width, device=device))  # P (l, 2·L·kv_dim)
+            self.prefix_embedding = nn.Parameter(torch.zeros(n, width, device=device))  # P (l, 2·L·kv_dim)
             self.prefix_mlp = None
         if initialize:
             self.reset(config)
@@ -74,9 +74,9 @@ class PTuningV2(PromptDelta):
         return self.prefix_mlp(E) if self.prefix_mlp is not None else E
 
     def kv_prefix(self, batch: int) -> list[tuple[Tensor, Tensor]]:
-        site, l = self.site, self.num_virtual_tokens
+        site, n = self.site, self.num_virtual_tokens
         dtype = site.embedding.weight.dtype
-        P = self.prefix().to(dtype).view(l, 2 * site.num_layers, site.num_kv_heads, site.head_dim)
+        P = self.prefix().to(dtype).view(n, 2 * site.num_layers, site.num_kv_heads, site.head_dim)
         P = P.permute(1, 2, 0, 3)[:, None].expand(-1, batch, -1, -1, -1)  # (2L, batch, kv_heads, l, head_dim)
         return [(P[2 * i], P[2 * i + 1]) for i in range(site.num_layers)]
 

@@ -50,8 +50,8 @@ def text_token_ids(config: PromptTuningConfig) -> list[int]:
         from transformers import AutoTokenizer
 
         ids = AutoTokenizer.from_pretrained(config.tokenizer)(config.init_text)["input_ids"]
-    l = config.num_virtual_tokens
-    return (ids * math.ceil(l / len(ids)))[:l]
+    n = config.num_virtual_tokens
+    return (ids * math.ceil(n / len(ids)))[:n]
 
 
 @register("prompt_tuning", config=PromptTuningConfig, family="prompt", formula="l·d (model-level)",
@@ -67,11 +67,11 @@ class PromptTuning(PromptDelta):
 
     @torch.no_grad()
     def reset(self, config: PromptTuningConfig, site: PromptSite) -> None:
-        W, l = site.embedding.weight, config.num_virtual_tokens
+        W, n = site.embedding.weight, config.num_virtual_tokens
         if config.init == "random":
             self.prompt_embeddings.normal_()
             return
-        ids = torch.randint(0, site.vocab_size, (l,)) if config.init == "sample_vocab" else \
+        ids = torch.randint(0, site.vocab_size, (n,)) if config.init == "sample_vocab" else \
             torch.tensor(text_token_ids(config))
         if int(ids.max()) >= site.vocab_size or int(ids.min()) < 0:
             raise ValueError(f"init token ids must lie in [0, {site.vocab_size}) (the model's vocabulary); "
