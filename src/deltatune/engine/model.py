@@ -306,9 +306,6 @@ class DeltaModel(nn.Module):
         prints = {path: fingerprint(w) for path, layer, _ in built
                   if path in paths and (w := weight_of(layer.base_layer)) is not None}
         if model_level:
-            if self.setup is not None:
-                raise ValueError(f"a prompt adapter cannot join the active composition {self.setup!r}: "
-                                 "set_active() a plain adapter or list first")
             prompt = spec.delta(config, self.prompt_site, initialize)
             prompt.train(self.model.training)
             prints[self._embedding_path()] = fingerprint(self.prompt_site.embedding.weight)
@@ -384,12 +381,12 @@ class DeltaModel(nn.Module):
         if len(prompts := [n for n in names if n in self.prompts]) > 1:
             raise ValueError(f"prompt adapters {prompts} cannot be active together (each prepends its own virtual "
                              "tokens); activate one, with any weight adapters: set_active(['prefix', 'lora'])")
-        if prompts and block is not None and not (isinstance(block, Stack) and all(isinstance(c, str) for c in block)):
+        plain = block is None or (isinstance(block, Stack) and all(isinstance(c, str) for c in block))
+        if prompts and not plain:
             raise ValueError(f"prompt adapter '{prompts[0]}' runs on the whole model, so it only stacks with other "
                              "adapters (a list), not inside composition blocks")
         frozen = {n for f in fusions for n in f.names()}
         trained = {n for n in names if n not in frozen} | {f.name for f in fusions}
-        plain = block is None or (isinstance(block, Stack) and all(isinstance(c, str) for c in block))
         layers = list(self.layers())
         self.active = names + tuple(f.name for f in fusions)
         self.setup = None if plain else block
