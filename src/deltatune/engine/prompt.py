@@ -290,6 +290,10 @@ def generate(model: nn.Module, site: PromptSite, deltas: Sequence[PromptDelta | 
         inputs["inputs_embeds"] = torch.cat([embeds.new_zeros(B, K, embeds.shape[2]), embeds], 1)
     if "position_ids" in inputs:
         raise ValueError("generate() with a prompt adapter takes no position_ids; leave them to the model")
+    if inputs.get("max_new_tokens") is None:  # a total length counts the real tokens, as in PEFT: not the placeholders
+        limit = inputs.get("max_length") or getattr(getattr(model, "generation_config", None), "max_length", None)
+        if limit is not None:
+            inputs["max_length"] = limit + K + P
     out = model.generate(**inputs)
     if isinstance(out, Tensor):
         return out[:, K + P:]
