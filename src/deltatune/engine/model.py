@@ -139,13 +139,13 @@ class DeltaModel(nn.Module):
         LoRA, e.g. a new modality's tokens), every other token sees the base model."""
         args, kwargs = self._repeated(args, kwargs)
         deltas = self._row_prompts(args, kwargs, adapter_names)
-        if deltas is not None:
-            if token_mask is not None:
-                raise ValueError("token_mask cannot be combined with a prompt adapter (its virtual tokens have no "
-                                 "place in the mask); deactivate the prompt adapter or drop token_mask")
-            kwargs = prepared_inputs(self.model, self.prompt_site, assemble(deltas), self._keywords(args, kwargs))
-            args = ()
+        if deltas is not None and token_mask is not None:
+            raise ValueError("token_mask cannot be combined with a prompt adapter (its virtual tokens have no "
+                             "place in the mask); deactivate the prompt adapter or drop token_mask")
         with self._routed(adapter_names), self._masked_tokens(token_mask), self._embedded(deltas):
+            if deltas is not None:  # the real tokens' embeddings are taken in here: routed, through `embed`
+                kwargs = prepared_inputs(self.model, self.prompt_site, assemble(deltas), self._keywords(args, kwargs))
+                args = ()
             return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
@@ -189,7 +189,7 @@ class DeltaModel(nn.Module):
         return {"input_ids": args[0], **kwargs} if args else dict(kwargs)
 
     def _embedded(self, deltas: list[PromptDelta | None] | None) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext() if deltas is None else embedding_hook(self.prompt_site, deltas)
+        return contextlib.nullcontext() if deltas is None else embedding_hook(self.model, deltas)
 
     def fold_prompt(self, name: str | None = None) -> None:
         """Replace prompt adapter `name`'s reparameterisation (prefix MLP, P-tuning encoder) by its output;
