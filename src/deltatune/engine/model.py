@@ -139,13 +139,13 @@ class DeltaModel(nn.Module):
         LoRA, e.g. a new modality's tokens), every other token sees the base model."""
         args, kwargs = self._repeated(args, kwargs)
         deltas = self._row_prompts(args, kwargs, adapter_names)
-        if deltas is not None:
-            if token_mask is not None:
-                raise ValueError("token_mask cannot be combined with a prompt adapter (its virtual tokens have no "
-                                 "place in the mask); deactivate the prompt adapter or drop token_mask")
-            kwargs = prepared_inputs(self.model, self.prompt_site, assemble(deltas), self._keywords(args, kwargs))
-            args = ()
+        if deltas is not None and token_mask is not None:
+            raise ValueError("token_mask cannot be combined with a prompt adapter (its virtual tokens have no "
+                             "place in the mask); deactivate the prompt adapter or drop token_mask")
         with self._routed(adapter_names), self._masked_tokens(token_mask), self._embedded(deltas):
+            if deltas is not None:  # the real tokens' embeddings are taken in here: routed, through `embed`
+                kwargs = prepared_inputs(self.model, self.prompt_site, assemble(deltas), self._keywords(args, kwargs))
+                args = ()
             return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
@@ -189,7 +189,7 @@ class DeltaModel(nn.Module):
         return {"input_ids": args[0], **kwargs} if args else dict(kwargs)
 
     def _embedded(self, deltas: list[PromptDelta | None] | None) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext() if deltas is None else embedding_hook(self.prompt_site, deltas)
+        return contextlib.nullcontext() if deltas is None else embedding_hook(self.model, deltas)
 
     def fold_prompt(self, name: str | None = None) -> None:
         """Replace prompt adapter `name`'s reparameterisation (prefix MLP, P-tuning encoder) by its output;
@@ -259,7 +259,7 @@ class DeltaModel(nn.Module):
                                state: dict[str, Tensor]) -> Adapter:
         """Add adapter `name` holding saved tensors (a native or imported checkpoint) instead of an init."""
         adapter, built, shared = self._build(name, config, train_modules, initialize=False)
-        own = {f"{path}.{k}": t for path, _, delta in built for k, t in delta.state_dict().items()}  # PROMPT too
+        own = {f"{path}.{k}": t for path, _, delta in built for k, t in delta.state_dict().items()}
         if shared is not None:
             own.update({f"{SHARED}.{k}": t for k, t in shared.state_dict().items()})
         _copy_state(own, state, name)
@@ -306,9 +306,6 @@ class DeltaModel(nn.Module):
         prints = {path: fingerprint(w) for path, layer, _ in built
                   if path in paths and (w := weight_of(layer.base_layer)) is not None}
         if model_level:
-            if self.setup is not None:
-                raise ValueError(f"a prompt adapter cannot join the active composition {self.setup!r}: "
-                                 "set_active() a plain adapter or list first")
             prompt = spec.delta(config, self.prompt_site, initialize)
             prompt.train(self.model.training)
             prints[self._embedding_path()] = fingerprint(self.prompt_site.embedding.weight)
@@ -384,12 +381,12 @@ class DeltaModel(nn.Module):
         if len(prompts := [n for n in names if n in self.prompts]) > 1:
             raise ValueError(f"prompt adapters {prompts} cannot be active together (each prepends its own virtual "
                              "tokens); activate one, with any weight adapters: set_active(['prefix', 'lora'])")
-        if prompts and block is not None and not (isinstance(block, Stack) and all(isinstance(c, str) for c in block)):
+        plain = block is None or (isinstance(block, Stack) and all(isinstance(c, str) for c in block))
+        if prompts and not plain:
             raise ValueError(f"prompt adapter '{prompts[0]}' runs on the whole model, so it only stacks with other "
                              "adapters (a list), not inside composition blocks")
         frozen = {n for f in fusions for n in f.names()}
         trained = {n for n in names if n not in frozen} | {f.name for f in fusions}
-        plain = block is None or (isinstance(block, Stack) and all(isinstance(c, str) for c in block))
         layers = list(self.layers())
         self.active = names + tuple(f.name for f in fusions)
         self.setup = None if plain else block

@@ -59,11 +59,17 @@ class PromptSite:
     task: str = "causal_lm"  # "seq_cls" | "causal_lm" | "token_cls" | "qa" | "feature"
 
 
+def input_embedding(model: nn.Module) -> nn.Module | None:
+    """The model's input embedding as it runs now (a DeltaLayer when a weight adapter wraps it), or None."""
+    getter = getattr(model, "get_input_embeddings", None)
+    return getter() if callable(getter) else None
+
+
 def prompt_site(model: nn.Module) -> PromptSite:
     """The PromptSite of a transformers model, or a one-line error saying what is missing."""
     config = getattr(model, "config", None)
-    getter = getattr(model, "get_input_embeddings", None)
-    embedding = getter() if callable(getter) else None
+    embedding = input_embedding(model)
+    embedding = getattr(embedding, "base_layer", embedding)  # the table itself, under any weight adapter
     if config is None or not isinstance(embedding, nn.Embedding):
         raise ValueError(f"{type(model).__name__} has no transformers config or input embedding "
                          "(get_input_embeddings()), which prompt methods prepend to: use a transformers model")
@@ -121,7 +127,7 @@ class PromptDelta(nn.Module):
 
 @dataclass
 class _Rows:
-    """One batch's prompt parts, assembled per row: the input prompt, the cache prefix and their masks."""
+    """One batch's prompt parts, assembled per row: the input prompt and the cache prefix, with their lengths."""
 
     prompt: Tensor | None  # (B, P, d), rows padded after their own prompt
     prompt_len: list[int]  # p per row
@@ -194,8 +200,8 @@ def prepared_inputs(model: nn.Module, site: PromptSite, rows: _Rows, kwargs: dic
     input_ids, embeds = kwargs.pop("input_ids", None), kwargs.pop("inputs_embeds", None)
     if (input_ids is None) == (embeds is None):
         raise ValueError("a prompt adapter needs exactly one of input_ids or inputs_embeds (as keyword arguments)")
-    if embeds is None:
-        embeds = site.embedding(input_ids)
+    if embeds is None:  # through any weight adapter on the embedding, and the deltas' embed hook
+        embeds = input_embedding(model)(input_ids)
     B, T = embeds.shape[:2]
     dev = embeds.device
     P, K = max(rows.prompt_len), max(rows.prefix_len)
@@ -203,34 +209,32 @@ def prepared_inputs(model: nn.Module, site: PromptSite, rows: _Rows, kwargs: dic
     mask = torch.ones(B, T, dtype=torch.long, device=dev) if mask is None else mask
     if mask.dim() != 2:
         raise ValueError(f"prompt adapters extend a 2-D attention_mask (batch, sequence); got {tuple(mask.shape)}")
-    prompt_mask = _slots(rows.prompt_len, P, dev)
-    # inputs: [prompt_i, real tokens, padding]: a row's prompt then its tokens, its padding at the end
-    order = _input_order(rows.prompt_len, P, T, dev)  # (B, P + T): where each input slot comes from
-    if rows.prompt is not None:
-        stacked = torch.cat([rows.prompt.to(embeds.dtype), embeds], 1)
-        embeds = stacked.gather(1, order[..., None].expand(-1, -1, stacked.shape[2]))
-    full_mask = torch.cat([prompt_mask.to(mask.dtype), mask], 1).gather(1, order) if P else mask
-    if P and not rows.uniform:  # the padding slots of each row are masked
-        full_mask = full_mask * _slots([p + T for p in rows.prompt_len], P + T, dev).to(mask.dtype)
+    # inputs: [prompt slots (P), real tokens (T)] reordered per row to [its prompt, its tokens, its unused slots]
+    order = _input_order(rows.prompt_len, P, T, dev)
+
+    def extend(t: Tensor, virtual: Tensor) -> Tensor:
+        """`t` (B, T, ...) with the prompt slots' values `virtual` (B, P, ...) in front, in each row's order."""
+        index = order.to(t.device).view(B, P + T, *[1] * (t.dim() - 2)).expand(-1, -1, *t.shape[2:])
+        return torch.cat([virtual.to(t.dtype), t], 1).gather(1, index)
+
+    if P:  # unused prompt slots are masked, labelled -100 and of token type 0: padding
+        embeds = extend(embeds, rows.prompt)
+        mask = extend(mask, _slots(rows.prompt_len, P, dev))
+        for key, fill in (("labels", -100), ("token_type_ids", 0)):
+            t = kwargs.get(key)
+            if t is not None and t.dim() == 2 and t.shape[1] == T:  # seq-cls labels (B,) stay as they are
+                kwargs[key] = extend(t, torch.full((B, P), fill, device=t.device))
     if K:
-        full_mask = torch.cat([_slots(rows.prefix_len, K, dev).to(mask.dtype), full_mask], 1)
+        mask = torch.cat([_slots(rows.prefix_len, K, dev).to(mask.dtype), mask], 1)
         kwargs[cache_argument(model)] = make_cache(rows.prefix)
-    kwargs["attention_mask"] = full_mask
-    for key, fill in (("labels", -100), ("token_type_ids", 0)):
-        t = kwargs.get(key)
-        if t is not None and P and t.dim() == 2 and t.shape[1] == T:  # seq-cls labels are (B,): left alone
-            kwargs[key] = torch.cat([torch.full((B, P), fill, dtype=t.dtype, device=t.device), t], 1).gather(
-                1, order.to(t.device))
-            if not rows.uniform:
-                kwargs[key] = kwargs[key].masked_fill(~_slots([p + T for p in rows.prompt_len], P + T, dev).bool(),
-                                                      fill)
+    kwargs["attention_mask"] = mask
     positions = kwargs.get("position_ids")
-    if positions is not None or not rows.uniform:
-        offset = torch.tensor([k + p for k, p in zip(rows.prefix_len, rows.prompt_len)], device=dev)[:, None]
-        start = torch.tensor(rows.prefix_len, device=dev)[:, None]
-        real = (torch.arange(T, device=dev)[None, :] if positions is None else positions.to(dev)) + offset
-        virtual = start + torch.arange(P, device=dev)[None, :]
-        kwargs["position_ids"] = torch.cat([virtual, real.expand(B, T)], 1).gather(1, order) if P else real.expand(B, T)
+    if positions is not None or not rows.uniform:  # a row's tokens where they are alone: after k + p virtual ones
+        k = torch.tensor(rows.prefix_len, device=dev)[:, None]
+        p = torch.tensor(rows.prompt_len, device=dev)[:, None]
+        real = (torch.arange(T, device=dev)[None, :] if positions is None else positions.to(dev)) + k + p
+        real = real.expand(B, T)
+        kwargs["position_ids"] = extend(real, k + torch.arange(P, device=dev)[None, :]) if P else real
     kwargs["inputs_embeds"] = embeds
     return kwargs
 
@@ -244,10 +248,11 @@ def _input_order(prompt_len: list[int], P: int, T: int, device: torch.device) ->
 
 
 @contextlib.contextmanager
-def embedding_hook(site: PromptSite, deltas: Sequence[PromptDelta | None]) -> Iterator[None]:
+def embedding_hook(model: nn.Module, deltas: Sequence[PromptDelta | None]) -> Iterator[None]:
     """Within the block, the input embedding's output goes through each row's delta.embed (DePT): in a forward
     and in every generate() step. Deltas that keep the default `embed` add no hook."""
-    changing = [d for d in dict.fromkeys(deltas) if d is not None and type(d).embed is not PromptDelta.embed]
+    changing = [d for d in dict.fromkeys(deltas)
+                if d is not None and getattr(d.embed, "__func__", None) is not PromptDelta.embed]
     if not changing:
         yield
         return
@@ -262,7 +267,7 @@ def embedding_hook(site: PromptSite, deltas: Sequence[PromptDelta | None]) -> It
             out[rows] = d.embed(ids[rows], out[rows])
         return out
 
-    handle = site.embedding.register_forward_hook(hook)
+    handle = input_embedding(model).register_forward_hook(hook)
     try:
         yield
     finally:
@@ -277,8 +282,8 @@ def generate(model: nn.Module, site: PromptSite, deltas: Sequence[PromptDelta | 
     inputs_embeds), and come off the returned sequences: input_ids + new tokens, as PEFT returns them."""
     rows = assemble(deltas)
     if not rows.uniform:
-        raise ValueError("generate() with adapter_names mixing prompt adapters (or prompt and no prompt) is not "
-                         "supported: generate each group of rows with its adapter active")
+        raise ValueError("generate() with adapter_names whose prompts differ in length (or prompt and no prompt rows) "
+                         "is not supported: generate each group of rows with its adapter active")
     input_ids = kwargs.pop("input_ids", None)
     if input_ids is None:
         raise ValueError("generate() with a prompt adapter needs input_ids (as a keyword argument)")
@@ -292,6 +297,10 @@ def generate(model: nn.Module, site: PromptSite, deltas: Sequence[PromptDelta | 
         inputs["inputs_embeds"] = torch.cat([embeds.new_zeros(B, K, embeds.shape[2]), embeds], 1)
     if "position_ids" in inputs:
         raise ValueError("generate() with a prompt adapter takes no position_ids; leave them to the model")
+    if inputs.get("max_new_tokens") is None:  # a total length counts the real tokens, as in PEFT: not the placeholders
+        limit = inputs.get("max_length") or getattr(getattr(model, "generation_config", None), "max_length", None)
+        if limit is not None:
+            inputs["max_length"] = limit + K + P
     out = model.generate(**inputs)
     if isinstance(out, Tensor):
         return out[:, K + P:]
