@@ -63,6 +63,17 @@ def test_virtual_tokens_count_towards_the_model_positions():
     assert build(492).prompts["default"].num_virtual_tokens == 20
 
 
+def test_the_run_fills_the_method_options_it_knows():
+    def method(*overrides: str):
+        return load_recipe(None, list(overrides)).method.config()
+
+    assert method("method={name: dept}", "train.max_length=48").max_length == 48  # S: the task's max length
+    assert method("method={name: dept, max_length: 30}", "train.max_length=48").max_length == 30  # as given
+    text = method('method={name: prompt_tuning, init: text, init_text: "good or bad"}')
+    assert text.tokenizer == str(assets.minilm_path())  # the model's own tokenizer splits init_text
+    assert method("method={name: prompt_tuning}").tokenizer is None
+
+
 @pytest.fixture(scope="module")
 def smollm2_task() -> CausalLMTask:
     return CausalLMTask(assets.smollm2_path(), max_length=48)
