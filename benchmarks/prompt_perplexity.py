@@ -61,7 +61,7 @@ def train_once(label: str, overrides: list[str]) -> dict:
 def markdown(data: dict) -> str:
     lines = ["# Prompt methods on SmolLM2-135M-Instruct / chatterbot", "",
              f"Command: `{data.get('command', '')}`  ", f"Machine: {data.get('machine', '')}  ",
-             f"Settings: {data.get('settings', '')}", "",
+             f"Settings: {data.get('settings', '')}", *([f"Note: {data['note']}"] if data.get("note") else []), "",
              "The shipped instruction-tuning recipe with each method and its learning rate swapped in; held-out "
              "perplexity of the assistant replies before and after the same training. One seed per method.", "",
              "| method | lr | perplexity before | after | trainable | seconds |", "|---|---|---|---|---|---|"]
@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--max-eval", type=int, help="held-out pairs evaluated (default: the recipe's 100)")
     parser.add_argument("--rerun", action="store_true", help="train methods that already have a result again")
     parser.add_argument("--table-only", action="store_true", help="rebuild the Markdown from the recorded runs")
+    parser.add_argument("--note", help="a line recorded with the results (machine load, what was left out)")
     args = parser.parse_args()
     overrides = ["train.eval_every=null", "train.save_every=null"]
     for key, value in (("train.steps", args.steps), ("data.max_train", args.max_train),
@@ -96,6 +97,8 @@ def main() -> None:
         if value is not None:
             overrides.append(f"{key}={value}")
     data = json.loads(OUT.read_text()) if OUT.is_file() else {"runs": {}}
+    if args.note:
+        data["note"] = args.note
     if not args.table_only:
         data.update({"command": " ".join(["python", *sys.argv]), "settings": " ".join(overrides),
                      "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"})
@@ -116,6 +119,7 @@ def main() -> None:
             data["runs"][label] = row
             RESULTS.mkdir(exist_ok=True)
             OUT.write_text(json.dumps(data, indent=2) + "\n")
+    OUT.write_text(json.dumps(data, indent=2) + "\n")
     (RESULTS / "prompt_perplexity.md").write_text(markdown(data))
     print(markdown(data))
 

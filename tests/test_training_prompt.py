@@ -86,17 +86,17 @@ def summed_token_losses(logits: torch.Tensor, labels: torch.Tensor, virtual: int
     return F.cross_entropy(pred.flatten(0, 1).float(), target.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-@pytest.mark.parametrize("method", ["prompt_tuning", "lora"])
-def test_causal_lm_loss_terms_are_what_the_prompted_model_averages(smollm2_task, method):
+@pytest.mark.parametrize(("method", "prompt", "prefix"), [("prompt_tuning", 5, 0), ("p_tuning_v2", 0, 5), ("lora", 0, 0)])
+def test_causal_lm_loss_terms_are_what_the_prompted_model_averages(smollm2_task, method, prompt, prefix):
     task = smollm2_task
     examples = task.encode([{"prompt": "Hello there.", "response": "Hi, how are you?"},
                             {"prompt": "What is 2 + 2?", "response": "It is 4."}])
     examples[0]["labels"] = list(examples[0]["input_ids"])  # every token labelled: the first label counts or not
     torch.manual_seed(0)
-    options = {"num_virtual_tokens": 5} if method == "prompt_tuning" else {"r": 4, "targets": ["q_proj"]}
+    options = {"r": 4, "targets": ["q_proj"]} if method == "lora" else {"num_virtual_tokens": 5}
     model = dt.inject(task.build_model(), dt.make_config(method, **options)).eval()
-    task.fit_prompt(model)
-    assert task.prompt_tokens == (5 if method == "prompt_tuning" else 0)
+    task.fit_prompt(model)  # a prefix sits in the attention cache: it shifts no label
+    assert (task.prompt_tokens, task.prefix_tokens) == (prompt, prefix)
     batch = task.collate(examples)
     with torch.no_grad():
         out = model(**batch)
