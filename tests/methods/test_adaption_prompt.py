@@ -10,7 +10,14 @@ import pytest
 import torch
 from helpers import assert_close, assert_round_trip, assert_rows_match_each_adapter, max_diff, train_losses
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 import deltatune as dt
 from deltatune import assets
@@ -186,6 +193,26 @@ def test_save_load_round_trip_and_no_merge(tmp_path):
     assert [p for p, _ in loaded.layers()] == ["lm.model.layers.2.self_attn", "lm.model.layers.3.self_attn"]
     with pytest.raises(ValueError, match="cannot be merged"):
         dm.merge()
+
+
+def test_fp32_prompts_on_a_bf16_base():
+    model = tiny().to(torch.bfloat16)
+    base = model(IDS).logits
+    dm = inject(model)
+    assert {p.dtype for p in dm.parameters() if p.requires_grad} == {torch.float32}  # bf16 updates would underflow
+    assert torch.equal(dm(IDS).logits, base)
+    open_gates(dm)
+    dm(IDS, labels=IDS).loss.backward()
+    prompt = dm.model.model.layers[3].self_attn.deltas["default"].adaption_prompt
+    assert prompt.grad.dtype == torch.float32 and torch.count_nonzero(prompt.grad) > 0
+
+
+def test_beside_an_activation_adapter_it_names_the_problem():
+    dm = inject()
+    dm.add_adapter("h", dt.make_config("houlsby", bottleneck=4, targets=["model.layers.3.self_attn"]))
+    dm.set_active(["default", "h"])
+    with pytest.raises(ValueError, match="activate it alone"):
+        dm(IDS)
 
 
 def test_bad_options_and_targets_fail_clearly():
