@@ -43,6 +43,8 @@ class Delta(nn.Module):
     any_module = False  # True: targets may be any module (SSF on LayerNorm), not only weight layers
     needs_inputs = False  # True: forward also gets the layer call's other arguments (a delta that reruns the layer)
     serial = False  # True: the change is a function of the layer's output (a serial adapter), not of its input
+    whole_batch = False  # True: mixed batches run it on the whole call and keep its rows (the call's other
+    # arguments span the batch: an attention's mask, rotary tables and KV cache)
 
     def __init__(self, config: Any, layer: DeltaLayer, initialize: bool = True, shared: nn.Module | None = None):
         super().__init__()
@@ -450,6 +452,8 @@ class DeltaLayer(nn.Module):
         names = [n for n in route.groups if n != BASE and n in self.deltas]  # other rows see the base layer
         if not names:
             return out
+        if any(self.deltas[n].whole_batch for n in names):
+            return self._mixed_whole_batch(x, route, names, out, *args, **kwargs)
         if not isinstance(out, Tensor):  # several outputs (a GRU's)
             return self._mixed_outputs(x, route, names, out, *args, **kwargs)
         if mask is None and self.kind is LINEAR and self.stock:  # a custom forward is not x Aᵀ
@@ -481,6 +485,23 @@ class DeltaLayer(nn.Module):
             y = delta(self, x[rows], base, *args, **kwargs) if delta.needs_inputs else delta(self, x[rows], base)
             out = pytree.tree_map(lambda full, part, rows=rows: _put_rows(full, part, rows), out, y)
         return out
+
+    def _mixed_whole_batch(self, x: Tensor, route: Routing, names: list[str], out: Any, *args: Any, **kwargs: Any
+                           ) -> Any:
+        """A mixed batch through deltas that need the whole call (whole_batch): each adapter's delta runs on every
+        row with the base output, and its own rows (dim 0 of each output tensor) are kept."""
+        if self.token_mask is not None:
+            self._masked(out, out, self.token_mask)  # raises unless the layer has one output tensor
+        result = out
+        for name in names:
+            delta, rows = self.deltas[name], route.rows(name, x.device)
+            y = delta(self, x, out, *args, **kwargs) if delta.needs_inputs else delta(self, x, out)
+            if self.token_mask is not None:
+                y = self._masked(out, y, self.token_mask)
+            result = pytree.tree_map(lambda full, new, rows=rows: full.index_copy(0, rows, new[rows].to(full.dtype))
+                                     if isinstance(full, Tensor) and full.shape[:1] == x.shape[:1] else full,
+                                     result, y)
+        return result
 
     # --- merge -----------------------------------------------------------------------------
     def _require_unmerged(self, what: str) -> None:
