@@ -46,8 +46,8 @@ class Logits(nn.Module):
 
 
 def lora_first(model, targets):
-    """LoRA (non-zero B) on `targets` inside the attention: added before the adaption prompts wrap the attention
-    modules (the engine does not look for targets inside an already wrapped module)."""
+    """LoRA (non-zero B) on `targets` inside the attention (added before the adaption prompts here; the other
+    order is test_lora_inside_a_wrapped_attention_either_order)."""
     dm = dt.inject(model, dt.LoRAConfig(r=2, targets=targets), name="lora")
     with torch.no_grad():
         for n, p in dm.named_parameters():
@@ -280,3 +280,31 @@ def test_peft_parity_both_ways_on_smollm2(smollm2, tmp_path):
     again = peft.PeftModel.from_pretrained(make(), tmp_path / "back").eval()
     assert_close(again(**batch).logits, want)
     assert torch.equal(_greedy(again, batch), want_tokens)
+
+
+def test_lora_inside_a_wrapped_attention_either_order(tmp_path):
+    """LoRA added after the adaption prompts wrap self_attn still finds q_proj/v_proj inside it (user paths,
+    no 'base_layer'), and the model equals the one built in the other order; delete and merge_and_unload unwrap
+    both levels."""
+    first = lora_first(tiny(), ["q_proj", "v_proj"])
+    inject(dm=first, name="a")
+    open_gates(first, name="a")
+    first.set_active(["a", "lora"])
+    later = inject(tiny(), name="a")
+    later.add_adapter("lora", dt.LoRAConfig(r=2, targets=["q_proj", "v_proj"]))
+    assert later.adapters["lora"].paths == first.adapters["lora"].paths
+    assert all("base_layer" not in p for p, _ in later.layers())
+    later.load_adapter_state_dict(first.adapter_state_dict("lora"), "lora")
+    later.load_adapter_state_dict(first.adapter_state_dict("a"), "a")
+    later.set_active(["a", "lora"])
+    with torch.no_grad():
+        assert_close(later(IDS).logits, first(IDS).logits)
+        later.set_active("a")
+        assert max_diff(later(IDS).logits, first(IDS).logits) > 1e-3  # LoRA counted: the test can fail
+    later.set_active("lora")
+    later.delete_adapter("a")  # the outer wrapper goes, the LoRA layers inside stay
+    only_lora = lora_first(tiny(), ["q_proj", "v_proj"])
+    with torch.no_grad():
+        assert_close(later(IDS).logits, only_lora(IDS).logits)
+    plain = first.merge_and_unload(["lora"])
+    assert not any(isinstance(m, dt.engine.layer.DeltaLayer) for m in plain.modules())

@@ -17,7 +17,7 @@ from .composition import Block, Stack, parse
 from .kinds import has_fused_fast_path, target_kind, weight_of
 from .layer import BASE, Delta, DeltaLayer, Parts, Routing
 from .registry import DeltaConfig, did_you_mean, get_method, method_of
-from .targeting import get_parent, resolve
+from .targeting import delta_layers, get_parent, resolve
 
 SHARED = "__shared__"  # state-dict prefix of an adapter's tensors shared by all its layers
 
@@ -188,9 +188,8 @@ class DeltaModel(nn.Module):
 
     # --- adapters --------------------------------------------------------------------------
     def layers(self) -> Iterator[tuple[str, DeltaLayer]]:
-        for path, module in self.model.named_modules():
-            if isinstance(module, DeltaLayer):
-                yield path, module
+        """(path, layer) of every wrapped layer; paths as the user's model names them (adapter.paths)."""
+        yield from delta_layers(self.model)
 
     def add_adapter(self, name: str, config: DeltaConfig, train_modules: Any = None) -> Adapter:
         """Add adapter `name` (trainable; active if it is the first). On any error the model is unchanged."""
