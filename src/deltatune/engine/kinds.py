@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .quantized import FOUR_BIT, INT8, QuantOps, bnb_class
+
 
 @dataclass(frozen=True)
 class LayerKind:
@@ -31,6 +33,8 @@ class LayerKind:
     weight: str = "weight"  # the parameter that is the layer's weight, and its bias
     bias: str = "bias"
     parts: tuple[str, ...] = ()  # submodules whose weights the forward reads without calling them: adapted with it
+    # a quantized layer (bitsandbytes): `weight` holds packed bytes, W0 is read through quantized.dequantize
+    quantized: QuantOps | None = None
 
     # Kinds are singletons compared with `is` (kind is LINEAR): a deep-copied model must keep them, or its
     # layers would silently leave the fused paths (and conv-only branches would misread them).
@@ -63,6 +67,14 @@ EMBEDDING = LayerKind("embedding", lambda w: w.t(), lambda m, like: m.t(), -1, (
 CONV1D = LayerKind("conv1d_transposed", lambda w: w.t(), lambda m, like: m.t(), -1, ("Conv1D.forward",),
                    lambda mod, x, w: x @ w)
 
+# bitsandbytes layers (nn.Linear subclasses whose weight is packed): their own forward computes W0 x, a delta's
+# substitute weight goes through F.linear, and DeltaLayer.weight dequantises W0 for the methods that read it.
+QLINEAR4 = LayerKind("linear_4bit", lambda w: w, lambda m, like: m, -1, ("Linear4bit.forward",),
+                     lambda mod, x, w: F.linear(x, w), quantized=FOUR_BIT)
+QLINEAR8 = LayerKind("linear_int8", lambda w: w, lambda m, like: m, -1, ("Linear8bitLt.forward",),
+                     lambda mod, x, w: F.linear(x, w), quantized=INT8)
+_QUANTIZED = {"Linear4bit": QLINEAR4, "Linear8bitLt": QLINEAR8}  # by quantized.bnb_class
+
 
 # nn.MultiheadAttention reads in_proj_weight (q, k, v stacked: 3E x E) and out_proj.weight inside
 # F.multi_head_attention_forward and never calls out_proj: a delta on each, run through the whole module.
@@ -76,6 +88,8 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
 
 def kind_of(module: nn.Module) -> LayerKind | None:
     """The kind of a layer that weight deltas can target, or None."""
+    if (quantized := bnb_class(module)) is not None:  # before nn.Linear, which they subclass
+        return _QUANTIZED[quantized]
     if isinstance(module, nn.Linear):
         return LINEAR
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -88,6 +102,7 @@ def kind_of(module: nn.Module) -> LayerKind | None:
 
 
 SUPPORTED = ("nn.Linear, nn.Conv1d/2d/3d, nn.Embedding, transformers Conv1D (and their subclasses), "
+             "bitsandbytes Linear4bit / Linear8bitLt, "
              "nn.MultiheadAttention (its in_proj and out_proj)")
 
 
