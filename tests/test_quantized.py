@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch
 from helpers import assert_close, perturb
-from test_all_methods import Net
+from test_all_methods import CASES, METHODS, Net
 from torch import nn
 
 import deltatune as dt
@@ -267,3 +267,41 @@ def test_quantize_equals_transformers_bitsandbytes_config(tiny_llama):
             perturb(dm)
             outs.append(dm(ids).logits)
         assert torch.equal(outs[0], outs[1])
+
+
+def _packed_of(dm) -> dict[str, list[torch.Tensor]]:
+    return {p: [t.clone() for t in packed(layer.base_layer)] for p, layer in dm.layers() if layer.quantized}
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_weight_delta_method_on_a_quantized_base(method, scheme):
+    """Inject, forward/backward, merge (requantised: exactly bitsandbytes' quantization of the float merge) and
+    unmerge (the packed bytes back) on a tiny NF4 / int8 model, for every registered weight-delta method."""
+    case = CASES[method]
+    net = quantized_net(scheme)
+    base = net(X)
+    config = dt.get_method(method).config(targets=["up", "down"], **case.options)
+    dm = dt.inject(net, config)
+    if case.at_base is not None:  # the method is the identity at init: the quantized base's own output
+        assert_close(dm(X), base, rtol=1e-6, atol=1e-7)
+    perturb(dm)
+    unmerged = dm(X)
+    (unmerged.square().sum() + dm.regularization_loss()).backward()
+    trainable = {n for n, p in dm.named_parameters() if p.requires_grad}
+    assert trainable and {n for n, p in dm.named_parameters() if p.grad is not None} == trainable
+    assert all(".deltas." in n or n.startswith("shared.") for n in trainable)
+    if not all(layer.deltas["default"].mergeable for _, layer in dm.layers()):
+        return
+    dm.eval()  # MonteCLoRA samples in training mode
+    unmerged = dm(X)
+    original = _packed_of(dm)
+    reference = copy.deepcopy(dm).merge_and_unload(dtype=torch.float32)  # the method's merge on float W0
+    with pytest.warns(UserWarning, match="quantized layers"):
+        report = dm.merge()
+    assert set(report["default"]) == {"blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down"}
+    for path, layer in dm.layers():
+        assert torch.equal(layer.matrix(), requantized(reference.get_submodule(path).weight, scheme)), path
+    dm.unmerge()
+    assert all(torch.equal(a, b) for p, ts in _packed_of(dm).items() for a, b in zip(ts, original[p]))
+    assert torch.equal(dm(X), unmerged)

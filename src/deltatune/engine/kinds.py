@@ -74,6 +74,8 @@ QLINEAR4 = LayerKind("linear_4bit", lambda w: w, lambda m, like: m, -1, ("Linear
 QLINEAR8 = LayerKind("linear_int8", lambda w: w, lambda m, like: m, -1, ("Linear8bitLt.forward",),
                      lambda mod, x, w: F.linear(x, w), quantized=INT8)
 _QUANTIZED = {"Linear4bit": QLINEAR4, "Linear8bitLt": QLINEAR8}  # by quantized.bnb_class
+# layers whose forward is x W^T over the last dim (token-major): what routing and activation-space forms need
+LINEAR_KINDS = (LINEAR, CONV1D, QLINEAR4, QLINEAR8)
 
 
 # nn.MultiheadAttention reads in_proj_weight (q, k, v stacked: 3E x E) and out_proj.weight inside
@@ -99,6 +101,14 @@ def kind_of(module: nn.Module) -> LayerKind | None:
     if _is_hf_conv1d(module):
         return CONV1D
     return None
+
+
+def matrix_shape(module: nn.Module) -> torch.Size:
+    """(d_out, d_in) of a layer's matrix view; a quantized layer's from its features (its weight is packed)."""
+    kind = kind_of(module)
+    if kind.quantized is not None:
+        return torch.Size((module.out_features, module.in_features))
+    return kind.to_matrix(module.weight).shape
 
 
 SUPPORTED = ("nn.Linear, nn.Conv1d/2d/3d, nn.Embedding, transformers Conv1D (and their subclasses), "
