@@ -305,3 +305,70 @@ def test_every_weight_delta_method_on_a_quantized_base(method, scheme):
     dm.unmerge()
     assert all(torch.equal(a, b) for p, ts in _packed_of(dm).items() for a, b in zip(ts, original[p]))
     assert torch.equal(dm(X), unmerged)
+
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _smollm2(scheme: str) -> nn.Module:
+    """SmolLM2-135M quantized by transformers' BitsAndBytesConfig path, in eval mode."""
+    transformers = pytest.importorskip("transformers")
+    from deltatune import assets
+
+    cfg = (dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+           if scheme == "nf4" else dict(load_in_8bit=True))
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        assets.smollm2_path(), quantization_config=transformers.BitsAndBytesConfig(**cfg), device_map="cpu").eval()
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_peft_qlora_adapter_loads_onto_deltatune_and_back(scheme, tmp_path):
+    """PEFT 0.21's bitsandbytes LoRA layers on SmolLM2 and deltatune on the same quantized base: a PEFT adapter
+    loads with PEFT's outputs, and deltatune's export loads back into PEFT on a bnb base with deltatune's."""
+    peft = pytest.importorskip("peft")
+    base = _smollm2(scheme)
+    ours_base = copy.deepcopy(base)
+    ids = torch.tensor([[1, 504, 3458, 314, 260, 3575, 282, 4649, 47]])
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS,
+                                                   init_lora_weights=False))  # B random: a "trained" adapter
+    assert type(pm.base_model.model.model.layers[0].self_attn.q_proj).__module__ == "peft.tuners.lora.bnb"
+    pm.eval()
+    with torch.no_grad():
+        expected = pm(input_ids=ids).logits
+    pm.save_pretrained(tmp_path / "peft")
+    dm = dt.load_peft(ours_base, tmp_path / "peft")
+    dm.eval()
+    assert dm.model.model.layers[0].self_attn.q_proj.quantized
+    with torch.no_grad():
+        got = dm(input_ids=ids).logits
+    assert_close(got, expected)
+    perturb(dm, std=0.02)  # deltatune "trains" it further, then exports
+    with torch.no_grad():
+        ours = dm(input_ids=ids).logits
+    dm.export_peft(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(pm.unload(), tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert_close(back(input_ids=ids).logits, ours)
+
+
+def test_an_adapter_from_the_float_model_needs_check_base_off_on_its_quantized_copy(tmp_path):
+    dm = dt.inject(Net(), dt.LoRAConfig(r=2, targets=["up"]))
+    perturb(dm)
+    dm.save(tmp_path / "a")
+    with pytest.raises(ValueError, match="saved for another base model.*quantized base"):
+        dt.load(quantized_net("nf4"), tmp_path / "a")
+    again = dt.load(quantized_net("nf4"), tmp_path / "a", check_base=False)
+    layer = again.model.blocks[0].up
+    assert torch.equal(layer.deltas["default"].lora_A, dm.model.blocks[0].up.deltas["default"].lora_A)
+
+
+def test_pruning_and_laser_refuse_a_quantized_layer():
+    from deltatune.compression.lowrank import laser
+    from deltatune.compression.pruning import prune
+
+    net = quantized_net("nf4")
+    with pytest.raises(ValueError, match=r"cannot prune 'blocks.0.up': it is a quantized Linear4bit.*dequantize"):
+        prune(net, "magnitude", 0.5, targets=["up"])
+    with pytest.raises(ValueError, match=r"cannot reduce the rank of 'blocks.0.up': it is a quantized"):
+        laser(net, "blocks.0.up", 0.5)

@@ -103,6 +103,17 @@ def kind_of(module: nn.Module) -> LayerKind | None:
     return None
 
 
+def float_kind_of(module: nn.Module, path: str, what: str) -> LayerKind | None:
+    """kind_of, for code that reads and writes `module.weight` itself (pruning, LASER): a quantized layer's
+    weight is packed bytes, so it is refused."""
+    kind = kind_of(module)
+    if kind is not None and kind.quantized is not None:
+        raise ValueError(f"cannot {what} '{path}': it is a quantized {type(module).__name__} ({kind.quantized.scheme}) "
+                         "whose weight is packed; do it on the float model and quantize after (deltatune.quantize), "
+                         "or deltatune.dequantize(model) first")
+    return kind
+
+
 def matrix_shape(module: nn.Module) -> torch.Size:
     """(d_out, d_in) of a layer's matrix view; a quantized layer's from its features (its weight is packed)."""
     kind = kind_of(module)
