@@ -275,6 +275,12 @@ class DeltaLayer(nn.Module):
         return self.kind is not None and self.kind.quantized is not None
 
     @property
+    def takes_substitute_weight(self) -> bool:
+        """Whether the layer's own forward can run with a float W0 + ΔW in place of its weight (functional_call);
+        a quantized layer's kernel reads its packed bytes."""
+        return not self.quantized
+
+    @property
     def bias_parameter(self) -> Tensor | None:
         return getattr(self.base_layer, self.kind.bias if self.kind else "bias", None)
 

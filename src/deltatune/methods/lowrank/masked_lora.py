@@ -36,8 +36,7 @@ class MaskedLoRA(LoRA):
     def __init__(self, config: MaskedLoRAConfig, layer: DeltaLayer, initialize: bool = True):
         super().__init__(config, layer, initialize)
         self.register_buffer("lora_mask", layer.matrix().detach() != 0)  # (d_out, d_in); a loaded state overwrites it
-        # one pass with W0 + ΔW substituted needs a float weight; a quantized layer runs its kernel, then adds ΔW x
-        self._substitutes = not layer.quantized
+        self._substitutes = layer.takes_substitute_weight  # else the layer's own output plus the masked ΔW x
 
     def delta_weight(self, layer: DeltaLayer) -> Tensor:
         return super().delta_weight(layer) * self.lora_mask  # (d_out, d_in), zero wherever W0 is
