@@ -372,3 +372,12 @@ def test_pruning_and_laser_refuse_a_quantized_layer():
         prune(net, "magnitude", 0.5, targets=["up"])
     with pytest.raises(ValueError, match=r"cannot reduce the rank of 'blocks.0.up': it is a quantized"):
         laser(net, "blocks.0.up", 0.5)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_parameter_accounting_counts_weights_not_packed_bytes(scheme):
+    float_dm = dt.inject(Net(), dt.LoRAConfig(r=2, targets=["up"]))
+    dm = dt.inject(quantized_net(scheme), dt.LoRAConfig(r=2, targets=["up"]))
+    assert dm.total_parameters() == float_dm.total_parameters()
+    assert dm.trainable_parameters() == float_dm.trainable_parameters() == 2 * 2 * (16 + 32)
+    assert {r["base_shape"] for r in dm.parameter_table()} == {(32, 16)}

@@ -14,9 +14,9 @@ from torch import Tensor, nn
 
 from .activation import find_site
 from .composition import Block, Stack, parse
-from .kinds import LINEAR, has_fused_fast_path, target_kind, weight_of
+from .kinds import LINEAR, has_fused_fast_path, matrix_shape, target_kind, weight_of
 from .layer import BASE, Delta, DeltaLayer, Parts, Routing
-from .quantized import RoundingError, dequantize, dequantized_linear
+from .quantized import RoundingError, dequantize, dequantized_linear, logical_numel
 from .registry import DeltaConfig, did_you_mean, get_method, method_of
 from .targeting import get_parent, resolve
 
@@ -484,7 +484,7 @@ class DeltaModel(nn.Module):
         return sum(p.numel() for p in self._all_parameters() if p.requires_grad)
 
     def total_parameters(self) -> int:
-        return sum(p.numel() for p in self._all_parameters())
+        return sum(logical_numel(p) for p in self._all_parameters())
 
     # --- training hooks --------------------------------------------------------------------
     def regularization_loss(self) -> Tensor:
@@ -505,7 +505,8 @@ class DeltaModel(nn.Module):
         """One row per (layer, adapter): method, base shape, its parameters and how many train."""
         rows = []
         for path, layer in self.layers():
-            base_shape = tuple(getattr(weight_of(layer.base_layer), "shape", ()))
+            base_shape = (tuple(matrix_shape(layer.base_layer)) if layer.quantized  # not its packed bytes' shape
+                          else tuple(getattr(weight_of(layer.base_layer), "shape", ())))
             for name, delta in layer.deltas.items():
                 params = list(delta.parameters())
                 rows.append({"layer": path, "adapter": name, "method": delta.method, "base_shape": base_shape,

@@ -158,6 +158,13 @@ def rounding_error(merged: Tensor, requantized: Tensor, before: Tensor) -> Round
     return RoundingError(err.abs().max().item(), err.abs().max().item() / top, of_delta)
 
 
+def logical_numel(p: Tensor) -> int:
+    """How many weights a parameter holds: a packed 4-bit weight stores two in each byte (or more per wider
+    storage element), so its numel undercounts them; its quant_state knows the original shape."""
+    state = getattr(p, "quant_state", None)
+    return state.shape.numel() if state is not None and hasattr(state, "shape") else p.numel()
+
+
 # --- swapping a loaded model's layers ---------------------------------------------------------------------
 def _matches(path: str, names: Sequence[str]) -> bool:
     return any(path == n or path.endswith("." + n) for n in names)
