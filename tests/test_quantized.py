@@ -381,3 +381,22 @@ def test_parameter_accounting_counts_weights_not_packed_bytes(scheme):
     assert dm.total_parameters() == float_dm.total_parameters()
     assert dm.trainable_parameters() == float_dm.trainable_parameters() == 2 * 2 * (16 + 32)
     assert {r["base_shape"] for r in dm.parameter_table()} == {(32, 16)}
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_bf16_quantized_base_trains_fp32_adapters(scheme):
+    """A bf16 model quantized with compute_dtype=bf16: W0 dequantises to bf16, the adapters are fp32 (their
+    gradients too), and the output stays bf16 and matches the fp32 arithmetic to bf16 rounding."""
+    net = dt.quantize(Net(torch.bfloat16), scheme, compute_dtype=torch.bfloat16, skip=())
+    dm = dt.inject(net, dt.LoRAConfig(r=2, targets=["up", "down"]))
+    layer = dm.model.blocks[0].up
+    d = layer.deltas["default"]
+    assert layer.matrix().dtype == torch.bfloat16 and d.lora_A.dtype == torch.float32
+    perturb(dm)
+    h = torch.randn(5, 16).to(torch.bfloat16)
+    y = layer(h)
+    assert y.dtype == torch.bfloat16
+    expected = layer.base_layer(h).float() + d.scale * h.float() @ d.lora_A.t() @ d.lora_B.t()
+    assert_close(y, expected, rtol=1e-2)
+    dm(X.to(torch.bfloat16)).float().square().sum().backward()
+    assert d.lora_A.grad.dtype == torch.float32 and d.lora_B.grad.abs().sum() > 0
