@@ -400,3 +400,16 @@ def test_bf16_quantized_base_trains_fp32_adapters(scheme):
     assert_close(y, expected, rtol=1e-2)
     dm(X.to(torch.bfloat16)).float().square().sum().backward()
     assert d.lora_A.grad.dtype == torch.float32 and d.lora_B.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantize_releases_each_float_weight(scheme):
+    """Nothing of the swapped layers' float weights is kept (so the model is never held twice)."""
+    import gc
+    import weakref
+
+    net = Net()
+    refs = [weakref.ref(m.weight) for m in net.modules() if isinstance(m, nn.Linear)]
+    dt.quantize(net, scheme, skip=())
+    gc.collect()
+    assert len(refs) == 4 and all(r() is None for r in refs)
