@@ -15,6 +15,7 @@ ones, in place, one layer at a time, as transformers' `BitsAndBytesConfig` loadi
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,8 +30,8 @@ def _bnb() -> Any:
     try:
         import bitsandbytes
     except ImportError:
-        raise ImportError("quantized bases need bitsandbytes: pip install 'bitsandbytes>=0.48' (x86-64 or "
-                          "aarch64 wheels, CPU and CUDA)") from None
+        raise ImportError("quantized bases need bitsandbytes: pip install 'bitsandbytes>=0.50' (wheels for "
+                          "Linux x86-64 / aarch64, Windows x86-64, macOS arm64)") from None
     return bitsandbytes
 
 
@@ -45,7 +46,7 @@ def bnb_class(module: nn.Module) -> str | None:
     return None
 
 
-def compute_dtype(module: nn.Module) -> torch.dtype:
+def dequantized_dtype(module: nn.Module) -> torch.dtype:
     """The float dtype W0 is dequantised to: the layer's compute dtype, else its bias's, else the dtype the
     4-bit weight had when quantized, else float32."""
     dtype = getattr(module, "compute_dtype", None)
@@ -69,10 +70,8 @@ def _dequantize_4bit(module: nn.Module) -> Tensor:
     F = _bnb().functional
     data, state = module.weight.data, _quant_state(module)
     if getattr(state, "packing_format_for_cpu", False):  # repacked for AVX512-BF16 inference: undo on copies
-        import copy
-
         data, state = F._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
-    return F.dequantize_4bit(data, state).to(compute_dtype(module))
+    return F.dequantize_4bit(data, state).to(dequantized_dtype(module))
 
 
 def _requantize_4bit(module: nn.Module, W: Tensor) -> None:
@@ -105,7 +104,7 @@ def _int8_scales(module: nn.Module) -> Tensor:
 
 def _dequantize_int8(module: nn.Module) -> Tensor:
     W = module.weight.data.float() * (_int8_scales(module).float()[:, None] / 127)  # (d_out, d_in)
-    return W.to(compute_dtype(module))
+    return W.to(dequantized_dtype(module))
 
 
 def _requantize_int8(module: nn.Module, W: Tensor) -> None:
@@ -185,7 +184,7 @@ def _quantized_linear(linear: nn.Linear, scheme: str, dtype: torch.dtype | None,
     if scheme == "int8":
         q.weight = bnb.nn.Int8Params(W, requires_grad=False, has_fp16_weights=False)._quantize(W.device)
         if dtype is not None:
-            q.compute_dtype = dtype  # read by compute_dtype(): what W0 dequantises to
+            q.compute_dtype = dtype  # read by dequantized_dtype(): what W0 dequantises to
     else:
         q.weight = bnb.nn.Params4bit(W, requires_grad=False, blocksize=64, compress_statistics=double_quant,
                                      quant_type=scheme, module=q)._quantize(W.device)
