@@ -126,8 +126,8 @@ CASES: dict[str, Case] = {
     "toeplitz": Case({}, each(lambda o, i, c: (o // (n := math.gcd(o, i))) * (i // n) * (2 * n - 1))),
 }
 SKIPPED = {"full"}  # module copies, not deltas (see the module docstring)
-# activation deltas (family "adapters") act on whole sublayers and cannot merge: tests/test_activation_adapters.py walks them;
-# prompt deltas (family "prompt") act on attention modules, each tested in its own tests/methods file
+# activation deltas (family "adapters") act on whole sublayers and cannot merge: tests/test_activation_adapters.py walks
+# them; model-level deltas (family "prompt") change the inputs, not layers: tests/test_prompt.py; adaption prompts in tests/methods/test_adaption_prompt.py
 METHODS = [s.name for s in list_methods() if s.name not in SKIPPED and s.family not in ("adapters", "prompt")]
 
 

@@ -16,6 +16,8 @@ from .activation import find_site
 from .composition import Block, Stack, parse
 from .kinds import LINEAR, has_fused_fast_path, matrix_shape, target_kind, weight_of
 from .layer import BASE, Delta, DeltaLayer, Parts, Routing
+from .prompt import PROMPT, PromptDelta, PromptSite, assemble, embedding_hook, prepared_inputs, prompt_site
+from .prompt import generate as prompt_generate
 from .quantized import RoundingError, dequantize, dequantized_linear, logical_numel
 from .registry import DeltaConfig, did_you_mean, get_method, method_of
 from .targeting import delta_layers, get_parent, resolve
@@ -118,6 +120,9 @@ class DeltaModel(nn.Module):
         self.active: tuple[str, ...] = ()
         self.setup: Block | None = None  # the active composition, when it is more than a plain stack of names
         self.shared = nn.ModuleDict()  # adapter name -> the tensors its layers share (Delta.build_shared)
+        self.prompts = nn.ModuleDict()  # adapter name -> its model-level delta (engine/prompt.py)
+        self.prompts_enabled = True  # False inside disabled()
+        self._site: PromptSite | None = None
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -134,13 +139,67 @@ class DeltaModel(nn.Module):
         `token_mask` (batch, sequence): the adapters change only the tokens where it is set (token-masked
         LoRA, e.g. a new modality's tokens), every other token sees the base model."""
         args, kwargs = self._repeated(args, kwargs)
-        with self._routed(adapter_names), self._masked_tokens(token_mask):
+        deltas = self._row_prompts(args, kwargs, adapter_names)
+        if deltas is not None and token_mask is not None:
+            raise ValueError("token_mask cannot be combined with a prompt adapter (its virtual tokens have no "
+                             "place in the mask); deactivate the prompt adapter or drop token_mask")
+        with self._routed(adapter_names), self._masked_tokens(token_mask), self._embedded(deltas):
+            if deltas is not None:  # the real tokens' embeddings are taken in here: routed, through `embed`
+                kwargs = prepared_inputs(self.model, self.prompt_site, assemble(deltas), self._keywords(args, kwargs))
+                args = ()
             return self.model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         args, kwargs = self._repeated(args, kwargs)
-        with self._routed(adapter_names):
+        deltas = self._row_prompts(args, kwargs, adapter_names)
+        with self._routed(adapter_names), self._embedded(deltas):
+            if deltas is not None:
+                return prompt_generate(self.model, self.prompt_site, deltas, self._keywords(args, kwargs))
             return self.model.generate(*args, **kwargs)
+
+    # --- model-level (prompt) deltas ------------------------------------------------------
+    @property
+    def prompt_site(self) -> PromptSite:
+        """What prompt methods need to know about the model (read once, on the first prompt adapter)."""
+        if self._site is None:
+            self._site = prompt_site(self.model)
+        return self._site
+
+    def _row_prompts(self, args: tuple, kwargs: dict, adapter_names: Sequence[str] | None
+                     ) -> list[PromptDelta | None] | None:
+        """Each row's prompt delta (None: none), or None when no row has one (the batch runs as it is)."""
+        if not self.prompts or not self.prompts_enabled:
+            return None
+        if adapter_names is not None:
+            deltas = [self.prompts[n] if n in self.prompts else None for n in adapter_names]
+            return deltas if any(d is not None for d in deltas) else None
+        name = next((n for n in self.active if n in self.prompts), None)
+        if name is None:
+            return None
+        first = next((t for t in (*args, kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
+                      if isinstance(t, Tensor)), None)
+        if first is None:
+            raise ValueError(f"prompt adapter '{name}' needs input_ids or inputs_embeds")
+        return [self.prompts[name]] * first.shape[0]
+
+    @staticmethod
+    def _keywords(args: tuple, kwargs: dict) -> dict:
+        """The call's arguments as keywords: a prompt adapter rebuilds input_ids into inputs_embeds."""
+        if len(args) > 1:
+            raise ValueError("with a prompt adapter pass the inputs as keywords (input_ids=..., attention_mask=...)")
+        return {"input_ids": args[0], **kwargs} if args else dict(kwargs)
+
+    def _embedded(self, deltas: list[PromptDelta | None] | None) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if deltas is None else embedding_hook(self.model, deltas)
+
+    def fold_prompt(self, name: str | None = None) -> None:
+        """Replace prompt adapter `name`'s reparameterisation (prefix MLP, P-tuning encoder) by its output;
+        outputs stay the same and the adapter saves (and exports) in its folded form."""
+        name = name or self._only()
+        if name not in self.prompts:
+            raise ValueError(f"adapter '{name}' is no prompt adapter; fold_prompt() folds {list(self.prompts)}")
+        self.prompts[name].fold()
+        self.adapters[name].config = self.prompts[name].config
 
     def _repeated(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """A Parallel setup runs the batch once per child: every batch tensor repeated along dim 0."""
@@ -214,14 +273,17 @@ class DeltaModel(nn.Module):
         if name in self.adapters:
             raise ValueError(f"adapter '{name}' exists already; delete_adapter('{name}') first or pick another name")
         spec, full = method_of(config), get_method("full")
+        model_level = getattr(spec.delta, "model_level", False)
         targets = config.targets
-        if targets is None and getattr(config, "default_targets", None):  # the method's own placement per model
+        if model_level:
+            targets = None
+        elif targets is None and getattr(config, "default_targets", None):  # the method's own placement per model
             model_type = getattr(getattr(self.model, "config", None), "model_type", None)
             if model_type not in config.default_targets:
                 raise ValueError(f"no targets given and {spec.name} has no default for model type {model_type!r} "
                                  f"(defaults for: {', '.join(config.default_targets)}); set targets=[...]")
             targets = config.default_targets[model_type]
-        paths = resolve(self.model, targets, config.exclude, need_kind=not spec.delta.any_module)
+        paths = [] if model_level else resolve(self.model, targets, config.exclude, need_kind=not spec.delta.any_module)
         head_paths = resolve(self.model, train_modules, need_kind=False) if train_modules else []
         if overlap := set(paths) & set(head_paths):
             raise ValueError(f"modules both adapted and fully trained: {sorted(overlap)}; remove them from one list")
@@ -230,7 +292,7 @@ class DeltaModel(nn.Module):
             module = self.model.get_submodule(path)
             wrapped[path] = module if isinstance(module, DeltaLayer) else DeltaLayer(module, target_kind(module))
             wrapped[path].path = path
-        shared = spec.delta.build_shared(config, [wrapped[p] for p in paths])
+        shared = None if model_level else spec.delta.build_shared(config, [wrapped[p] for p in paths])
         built = []
         for path in paths + head_paths:
             module, layer = self.model.get_submodule(path), wrapped[path]
@@ -243,11 +305,23 @@ class DeltaModel(nn.Module):
             built.append((path, layer, delta))
         prints = {path: fingerprint(w) for path, layer, _ in built
                   if path in paths and (w := weight_of(layer.base_layer)) is not None}
+        if model_level:
+            prompt = spec.delta(config, self.prompt_site, initialize)
+            prompt.train(self.model.training)
+            prints[self._embedding_path()] = fingerprint(self.prompt_site.embedding.weight)
+            built.append((PROMPT, None, prompt))
         return Adapter(name, config, paths, head_paths, prints), built, shared
+
+    def _embedding_path(self) -> str:
+        """The dotted path of the model's input embedding (its fingerprint identifies the base of a prompt)."""
+        return next(p for p, m in self.model.named_modules() if m is self.prompt_site.embedding)
 
     def _install(self, adapter: Adapter, built: list[tuple[str, DeltaLayer, Delta]], shared: nn.Module | None
                  ) -> Adapter:
         for path, layer, delta in built:
+            if path == PROMPT:  # the model-level delta: kept beside the layers, not in them
+                self.prompts[adapter.name] = delta
+                continue
             parent, child = get_parent(self.model, path)
             if getattr(parent, child) is not layer:
                 setattr(parent, child, layer)
@@ -304,9 +378,15 @@ class DeltaModel(nn.Module):
             if f.name not in self.adapters:
                 raise ValueError(f"{f!r} needs the fusion adapter '{f.name}': "
                                  f"dm.add_fusion({', '.join(map(repr, f.children))}) first")
+        if len(prompts := [n for n in names if n in self.prompts]) > 1:
+            raise ValueError(f"prompt adapters {prompts} cannot be active together (each prepends its own virtual "
+                             "tokens); activate one, with any weight adapters: set_active(['prefix', 'lora'])")
+        plain = block is None or (isinstance(block, Stack) and all(isinstance(c, str) for c in block))
+        if prompts and not plain:
+            raise ValueError(f"prompt adapter '{prompts[0]}' runs on the whole model, so it only stacks with other "
+                             "adapters (a list), not inside composition blocks")
         frozen = {n for f in fusions for n in f.names()}
         trained = {n for n in names if n not in frozen} | {f.name for f in fusions}
-        plain = block is None or (isinstance(block, Stack) and all(isinstance(c, str) for c in block))
         layers = list(self.layers())
         self.active = names + tuple(f.name for f in fusions)
         self.setup = None if plain else block
@@ -319,6 +399,8 @@ class DeltaModel(nn.Module):
                 delta.requires_grad_(name in trained)
         for name, shared in self.shared.items():
             shared.requires_grad_(name in trained)
+        for name, prompt in self.prompts.items():
+            prompt.requires_grad_(name in trained)
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
@@ -327,10 +409,12 @@ class DeltaModel(nn.Module):
         merged = [(layer, layer.merged) for _, layer in self.layers() if layer.merged]
         for layer, _ in merged:
             layer.unmerge()
+        prompts_enabled, self.prompts_enabled = self.prompts_enabled, False
         try:
             with self._layers_set("enabled", False):
                 yield
         finally:
+            self.prompts_enabled = prompts_enabled
             for layer, names in merged:
                 for n in names:
                     layer.merge(n)
@@ -340,6 +424,8 @@ class DeltaModel(nn.Module):
         adapter = self.adapters.pop(name)
         if name in self.shared:
             del self.shared[name]
+        if name in self.prompts:
+            del self.prompts[name]
         for path in adapter.all_paths:
             layer = self.model.get_submodule(path)
             layer.unmerge(name)
@@ -379,6 +465,11 @@ class DeltaModel(nn.Module):
         RoundingError, and summed up in a warning. Float layers merge exactly and report nothing.
         """
         names = self._names(names)
+        for name in names:
+            if name in self.prompts:
+                raise ValueError(f"adapter '{name}' ({self.adapters[name].method}) adds virtual tokens to the inputs "
+                                 "and cannot be merged into weights; keep it unmerged, or merge only the weight "
+                                 "adapters: dm.merge([...names])")
         if safe_merge:
             self._check_merge(names)
         report: dict[str, dict[str, RoundingError]] = {}
@@ -431,6 +522,7 @@ class DeltaModel(nn.Module):
             self._unwrap(path)
         self.adapters.clear()
         self.shared = nn.ModuleDict()
+        self.prompts = nn.ModuleDict()
         self.active = ()
         return self.model
 
@@ -462,6 +554,8 @@ class DeltaModel(nn.Module):
                 state[f"{path}.{key}"] = t
         if name in self.shared:
             state.update({f"{SHARED}.{k}": t for k, t in self.shared[name].state_dict().items()})
+        if name in self.prompts:
+            state.update({f"{PROMPT}.{k}": t for k, t in self.prompts[name].state_dict().items()})
         return state
 
     def load_adapter_state_dict(self, state: dict[str, Tensor], name: str | None = None) -> None:
@@ -478,6 +572,7 @@ class DeltaModel(nn.Module):
     def _all_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.model.parameters()
         yield from self.shared.parameters()
+        yield from self.prompts.parameters()
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self._all_parameters() if p.requires_grad)
@@ -490,6 +585,7 @@ class DeltaModel(nn.Module):
         """The sum of the active, unmerged deltas' extra loss terms (SORSA, qGOFT); add it to the task loss."""
         terms = [t for _, layer in self.layers() for n in layer.active if n not in layer.merged
                  if (t := layer.deltas[n].regularizer(layer)) is not None]
+        terms += [t for n in self.active if n in self.prompts and (t := self.prompts[n].regularizer()) is not None]
         if not terms:
             return torch.zeros((), device=next(self.model.parameters()).device)
         return torch.stack([t.float() for t in terms]).sum()
@@ -499,6 +595,8 @@ class DeltaModel(nn.Module):
         for _, layer in self.layers():
             for delta in layer.deltas.values():
                 delta.on_step(step)
+        for prompt in self.prompts.values():
+            prompt.on_step(step)
 
     def parameter_table(self) -> list[dict[str, Any]]:
         """One row per (layer, adapter): method, base shape, its parameters and how many train."""
@@ -511,6 +609,11 @@ class DeltaModel(nn.Module):
                 rows.append({"layer": path, "adapter": name, "method": delta.method, "base_shape": base_shape,
                              "parameters": sum(p.numel() for p in params),
                              "trainable": sum(p.numel() for p in params if p.requires_grad)})
+        for name, prompt in self.prompts.items():
+            params = list(prompt.parameters())
+            rows.append({"layer": PROMPT, "adapter": name, "method": prompt.method, "base_shape": (),
+                         "parameters": sum(p.numel() for p in params),
+                         "trainable": sum(p.numel() for p in params if p.requires_grad)})
         for name, shared in self.shared.items():
             params = list(shared.parameters())
             rows.append({"layer": SHARED, "adapter": name, "method": self.adapters[name].method, "base_shape": (),
