@@ -18,7 +18,7 @@ from .kinds import has_fused_fast_path, target_kind, weight_of
 from .layer import BASE, Delta, DeltaLayer, Parts, Routing
 from .prompt import PROMPT, PromptDelta, PromptSite, assemble, embedding_hook, prepared_inputs, prompt_site
 from .prompt import generate as prompt_generate
-from .registry import DeltaConfig, did_you_mean, get_method, method_of
+from .registry import DeltaConfig, UnionConfig, did_you_mean, get_method, method_of
 from .targeting import get_parent, resolve
 
 SHARED = "__shared__"  # state-dict prefix of an adapter's tensors shared by all its layers
@@ -272,6 +272,8 @@ class DeltaModel(nn.Module):
             raise ValueError(f"invalid adapter name {name!r}: use a non-empty name without dots")
         if name in self.adapters:
             raise ValueError(f"adapter '{name}' exists already; delete_adapter('{name}') first or pick another name")
+        if isinstance(config, UnionConfig):
+            return self._build_union(name, config, train_modules, initialize)
         spec, full = method_of(config), get_method("full")
         model_level = getattr(spec.delta, "model_level", False)
         targets = config.targets
@@ -314,6 +316,26 @@ class DeltaModel(nn.Module):
             prints[self._embedding_path()] = fingerprint(self.prompt_site.embedding.weight)
             built.append((PROMPT, None, prompt))
         return Adapter(name, config, paths, head_paths, prints), built, shared
+
+    def _build_union(self, name: str, config: UnionConfig, train_modules: Any, initialize: bool
+                     ) -> tuple[Adapter, list[tuple[str, DeltaLayer, Delta]], nn.Module | None]:
+        """Every part of a UnionConfig built as adapter `name` (the train modules go with the first part)."""
+        parts = [self._build(name, part, train_modules if i == 0 else None, initialize)
+                 for i, part in enumerate(config.parts())]
+        seen: dict[str, str] = {}
+        for part, (adapter, _, _) in zip(config.parts(), parts):
+            for path in adapter.all_paths:
+                if path in seen:
+                    raise ValueError(f"{method_of(config).name} puts two deltas ({seen[path]} and "
+                                     f"{method_of(part).name}) on '{path}': give its parts different targets")
+                seen[path] = method_of(part).name
+        shared = [s for _, _, s in parts if s is not None]
+        if len(shared) > 1:
+            raise ValueError(f"{method_of(config).name}: at most one of its parts may share tensors across layers")
+        adapter = Adapter(name, config, [p for a, _, _ in parts for p in a.paths],
+                          [p for a, _, _ in parts for p in a.train_modules],
+                          {k: v for a, _, _ in parts for k, v in a.fingerprints.items()})
+        return adapter, [b for _, built, _ in parts for b in built], shared[0] if shared else None
 
     def _embedding_path(self) -> str:
         """The dotted path of the model's input embedding (its fingerprint identifies the base of a prompt)."""

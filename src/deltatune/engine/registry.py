@@ -48,6 +48,22 @@ class DeltaConfig(BaseModel):
         return data
 
 
+class UnionConfig(DeltaConfig):
+    """An adapter made of several methods' deltas under one name (AdapterHub's ConfigUnion; the MAM adapter):
+    the engine builds each part as if it were the adapter and keeps them as one (one name, one save, one switch).
+    Parts must touch different modules; `targets`/`exclude` are the layer parts' own."""
+
+    def parts(self) -> list[DeltaConfig]:
+        raise NotImplementedError
+
+
+class UnionParts:
+    """The delta class a UnionConfig registers with: it is never built itself, only its parts are."""
+
+    mergeable = False
+    model_level = False
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """One registered method: its config, its delta module and what `deltatune methods` shows."""
