@@ -58,6 +58,9 @@ class PeftCodec:
     methods: tuple[str, ...]
     export: Callable[[DeltaModel, Adapter], tuple[dict[str, Any], Tensors]]
     load: Callable[[DeltaModel, dict[str, Any], Tensors, Any], tuple[DeltaConfig, Tensors]]
+    # where PEFT keeps the model's tensors: 'base_model.model.' under a tuner, 'base_model.' for prompt learning
+    # (its model is not wrapped); keys without a dot ('prompt_embeddings') are the tuner's own, never prefixed
+    model_prefix: str = "base_model.model."
 
 
 _CODECS: dict[str, PeftCodec] = {}
@@ -114,10 +117,11 @@ def export_peft(dm: DeltaModel, path: Any, name: str) -> Path:
         raise ValueError(f"adapter '{name}' adapts nn.MultiheadAttention layers, which PEFT export does not cover; "
                          "save it with DeltaModel.save instead")
     fields, layer_tensors = codec.export(dm, adapter)
-    tensors = {k if k.startswith("base_model.") else PREFIX + k: v for k, v in layer_tensors.items()}
+    tensors = {k if k.startswith("base_model.") or "." not in k else codec.model_prefix + k: v
+               for k, v in layer_tensors.items()}
     for p in adapter.train_modules:
         for key, value in dm.model.get_submodule(p).deltas[name].params.items():
-            tensors[f"{PREFIX}{p}.{key.replace('__', '.')}"] = value
+            tensors[f"{codec.model_prefix}{p}.{key.replace('__', '.')}"] = value
     peft_config = {
         "peft_type": codec.peft_type, "task_type": None, "base_model_name_or_path": model_name(dm.model),
         "target_modules": adapter.paths, "modules_to_save": adapter.train_modules or None,
@@ -260,7 +264,7 @@ def read_peft(dm: DeltaModel, path: Any) -> tuple[DeltaConfig, list[str] | None,
     head_paths = sorted(pc.get("modules_to_save") or [], key=len, reverse=True)
     own: Tensors = {}
     for key, value in tensors.items():
-        key = key.removeprefix(PREFIX)
+        key = key.removeprefix(codec.model_prefix)
         owner = next((p for p in head_paths if key.startswith(p + ".") or ("." + p + ".") in "." + key), None)
         if owner is None:
             own[key] = value
@@ -339,3 +343,32 @@ def _lora_load(dm: DeltaModel, pc: dict[str, Any], tensors: Tensors, path: Any) 
 
 
 register_peft(PeftCodec("LORA", ("lora", "dora", "monteclora"), _lora_export, _lora_load))
+
+# prompt learning (PROMPT_TUNING, PREFIX_TUNING...): the fields every such config has, from the model's PromptSite
+PEFT_TASKS = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS", "qa": "QUESTION_ANS",
+              "feature": "FEATURE_EXTRACTION"}
+
+
+def prompt_fields(dm: DeltaModel, adapter: Adapter, token_dim: int, heads: int) -> dict[str, Any]:
+    """adapter_config.json fields of a prompt-learning adapter (token_dim, heads: what PEFT sizes it by)."""
+    site = dm.prompt_site
+    if site.is_encoder_decoder:
+        raise ValueError(f"adapter '{adapter.name}' is on an encoder-decoder model; PEFT export of prompt methods "
+                         "covers decoder and encoder models: save it with DeltaModel.save instead")
+    return {"task_type": PEFT_TASKS[site.task], "target_modules": None, "num_virtual_tokens":
+            adapter.config.num_virtual_tokens, "token_dim": token_dim, "num_transformer_submodules": 1,
+            "num_attention_heads": heads, "num_layers": site.num_layers}
+
+
+def check_prompt_fields(dm: DeltaModel, pc: dict[str, Any], path: Any, token_dim: int, heads: int) -> None:
+    """A prompt-learning adapter must be sized for this model (one submodule, its layers, widths and heads)."""
+    if pc.get("num_transformer_submodules", 1) != 1:
+        raise ValueError(f"PEFT adapter at '{path}' prompts {pc['num_transformer_submodules']} transformer "
+                         "submodules (encoder-decoder); deltatune imports decoder and encoder prompts")
+    site = dm.prompt_site
+    want = {"num_layers": site.num_layers, "token_dim": token_dim, "num_attention_heads": heads}
+    for key, value in want.items():
+        if pc.get(key, value) != value:
+            raise ValueError(f"PEFT adapter at '{path}' has {key}={pc[key]}, this model {value}: load it onto the "
+                             "model it was trained for")
+

@@ -11,13 +11,14 @@ Initialisation as HF peft 0.21 `tuners/prompt_tuning` does it: "random" N(0, 1) 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from ...engine.prompt import PromptConfig, PromptDelta, PromptSite
+from ...engine.peft_format import PeftCodec, check_prompt_fields, prompt_fields, register_peft
+from ...engine.prompt import PROMPT, PromptConfig, PromptDelta, PromptSite
 from ...engine.registry import register
 
 
@@ -79,3 +80,32 @@ class PromptTuning(PromptDelta):
 
     def input_prompt(self, batch: int) -> Tensor:
         return self.prompt_embeddings[None].expand(batch, -1, -1)  # (batch, l, d)
+
+
+_PEFT_INITS = {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "TEXT"}
+
+
+def _peft_export(dm: Any, adapter: Any) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    site, cfg = dm.prompt_site, adapter.config
+    fields = {**prompt_fields(dm, adapter, site.hidden_size, site.num_heads),
+              "prompt_tuning_init": _PEFT_INITS[cfg.init], "prompt_tuning_init_text": cfg.init_text,
+              "tokenizer_name_or_path": cfg.tokenizer, "tokenizer_kwargs": None}
+    return fields, {"prompt_embeddings": dm.prompts[adapter.name].prompt_embeddings.detach()}
+
+
+def _peft_load(dm: Any, pc: dict[str, Any], tensors: dict[str, Tensor], path: Any
+               ) -> tuple[PromptTuningConfig, dict[str, Tensor]]:
+    site = dm.prompt_site
+    check_prompt_fields(dm, pc, path, site.hidden_size, site.num_heads)
+    if set(tensors) != {"prompt_embeddings"}:
+        raise ValueError(f"PEFT prompt-tuning adapter at '{path}' holds {sorted(tensors)[:4]}, not one "
+                         "'prompt_embeddings' tensor; save the adapter from PEFT again")
+    init = {v: k for k, v in _PEFT_INITS.items()}.get(pc.get("prompt_tuning_init") or "RANDOM", "random")
+    text = {"init_text": pc.get("prompt_tuning_init_text"), "tokenizer": pc.get("tokenizer_name_or_path")}
+    if init == "text" and None in text.values():  # the init is history once the weights load
+        init, text = "random", {}
+    config = PromptTuningConfig(num_virtual_tokens=pc["num_virtual_tokens"], init=init, **text)
+    return config, {f"{PROMPT}.prompt_embeddings": tensors["prompt_embeddings"]}
+
+
+register_peft(PeftCodec("PROMPT_TUNING", ("prompt_tuning",), _peft_export, _peft_load, model_prefix="base_model."))
