@@ -198,7 +198,8 @@ class DeltaModel(nn.Module):
         if name not in self.prompts:
             raise ValueError(f"adapter '{name}' is no prompt adapter; fold_prompt() folds {list(self.prompts)}")
         self.prompts[name].fold()
-        self.adapters[name].config = self.prompts[name].config
+        config, folded = self.adapters[name].config, self.prompts[name].config
+        self.adapters[name].config = config.with_prompt(folded) if isinstance(config, UnionConfig) else folded
 
     def _repeated(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """A Parallel setup runs the batch once per child: every batch tensor repeated along dim 0."""

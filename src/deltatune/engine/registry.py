@@ -56,6 +56,10 @@ class UnionConfig(DeltaConfig):
     def parts(self) -> list[DeltaConfig]:
         raise NotImplementedError
 
+    def with_prompt(self, prompt: DeltaConfig) -> UnionConfig:
+        """This config with its prompt part's config replaced by `prompt` (what fold_prompt() left)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot record a folded prompt part")
+
 
 class UnionParts:
     """The delta class a UnionConfig registers with: it is never built itself, only its parts are."""

@@ -34,6 +34,9 @@ class MAMConfig(UnionConfig):
                                           scaling=self.scaling)
         return [prefix, ffn]
 
+    def with_prompt(self, prompt: DeltaConfig) -> MAMConfig:
+        return self.model_copy(update={"prefix_projection": prompt.prefix_projection})
+
 
 @register("mam_adapter", config=MAMConfig, family="adapters", formula="prefix (2·L·l·kv_dim) + 2 d m + d + m per FFN",
           paper="arXiv:2110.04366", summary="MAM adapter: prefix tuning at attention + scaled parallel adapter at the FFN")
