@@ -19,7 +19,7 @@ from .layer import BASE, Delta, DeltaLayer, Parts, Routing
 from .prompt import PROMPT, PromptDelta, PromptSite, assemble, embedding_hook, prepared_inputs, prompt_site
 from .prompt import generate as prompt_generate
 from .quantized import RoundingError, dequantize, dequantized_linear, logical_numel
-from .registry import DeltaConfig, did_you_mean, get_method, method_of
+from .registry import DeltaConfig, UnionConfig, did_you_mean, get_method, method_of
 from .targeting import delta_layers, get_parent, resolve
 
 SHARED = "__shared__"  # state-dict prefix of an adapter's tensors shared by all its layers
@@ -199,7 +199,8 @@ class DeltaModel(nn.Module):
         if name not in self.prompts:
             raise ValueError(f"adapter '{name}' is no prompt adapter; fold_prompt() folds {list(self.prompts)}")
         self.prompts[name].fold()
-        self.adapters[name].config = self.prompts[name].config
+        config, folded = self.adapters[name].config, self.prompts[name].config
+        self.adapters[name].config = config.with_prompt(folded) if isinstance(config, UnionConfig) else folded
 
     def _repeated(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """A Parallel setup runs the batch once per child: every batch tensor repeated along dim 0."""
@@ -272,6 +273,8 @@ class DeltaModel(nn.Module):
             raise ValueError(f"invalid adapter name {name!r}: use a non-empty name without dots")
         if name in self.adapters:
             raise ValueError(f"adapter '{name}' exists already; delete_adapter('{name}') first or pick another name")
+        if isinstance(config, UnionConfig):
+            return self._build_union(name, config, train_modules, initialize)
         spec, full = method_of(config), get_method("full")
         model_level = getattr(spec.delta, "model_level", False)
         targets = config.targets
@@ -311,6 +314,26 @@ class DeltaModel(nn.Module):
             prints[self._embedding_path()] = fingerprint(self.prompt_site.embedding.weight)
             built.append((PROMPT, None, prompt))
         return Adapter(name, config, paths, head_paths, prints), built, shared
+
+    def _build_union(self, name: str, config: UnionConfig, train_modules: Any, initialize: bool
+                     ) -> tuple[Adapter, list[tuple[str, DeltaLayer, Delta]], nn.Module | None]:
+        """Every part of a UnionConfig built as adapter `name` (the train modules go with the first part)."""
+        parts = [self._build(name, part, train_modules if i == 0 else None, initialize)
+                 for i, part in enumerate(config.parts())]
+        seen: dict[str, str] = {}
+        for part, (adapter, _, _) in zip(config.parts(), parts):
+            for path in adapter.all_paths:
+                if path in seen:
+                    raise ValueError(f"{method_of(config).name} puts two deltas ({seen[path]} and "
+                                     f"{method_of(part).name}) on '{path}': give its parts different targets")
+                seen[path] = method_of(part).name
+        shared = [s for _, _, s in parts if s is not None]
+        if len(shared) > 1:
+            raise ValueError(f"{method_of(config).name}: at most one of its parts may share tensors across layers")
+        adapter = Adapter(name, config, [p for a, _, _ in parts for p in a.paths],
+                          [p for a, _, _ in parts for p in a.train_modules],
+                          {k: v for a, _, _ in parts for k, v in a.fingerprints.items()})
+        return adapter, [b for _, built, _ in parts for b in built], shared[0] if shared else None
 
     def _embedding_path(self) -> str:
         """The dotted path of the model's input embedding (its fingerprint identifies the base of a prompt)."""
