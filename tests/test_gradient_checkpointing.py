@@ -1,6 +1,6 @@
 """Gradient checkpointing (`dt.enable_gradient_checkpointing`, recipe key train.gradient_checkpointing) changes
-no gradient: for every weight-delta method of the registry on a tiny Llama built from its config, for the
-activation adapters on MiniLM, for a plain nn.Module's blocks, for the per-call layer state (mixed-adapter rows,
+no gradient: for every weight-delta method of the registry on a tiny Llama built from its config (float32,
+and NF4 / int8 bases through bitsandbytes), for the activation adapters on MiniLM, for a plain nn.Module's blocks, for the per-call layer state (mixed-adapter rows,
 token masks, disabled()), and on real SmolLM2. Each test also counts the recomputed forwards, so a run in
 which checkpointing silently did nothing fails.
 """
@@ -70,6 +70,15 @@ def llama_config(method: str):
 def test_every_weight_delta_method_gets_the_same_gradients_with_checkpointing(method):
     dm = dt.inject(tiny_llama(), llama_config(method))
     perturb(dm, std=0.1)  # deltas away from their init, so every factor's gradient is non-trivial
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    assert_same_gradients_with_checkpointing(dm, lambda: dm(input_ids=ids, labels=ids).loss)
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_on_a_quantized_base_gets_the_same_gradients_with_checkpointing(method, scheme):
+    dm = dt.inject(dt.quantize(tiny_llama(), scheme), llama_config(method))  # bitsandbytes' CPU kernels
+    perturb(dm, std=0.1)
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
     assert_same_gradients_with_checkpointing(dm, lambda: dm(input_ids=ids, labels=ids).loss)
 
