@@ -158,3 +158,22 @@ def test_each_optimizer_takes_the_recipe_options(name):
     opt = build_optimizer(name, [p], torch.device("cpu"), lr=2e-3, betas=(0.8, 0.9), weight_decay=0.1)
     group = opt.param_groups[0]
     assert (group["lr"], tuple(group["betas"]), group["weight_decay"]) == (2e-3, (0.8, 0.9), 0.1)
+
+
+def test_merge_adapter_of_a_quantized_run_writes_the_dequantised_base_plus_the_delta(tmp_path, capsys):
+    from transformers import AutoModelForSequenceClassification
+
+    from deltatune.training.loop import build_model
+
+    out, merged = tmp_path / "run", tmp_path / "merged"
+    trainer = run_recipe([*MINILM_SHORT, "model.quantize=nf4", f"train.output_dir={out}"])
+    trainer.train()
+    assert main(["merge-adapter", str(out), "--stream", "--out", str(merged)]) == 2
+    assert "this adapter was trained on its nf4 quantization: leave --stream out" in capsys.readouterr().err
+    assert main(["merge-adapter", str(out), "--out", str(merged)]) == 0
+    batch = trainer.task.collate(trainer.eval_set[:4])
+    model = build_model(trainer.recipe, trainer.task, out / "adapter").eval()  # the trained model: NF4 + adapter
+    plain = AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    assert not [m for m in plain.modules() if type(m).__module__.startswith("bitsandbytes")]
+    with torch.no_grad():
+        assert_close(plain(**batch).logits, model(**batch).logits, rtol=1e-4, atol=1e-5)
