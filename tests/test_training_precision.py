@@ -177,3 +177,14 @@ def test_merge_adapter_of_a_quantized_run_writes_the_dequantised_base_plus_the_d
     assert not [m for m in plain.modules() if type(m).__module__.startswith("bitsandbytes")]
     with torch.no_grad():
         assert_close(plain(**batch).logits, model(**batch).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_runs_recorded_before_the_precision_keys_existed_are_the_same_recipe():
+    from deltatune.training.rundir import changed_keys
+
+    new = load_recipe(None, []).model_dump(mode="json")
+    old = {**new, "model": {k: v for k, v in new["model"].items() if k not in ("dtype", "quantize")},
+           "optimizer": {k: v for k, v in new["optimizer"].items() if k != "name"},
+           "train": {k: v for k, v in new["train"].items() if k != "gradient_checkpointing"}}
+    assert changed_keys(old, new) == []
+    assert changed_keys(old, load_recipe(None, ["model.quantize=nf4"]).model_dump(mode="json")) == ["model.quantize"]
