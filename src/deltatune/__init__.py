@@ -12,6 +12,7 @@ from .engine import (  # noqa: E402
     Parallel,
     Split,
     Stack,
+    enable_gradient_checkpointing,
     get_method,
     inject,
     list_methods,
@@ -26,4 +27,5 @@ from .engine.quantized import dequantize, quantize  # noqa: E402
 from .methods import DoRAConfig, FullConfig, LoRAConfig  # noqa: E402
 
 __all__ = ["BASE", "Average", "BatchSplit", "Fuse", "Parallel", "Split", "Stack", "DeltaConfig", "DeltaModel", "DoRAConfig", "FullConfig", "LoRAConfig", "__version__",
-           "dequantize", "get_method", "inject", "list_methods", "load", "load_adapterhub", "load_adapters", "load_peft", "make_config", "quantize", "register"]
+           "dequantize", "enable_gradient_checkpointing", "get_method", "inject", "list_methods", "load", "load_adapterhub",
+           "load_adapters", "load_peft", "make_config", "quantize", "register"]
