@@ -83,16 +83,6 @@ def test_dept_update_by_hand():
             assert_close(out[i, j], expected)
 
 
-def test_dept_positions_count_real_tokens():
-    right = torch.tensor([[1, 1, 1, 0, 0]])
-    left = torch.tensor([[0, 0, 1, 1, 1]])
-    assert dept.real_positions(right, 5, 1, "cpu")[0, :3].tolist() == [0, 1, 2]
-    assert dept.real_positions(left, 5, 1, "cpu")[0, 2:].tolist() == [0, 1, 2]
-    # generation with a cache: the new token is the 4th real one
-    assert dept.real_positions(torch.tensor([[0, 1, 1, 1, 1]]), 1, 1, "cpu").tolist() == [[3]]
-    assert dept.real_positions(None, 2, 3, "cpu", past=4).tolist() == [[4, 5]] * 3
-
-
 def test_dept_init_is_prompt_tuning():
     A, B = dept.init_pair(16, 4, 8)
     assert torch.all(B == 0) and A.abs().max() <= 1 / math.sqrt(4) and A.std() > 0

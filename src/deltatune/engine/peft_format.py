@@ -58,6 +58,7 @@ class PeftCodec:
     methods: tuple[str, ...]
     export: Callable[[DeltaModel, Adapter], tuple[dict[str, Any], Tensors]]
     load: Callable[[DeltaModel, dict[str, Any], Tensors, Any], tuple[DeltaConfig, Tensors]]
+    prompt_learning: bool = False  # a model-level method: tensors keyed as PEFT's prompt learning (peft_prompt.py)
 
 
 _CODECS: dict[str, PeftCodec] = {}
@@ -79,6 +80,7 @@ def peft_methods() -> list[str]:
     return sorted(m for c in _CODECS.values() for m in c.methods)
 
 PREFIX = "base_model.model."
+PROMPT_PREFIX = "base_model."  # prompt learning: PEFT's PeftModel holds the transformers model as base_model
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 _SAMPLER = "lora_monteclora_sampler."  # MonteCLoRA (peft >= 0.18: LoraConfig.monteclora_config, Linear layers)
 _LORA_KEYS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "A", "lora_embedding_B": "B",
@@ -114,14 +116,17 @@ def export_peft(dm: DeltaModel, path: Any, name: str) -> Path:
         raise ValueError(f"adapter '{name}' adapts nn.MultiheadAttention layers, which PEFT export does not cover; "
                          "save it with DeltaModel.save instead")
     fields, layer_tensors = codec.export(dm, adapter)
-    tensors = {k if k.startswith("base_model.") else PREFIX + k: v for k, v in layer_tensors.items()}
+    prefix = PROMPT_PREFIX if codec.prompt_learning else PREFIX
+    # prompt learning keeps its own tensors unprefixed ('prompt_embeddings'), as PEFT saves them
+    tensors = {k if k.startswith("base_model.") or codec.prompt_learning else PREFIX + k: v
+               for k, v in layer_tensors.items()}
     for p in adapter.train_modules:
         for key, value in dm.model.get_submodule(p).deltas[name].params.items():
-            tensors[f"{PREFIX}{p}.{key.replace('__', '.')}"] = value
+            tensors[f"{prefix}{p}.{key.replace('__', '.')}"] = value
     peft_config = {
         "peft_type": codec.peft_type, "task_type": None, "base_model_name_or_path": model_name(dm.model),
-        "target_modules": adapter.paths, "modules_to_save": adapter.train_modules or None,
-        "inference_mode": True, **fields,
+        "modules_to_save": adapter.train_modules or None, "inference_mode": True,
+        **({} if codec.prompt_learning else {"target_modules": adapter.paths}), **fields,
     }
     return write_peft(path, tensors, peft_config)
 
@@ -260,7 +265,7 @@ def read_peft(dm: DeltaModel, path: Any) -> tuple[DeltaConfig, list[str] | None,
     head_paths = sorted(pc.get("modules_to_save") or [], key=len, reverse=True)
     own: Tensors = {}
     for key, value in tensors.items():
-        key = key.removeprefix(PREFIX)
+        key = key.removeprefix(PROMPT_PREFIX if codec.prompt_learning else PREFIX)
         owner = next((p for p in head_paths if key.startswith(p + ".") or ("." + p + ".") in "." + key), None)
         if owner is None:
             own[key] = value

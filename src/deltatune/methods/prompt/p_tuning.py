@@ -13,12 +13,14 @@ P = l·d + |encoder|, see `encoder_parameters`.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from ...engine.peft_format import PeftCodec, register_peft
+from ...engine.peft_prompt import EMBEDDINGS, base_heads, prompt_embeddings, prompt_learning_fields, prompt_state
 from ...engine.prompt import PromptConfig, PromptDelta, PromptSite
 from ...engine.registry import register
 
@@ -93,14 +95,14 @@ class PTuning(PromptDelta):
         l, d = config.num_virtual_tokens, site.hidden_size
         device = site.embedding.weight.device
         if config.folded:  # P itself, as fold() left it (or as PEFT saves it)
-            self.prompt = nn.Parameter(torch.zeros(l, d, device=device))
+            self.prompt_embeddings = nn.Parameter(torch.zeros(l, d, device=device))
         else:
             self.encoder = PromptEncoder(l, d, config.encoder_reparameterization_type, config.encoder_hidden_size,
                                          config.encoder_num_layers, config.encoder_dropout).to(device)
 
     def virtual_tokens(self) -> Tensor:
         """P (l, d): the encoder's output, or the folded tensor."""
-        return self.prompt if self.config.folded else self.encoder()
+        return self.prompt_embeddings if self.config.folded else self.encoder()
 
     def input_prompt(self, batch: int) -> Tensor:
         return self.virtual_tokens().unsqueeze(0).expand(batch, -1, -1)  # computed once, shared by the rows
@@ -109,6 +111,28 @@ class PTuning(PromptDelta):
         if self.config.folded:
             return
         trains = self.encoder.embedding.weight.requires_grad
-        self.prompt = nn.Parameter(self.encoder.folded(), requires_grad=trains)
+        self.prompt_embeddings = nn.Parameter(self.encoder.folded(), requires_grad=trains)
         del self.encoder
         self.config = self.config.model_copy(update={"folded": True})
+
+
+def _export(dm: Any, adapter: Any) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    delta, c = dm.prompts[adapter.name], adapter.config
+    P = delta.prompt_embeddings.detach() if c.folded else delta.encoder.folded()
+    fields = {**prompt_learning_fields(dm, adapter), "encoder_reparameterization_type": c.encoder_reparameterization_type,
+              "encoder_hidden_size": c.encoder_hidden_size or dm.prompt_site.hidden_size,
+              "encoder_num_layers": c.encoder_num_layers, "encoder_dropout": c.encoder_dropout}
+    return fields, {EMBEDDINGS: P, **base_heads(dm, adapter)}
+
+
+def _load(dm: Any, pc: dict[str, Any], tensors: dict[str, Tensor], path: Any) -> tuple[PTuningConfig, dict]:
+    P = prompt_embeddings(tensors, path)
+    kind = pc.get("encoder_reparameterization_type", "MLP")
+    config = PTuningConfig(num_virtual_tokens=P.shape[0], encoder_reparameterization_type=kind,
+                           encoder_hidden_size=pc.get("encoder_hidden_size"),
+                           encoder_num_layers=pc.get("encoder_num_layers", 2) if kind == "LSTM" else 2,
+                           encoder_dropout=pc.get("encoder_dropout", 0.0), folded=True)  # PEFT saves P alone
+    return config, prompt_state(prompt_embeddings=P)
+
+
+register_peft(PeftCodec("P_TUNING", ("p_tuning",), _export, _load, prompt_learning=True))
