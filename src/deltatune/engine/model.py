@@ -16,8 +16,16 @@ from .activation import find_site
 from .composition import Block, Stack, parse
 from .kinds import has_fused_fast_path, target_kind, weight_of
 from .layer import BASE, Delta, DeltaLayer, Parts, Routing
-from .prompt import (PROMPT, PromptDelta, PromptSite, assemble, embedding_hook, method_loss, prepared_inputs,
-                     prompt_site)
+from .prompt import (
+    PROMPT,
+    PromptDelta,
+    PromptSite,
+    assemble,
+    embedding_hook,
+    method_loss,
+    prepared_inputs,
+    prompt_site,
+)
 from .prompt import generate as prompt_generate
 from .registry import DeltaConfig, did_you_mean, get_method, method_of
 from .targeting import get_parent, resolve

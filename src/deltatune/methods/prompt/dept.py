@@ -29,20 +29,20 @@ from ...engine.prompt import PromptConfig, PromptDelta, PromptSite
 from ...engine.registry import register
 
 
-def prompt_length(l: int, d: int, r: int, max_length: int) -> int:
-    """m, the DePT prompt length with the trainable budget of l prompt-tuning tokens of width d."""
-    m = (l * d - r * (max_length + d)) // d
+def prompt_length(tokens: int, d: int, r: int, max_length: int) -> int:
+    """m, the DePT prompt length with the trainable budget of l = `tokens` prompt-tuning tokens of width d."""
+    m = (tokens * d - r * (max_length + d)) // d
     if m < 1:
         raise ValueError(
             f"DePT's pair A ({max_length}×{r}), B ({r}×{d}) takes r(max_length + d) = {r * (max_length + d):,} "
-            f"parameters, leaving no prompt token in the budget of num_virtual_tokens·d = {l * d:,}: lower rank "
+            f"parameters, leaving no prompt token in the budget of num_virtual_tokens·d = {tokens * d:,}: lower rank "
             f"or max_length, or raise num_virtual_tokens")
     return m
 
 
-def dept_parameters(l: int, d: int, r: int, max_length: int) -> int:
-    """Trainable parameters: m·d + r(S + d) (at most l·d)."""
-    return prompt_length(l, d, r, max_length) * d + r * (max_length + d)
+def dept_parameters(tokens: int, d: int, r: int, max_length: int) -> int:
+    """Trainable parameters: m·d + r(S + d) (at most l·d, l = `tokens`)."""
+    return prompt_length(tokens, d, r, max_length) * d + r * (max_length + d)
 
 
 def embedding_update(A: Tensor, B: Tensor, scale: float, positions: Tensor) -> Tensor:

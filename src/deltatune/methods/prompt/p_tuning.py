@@ -20,31 +20,37 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from ...engine.peft_format import PeftCodec, register_peft
-from ...engine.peft_prompt import EMBEDDINGS, base_heads, prompt_embeddings, prompt_learning_fields, prompt_state
+from ...engine.peft_prompt import (
+    EMBEDDINGS,
+    base_heads,
+    prompt_embeddings,
+    prompt_learning_fields,
+    prompt_state,
+)
 from ...engine.prompt import PromptConfig, PromptDelta, PromptSite
 from ...engine.registry import register
 
 EncoderKind = Literal["MLP", "LSTM"]
 
 
-def encoder_parameters(l: int, d: int, h: int, kind: EncoderKind, num_layers: int = 2) -> int:
-    """Trainable parameters of a prompt encoder: E (l×d) plus its head, by formula."""
+def encoder_parameters(tokens: int, d: int, h: int, kind: EncoderKind, num_layers: int = 2) -> int:
+    """Trainable parameters of a prompt encoder: E (l×d, l = `tokens`) plus its head, by formula."""
     if kind == "MLP":
-        return l * d + (d * h + h) + (h * h + h) + (h * d + d)
+        return tokens * d + (d * h + h) + (h * h + h) + (h * d + d)
     # each LSTM direction of each layer: 4 gates × (input + hidden weights + two biases)
     lstm = sum(2 * 4 * h * ((d if i == 0 else 2 * h) + h + 2) for i in range(num_layers))
-    return l * d + lstm + (2 * h * 2 * h + 2 * h) + (2 * h * d + d)
+    return tokens * d + lstm + (2 * h * 2 * h + 2 * h) + (2 * h * d + d)
 
 
 class PromptEncoder(nn.Module):
     """E (l×d) and the head that maps it to the l virtual-token embeddings; forward() -> P (l, d)."""
 
-    def __init__(self, l: int, d: int, kind: EncoderKind = "MLP", hidden: int | None = None,
+    def __init__(self, tokens: int, d: int, kind: EncoderKind = "MLP", hidden: int | None = None,
                  num_layers: int = 2, dropout: float = 0.0):
         super().__init__()
         h = hidden or d
         self.kind = kind
-        self.embedding = nn.Embedding(l, d)
+        self.embedding = nn.Embedding(tokens, d)
         if kind == "LSTM":
             self.lstm_head = nn.LSTM(d, h, num_layers=num_layers, dropout=dropout, bidirectional=True,
                                      batch_first=True)
@@ -92,12 +98,12 @@ class PTuningConfig(PromptConfig):
 class PTuning(PromptDelta):
     def __init__(self, config: PTuningConfig, site: PromptSite, initialize: bool = True):
         super().__init__(config, site, initialize)
-        l, d = config.num_virtual_tokens, site.hidden_size
+        tokens, d = config.num_virtual_tokens, site.hidden_size
         device = site.embedding.weight.device
         if config.folded:  # P itself, as fold() left it (or as PEFT saves it)
-            self.prompt_embeddings = nn.Parameter(torch.zeros(l, d, device=device))
+            self.prompt_embeddings = nn.Parameter(torch.zeros(tokens, d, device=device))
         else:
-            self.encoder = PromptEncoder(l, d, config.encoder_reparameterization_type, config.encoder_hidden_size,
+            self.encoder = PromptEncoder(tokens, d, config.encoder_reparameterization_type, config.encoder_hidden_size,
                                          config.encoder_num_layers, config.encoder_dropout).to(device)
 
     def virtual_tokens(self) -> Tensor:
