@@ -276,7 +276,7 @@ class DeltaModel(nn.Module):
                                state: dict[str, Tensor]) -> Adapter:
         """Add adapter `name` holding saved tensors (a native or imported checkpoint) instead of an init."""
         adapter, built, shared = self._build(name, config, train_modules, initialize=False)
-        own = {f"{path}.{k}": t for path, _, delta in built for k, t in delta.state_dict().items()}  # PROMPT too
+        own = {f"{path}.{k}": t for path, _, delta in built for k, t in delta.state_dict().items()}
         if shared is not None:
             own.update({f"{SHARED}.{k}": t for k, t in shared.state_dict().items()})
         _copy_state(own, state, name)

@@ -58,7 +58,9 @@ class PeftCodec:
     methods: tuple[str, ...]
     export: Callable[[DeltaModel, Adapter], tuple[dict[str, Any], Tensors]]
     load: Callable[[DeltaModel, dict[str, Any], Tensors, Any], tuple[DeltaConfig, Tensors]]
-    prompt_learning: bool = False  # a model-level method: tensors keyed as PEFT's prompt learning (peft_prompt.py)
+    # where PEFT keeps the model's tensors: 'base_model.model.' under a tuner, 'base_model.' for prompt learning
+    # (its model is not wrapped); keys without a dot ('prompt_embeddings') are the tuner's own, never prefixed
+    model_prefix: str = "base_model.model."
 
 
 _CODECS: dict[str, PeftCodec] = {}
@@ -80,7 +82,6 @@ def peft_methods() -> list[str]:
     return sorted(m for c in _CODECS.values() for m in c.methods)
 
 PREFIX = "base_model.model."
-PROMPT_PREFIX = "base_model."  # prompt learning: PEFT's PeftModel holds the transformers model as base_model
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 _SAMPLER = "lora_monteclora_sampler."  # MonteCLoRA (peft >= 0.18: LoraConfig.monteclora_config, Linear layers)
 _LORA_KEYS = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "A", "lora_embedding_B": "B",
@@ -116,18 +117,18 @@ def export_peft(dm: DeltaModel, path: Any, name: str) -> Path:
         raise ValueError(f"adapter '{name}' adapts nn.MultiheadAttention layers, which PEFT export does not cover; "
                          "save it with DeltaModel.save instead")
     fields, layer_tensors = codec.export(dm, adapter)
-    prefix = PROMPT_PREFIX if codec.prompt_learning else PREFIX
-    # prompt learning keeps its own tensors unprefixed ('prompt_embeddings'), as PEFT saves them
-    tensors = {k if k.startswith("base_model.") or codec.prompt_learning else PREFIX + k: v
+    tensors = {k if k.startswith("base_model.") or "." not in k else codec.model_prefix + k: v
                for k, v in layer_tensors.items()}
     for p in adapter.train_modules:
         for key, value in dm.model.get_submodule(p).deltas[name].params.items():
-            tensors[f"{prefix}{p}.{key.replace('__', '.')}"] = value
+            tensors[f"{codec.model_prefix}{p}.{key.replace('__', '.')}"] = value
     peft_config = {
         "peft_type": codec.peft_type, "task_type": None, "base_model_name_or_path": model_name(dm.model),
-        "modules_to_save": adapter.train_modules or None, "inference_mode": True,
-        **({} if codec.prompt_learning else {"target_modules": adapter.paths}), **fields,
+        "target_modules": adapter.paths, "modules_to_save": adapter.train_modules or None,
+        "inference_mode": True, **fields,
     }
+    if peft_config["target_modules"] is None:  # prompt learning's configs have no such field (PEFT warns of it)
+        del peft_config["target_modules"]
     return write_peft(path, tensors, peft_config)
 
 
@@ -265,7 +266,7 @@ def read_peft(dm: DeltaModel, path: Any) -> tuple[DeltaConfig, list[str] | None,
     head_paths = sorted(pc.get("modules_to_save") or [], key=len, reverse=True)
     own: Tensors = {}
     for key, value in tensors.items():
-        key = key.removeprefix(PROMPT_PREFIX if codec.prompt_learning else PREFIX)
+        key = key.removeprefix(codec.model_prefix)
         owner = next((p for p in head_paths if key.startswith(p + ".") or ("." + p + ".") in "." + key), None)
         if owner is None:
             own[key] = value
@@ -344,3 +345,49 @@ def _lora_load(dm: DeltaModel, pc: dict[str, Any], tensors: Tensors, path: Any) 
 
 
 register_peft(PeftCodec("LORA", ("lora", "dora", "monteclora"), _lora_export, _lora_load))
+
+# prompt learning (PROMPT_TUNING, PREFIX_TUNING...): the fields every such config has, from the model's PromptSite
+PEFT_TASKS = {"causal_lm": "CAUSAL_LM", "seq_cls": "SEQ_CLS", "token_cls": "TOKEN_CLS", "qa": "QUESTION_ANS",
+              "feature": "FEATURE_EXTRACTION"}
+
+
+def prompt_fields(dm: DeltaModel, adapter: Adapter, token_dim: int, heads: int) -> dict[str, Any]:
+    """adapter_config.json fields of a prompt-learning adapter (token_dim, heads: what PEFT sizes it by)."""
+    site = dm.prompt_site
+    if site.is_encoder_decoder:
+        raise ValueError(f"adapter '{adapter.name}' is on an encoder-decoder model; PEFT export of prompt methods "
+                         "covers decoder and encoder models: save it with DeltaModel.save instead")
+    return {"task_type": PEFT_TASKS[site.task], "target_modules": None, "num_virtual_tokens":
+            adapter.config.num_virtual_tokens, "token_dim": token_dim, "num_transformer_submodules": 1,
+            "num_attention_heads": heads, "num_layers": site.num_layers}
+
+
+def check_prompt_fields(dm: DeltaModel, pc: dict[str, Any], path: Any, token_dim: int, heads: int) -> None:
+    """A prompt-learning adapter must be sized for this model (one submodule, its layers, widths and heads)."""
+    if pc.get("num_transformer_submodules", 1) != 1:
+        raise ValueError(f"PEFT adapter at '{path}' prompts {pc['num_transformer_submodules']} transformer "
+                         "submodules (encoder-decoder); deltatune imports decoder and encoder prompts")
+    site = dm.prompt_site
+    want = {"num_layers": site.num_layers, "token_dim": token_dim, "num_attention_heads": heads}
+    for key, value in want.items():
+        if pc.get(key, value) != value:
+            raise ValueError(f"PEFT adapter at '{path}' has {key}={pc[key]}, this model {value}: load it onto the "
+                             "model it was trained for")
+
+
+
+def base_heads(dm: DeltaModel, adapter: Adapter) -> Tensors:
+    """PEFT's sequence classifiers always load a trained copy of the head ('classifier' or 'score'); a prompt
+    adapter that left the head frozen exports the base head's own tensors there (the same function)."""
+    if dm.prompt_site.task != "seq_cls" or adapter.train_modules:
+        return {}
+    return {f"base_model.{path}.{k}": t for path, m in dm.model.named_modules()
+            if path.split(".")[-1] in ("classifier", "score") for k, t in m.state_dict().items()}
+
+
+def prompt_embeddings(tensors: Tensors, path: Any) -> torch.Tensor:
+    """The file's one `prompt_embeddings` tensor (heads are taken out before the codec sees the tensors)."""
+    if set(tensors) != {"prompt_embeddings"}:
+        raise ValueError(f"PEFT prompt adapter at '{path}' holds {sorted(tensors)[:4]}, not one "
+                         "'prompt_embeddings' tensor; save the adapter from PEFT again")
+    return tensors["prompt_embeddings"]

@@ -19,15 +19,15 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from ...engine.peft_format import PeftCodec, register_peft
-from ...engine.peft_prompt import (
-    EMBEDDINGS,
+from ...engine.peft_format import (
+    PeftCodec,
     base_heads,
+    check_prompt_fields,
     prompt_embeddings,
-    prompt_learning_fields,
-    prompt_state,
+    prompt_fields,
+    register_peft,
 )
-from ...engine.prompt import PromptConfig, PromptDelta, PromptSite
+from ...engine.prompt import PROMPT, PromptConfig, PromptDelta, PromptSite
 from ...engine.registry import register
 
 EncoderKind = Literal["MLP", "LSTM"]
@@ -125,20 +125,23 @@ class PTuning(PromptDelta):
 def _export(dm: Any, adapter: Any) -> tuple[dict[str, Any], dict[str, Tensor]]:
     delta, c = dm.prompts[adapter.name], adapter.config
     P = delta.prompt_embeddings.detach() if c.folded else delta.encoder.folded()
-    fields = {**prompt_learning_fields(dm, adapter), "encoder_reparameterization_type": c.encoder_reparameterization_type,
-              "encoder_hidden_size": c.encoder_hidden_size or dm.prompt_site.hidden_size,
+    site = dm.prompt_site
+    fields = {**prompt_fields(dm, adapter, site.hidden_size, site.num_heads),
+              "encoder_reparameterization_type": c.encoder_reparameterization_type,
+              "encoder_hidden_size": c.encoder_hidden_size or site.hidden_size,
               "encoder_num_layers": c.encoder_num_layers, "encoder_dropout": c.encoder_dropout}
-    return fields, {EMBEDDINGS: P, **base_heads(dm, adapter)}
+    return fields, {"prompt_embeddings": P, **base_heads(dm, adapter)}
 
 
 def _load(dm: Any, pc: dict[str, Any], tensors: dict[str, Tensor], path: Any) -> tuple[PTuningConfig, dict]:
+    check_prompt_fields(dm, pc, path, dm.prompt_site.hidden_size, dm.prompt_site.num_heads)
     P = prompt_embeddings(tensors, path)
     kind = pc.get("encoder_reparameterization_type", "MLP")
     config = PTuningConfig(num_virtual_tokens=P.shape[0], encoder_reparameterization_type=kind,
                            encoder_hidden_size=pc.get("encoder_hidden_size"),
                            encoder_num_layers=pc.get("encoder_num_layers", 2) if kind == "LSTM" else 2,
                            encoder_dropout=pc.get("encoder_dropout", 0.0), folded=True)  # PEFT saves P alone
-    return config, prompt_state(prompt_embeddings=P)
+    return config, {f"{PROMPT}.prompt_embeddings": P}
 
 
-register_peft(PeftCodec("P_TUNING", ("p_tuning",), _export, _load, prompt_learning=True))
+register_peft(PeftCodec("P_TUNING", ("p_tuning",), _export, _load, model_prefix="base_model."))

@@ -11,13 +11,14 @@ Initialisation as HF peft 0.21 `tuners/prompt_tuning` does it: "random" N(0, 1) 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from ...engine.prompt import PromptConfig, PromptDelta, PromptSite
+from ...engine.peft_format import PeftCodec, check_prompt_fields, prompt_fields, register_peft
+from ...engine.prompt import PROMPT, PromptConfig, PromptDelta, PromptSite
 from ...engine.registry import register
 
 
@@ -49,8 +50,8 @@ def text_token_ids(config: PromptTuningConfig) -> list[int]:
         from transformers import AutoTokenizer
 
         ids = AutoTokenizer.from_pretrained(config.tokenizer)(config.init_text)["input_ids"]
-    l = config.num_virtual_tokens
-    return (ids * math.ceil(l / len(ids)))[:l]
+    n = config.num_virtual_tokens
+    return (ids * math.ceil(n / len(ids)))[:n]
 
 
 @register("prompt_tuning", config=PromptTuningConfig, family="prompt", formula="l·d (model-level)",
@@ -66,11 +67,11 @@ class PromptTuning(PromptDelta):
 
     @torch.no_grad()
     def reset(self, config: PromptTuningConfig, site: PromptSite) -> None:
-        W, l = site.embedding.weight, config.num_virtual_tokens
+        W, n = site.embedding.weight, config.num_virtual_tokens
         if config.init == "random":
             self.prompt_embeddings.normal_()
             return
-        ids = torch.randint(0, site.vocab_size, (l,)) if config.init == "sample_vocab" else \
+        ids = torch.randint(0, site.vocab_size, (n,)) if config.init == "sample_vocab" else \
             torch.tensor(text_token_ids(config))
         if int(ids.max()) >= site.vocab_size or int(ids.min()) < 0:
             raise ValueError(f"init token ids must lie in [0, {site.vocab_size}) (the model's vocabulary); "
@@ -79,3 +80,32 @@ class PromptTuning(PromptDelta):
 
     def input_prompt(self, batch: int) -> Tensor:
         return self.prompt_embeddings[None].expand(batch, -1, -1)  # (batch, l, d)
+
+
+_PEFT_INITS = {"random": "RANDOM", "sample_vocab": "SAMPLE_VOCAB", "text": "TEXT"}
+
+
+def _peft_export(dm: Any, adapter: Any) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    site, cfg = dm.prompt_site, adapter.config
+    fields = {**prompt_fields(dm, adapter, site.hidden_size, site.num_heads),
+              "prompt_tuning_init": _PEFT_INITS[cfg.init], "prompt_tuning_init_text": cfg.init_text,
+              "tokenizer_name_or_path": cfg.tokenizer, "tokenizer_kwargs": None}
+    return fields, {"prompt_embeddings": dm.prompts[adapter.name].prompt_embeddings.detach()}
+
+
+def _peft_load(dm: Any, pc: dict[str, Any], tensors: dict[str, Tensor], path: Any
+               ) -> tuple[PromptTuningConfig, dict[str, Tensor]]:
+    site = dm.prompt_site
+    check_prompt_fields(dm, pc, path, site.hidden_size, site.num_heads)
+    if set(tensors) != {"prompt_embeddings"}:
+        raise ValueError(f"PEFT prompt-tuning adapter at '{path}' holds {sorted(tensors)[:4]}, not one "
+                         "'prompt_embeddings' tensor; save the adapter from PEFT again")
+    init = {v: k for k, v in _PEFT_INITS.items()}.get(pc.get("prompt_tuning_init") or "RANDOM", "random")
+    text = {"init_text": pc.get("prompt_tuning_init_text"), "tokenizer": pc.get("tokenizer_name_or_path")}
+    if init == "text" and None in text.values():  # the init is history once the weights load
+        init, text = "random", {}
+    config = PromptTuningConfig(num_virtual_tokens=pc["num_virtual_tokens"], init=init, **text)
+    return config, {f"{PROMPT}.prompt_embeddings": tensors["prompt_embeddings"]}
+
+
+register_peft(PeftCodec("PROMPT_TUNING", ("prompt_tuning",), _peft_export, _peft_load, model_prefix="base_model."))
