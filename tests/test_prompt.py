@@ -90,6 +90,32 @@ def test_prefix_is_the_base_model_with_its_keys_and_values_cached(smollm2, lm_ba
         assert_close(dm(**lm_batch).logits, base(**lm_batch).logits)
 
 
+def test_prefix_on_minilm_is_attention_over_its_keys_and_values(make_minilm, minilm_batch):
+    """By hand, without a Cache: an attention function that puts each layer's prefix before the keys and values
+    (and unmasks it); real tokens at positions l.., as BERT counts them after a cache of l entries."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
+
+    dm = dt.inject(make_minilm(), dt.make_config("p_tuning_v2", num_virtual_tokens=3))
+    randomise(dm)
+    B, T = minilm_batch["input_ids"].shape
+    kv = dm.prompts["default"].kv_prefix(B)
+
+    def with_prefix(module, query, key, value, attention_mask, **kwargs):
+        k, v = kv[module.layer_idx]
+        attention_mask = torch.cat([attention_mask.new_ones(*attention_mask.shape[:-1], 3), attention_mask], -1)
+        return sdpa_attention_forward(module, query, torch.cat([k, key], 2), torch.cat([v, value], 2),
+                                      attention_mask, **kwargs)
+
+    AttentionInterface.register("test_prefix", with_prefix)
+    AttentionMaskInterface.register("test_prefix", sdpa_mask)
+    ref = make_minilm()
+    ref.set_attn_implementation("test_prefix")
+    positions = torch.arange(3, 3 + T)[None].expand(B, -1)
+    assert_close(dm(**minilm_batch).logits, ref(**minilm_batch, position_ids=positions).logits)
+
+
 @pytest.mark.parametrize("method,count", [
     ("prompt_tuning", lambda n, d, kv, L, h: n * d),
     ("p_tuning_v2", lambda n, d, kv, L, h: 2 * L * n * kv),

@@ -212,34 +212,32 @@ def prepared_inputs(model: nn.Module, site: PromptSite, rows: _Rows, kwargs: dic
     mask = torch.ones(B, T, dtype=torch.long, device=dev) if mask is None else mask
     if mask.dim() != 2:
         raise ValueError(f"prompt adapters extend a 2-D attention_mask (batch, sequence); got {tuple(mask.shape)}")
-    prompt_mask = _slots(rows.prompt_len, P, dev)
-    # inputs: [prompt_i, real tokens, padding]: a row's prompt then its tokens, its padding at the end
-    order = _input_order(rows.prompt_len, P, T, dev)  # (B, P + T): where each input slot comes from
-    if rows.prompt is not None:
-        stacked = torch.cat([rows.prompt.to(embeds.dtype), embeds], 1)
-        embeds = stacked.gather(1, order[..., None].expand(-1, -1, stacked.shape[2]))
-    full_mask = torch.cat([prompt_mask.to(mask.dtype), mask], 1).gather(1, order) if P else mask
-    if P and not rows.uniform:  # the padding slots of each row are masked
-        full_mask = full_mask * _slots([p + T for p in rows.prompt_len], P + T, dev).to(mask.dtype)
+    # inputs: [prompt slots (P), real tokens (T)] reordered per row to [its prompt, its tokens, its unused slots]
+    order = _input_order(rows.prompt_len, P, T, dev)
+
+    def extend(t: Tensor, virtual: Tensor) -> Tensor:
+        """`t` (B, T, ...) with the prompt slots' values `virtual` (B, P, ...) in front, in each row's order."""
+        index = order.to(t.device).view(B, P + T, *[1] * (t.dim() - 2)).expand(-1, -1, *t.shape[2:])
+        return torch.cat([virtual.to(t.dtype), t], 1).gather(1, index)
+
+    if P:  # unused prompt slots are masked, labelled -100 and of token type 0: padding
+        embeds = extend(embeds, rows.prompt)
+        mask = extend(mask, _slots(rows.prompt_len, P, dev))
+        for key, fill in (("labels", -100), ("token_type_ids", 0)):
+            t = kwargs.get(key)
+            if t is not None and t.dim() == 2 and t.shape[1] == T:  # seq-cls labels (B,) stay as they are
+                kwargs[key] = extend(t, torch.full((B, P), fill, device=t.device))
     if K:
-        full_mask = torch.cat([_slots(rows.prefix_len, K, dev).to(mask.dtype), full_mask], 1)
+        mask = torch.cat([_slots(rows.prefix_len, K, dev).to(mask.dtype), mask], 1)
         kwargs[cache_argument(model)] = make_cache(rows.prefix)
-    kwargs["attention_mask"] = full_mask
-    for key, fill in (("labels", -100), ("token_type_ids", 0)):
-        t = kwargs.get(key)
-        if t is not None and P and t.dim() == 2 and t.shape[1] == T:  # seq-cls labels are (B,): left alone
-            kwargs[key] = torch.cat([torch.full((B, P), fill, dtype=t.dtype, device=t.device), t], 1).gather(
-                1, order.to(t.device))
-            if not rows.uniform:
-                kwargs[key] = kwargs[key].masked_fill(~_slots([p + T for p in rows.prompt_len], P + T, dev).bool(),
-                                                      fill)
+    kwargs["attention_mask"] = mask
     positions = kwargs.get("position_ids")
-    if positions is not None or not rows.uniform:
-        offset = torch.tensor([k + p for k, p in zip(rows.prefix_len, rows.prompt_len)], device=dev)[:, None]
-        start = torch.tensor(rows.prefix_len, device=dev)[:, None]
-        real = (torch.arange(T, device=dev)[None, :] if positions is None else positions.to(dev)) + offset
-        virtual = start + torch.arange(P, device=dev)[None, :]
-        kwargs["position_ids"] = torch.cat([virtual, real.expand(B, T)], 1).gather(1, order) if P else real.expand(B, T)
+    if positions is not None or not rows.uniform:  # a row's tokens where they are alone: after k + p virtual ones
+        k = torch.tensor(rows.prefix_len, device=dev)[:, None]
+        p = torch.tensor(rows.prompt_len, device=dev)[:, None]
+        real = (torch.arange(T, device=dev)[None, :] if positions is None else positions.to(dev)) + k + p
+        real = real.expand(B, T)
+        kwargs["position_ids"] = extend(real, k + torch.arange(P, device=dev)[None, :]) if P else real
     kwargs["inputs_embeds"] = embeds
     return kwargs
 
