@@ -7,7 +7,9 @@ LSTM (d -> 2h, `encoder_num_layers` layers, dropout between them) then Linear(2h
 Shapes, initialisation (PyTorch's defaults: E ~ N(0, 1)) and parameter names follow HF peft 0.21
 `tuners/p_tuning` (PEFT's MLP always has these three layers and ignores encoder_num_layers: here that is
 an error instead). h defaults to d. Once trained, `fold()` replaces the encoder by its output P, which is
-also what PEFT saves (`prompt_embeddings`): an exported P-tuning adapter is P alone.
+also what PEFT saves (`prompt_embeddings`): an exported P-tuning adapter is P alone. Departure: fold and
+export run the encoder in eval mode (PEFT runs it in the model's mode, so a save during training with
+encoder_dropout > 0 would store one dropout draw).
 P = l·d + |encoder|, see `encoder_parameters`.
 """
 
