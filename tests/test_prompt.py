@@ -231,6 +231,27 @@ def test_generate_with_the_cache_equals_a_greedy_loop_without_it(smollm2, lm_bat
     assert torch.equal(sampled[:, :lm_batch["input_ids"].shape[1]], lm_batch["input_ids"])
 
 
+def test_embed_hook_changes_the_real_tokens_in_forward_and_every_generate_step(smollm2, lm_batch):
+    """DePT's hook: `embed` sees every real token's embedding, also those generate() feeds one by one; with LoRA
+    on the embedding table the tokens go through it first."""
+    base = copy.deepcopy(smollm2)
+    dm = dt.inject(smollm2, dt.make_config("prompt_tuning", num_virtual_tokens=3), name="prompt")
+    dm.add_adapter("lora", dt.LoRAConfig(r=2, targets=["embed_tokens"]))
+    with torch.no_grad():
+        dm.prompts["prompt"].prompt_embeddings.mul_(0.05)
+        dm.model.get_input_embeddings().deltas["lora"].lora_B.normal_(std=0.05)
+    dm.set_active(["prompt", "lora"])
+    shift = torch.randn(576) * 0.02
+    dm.prompts["prompt"].embed = lambda ids, embeds, positions: embeds + shift
+    table = dm.model.get_input_embeddings()  # LoRA-adapted
+    real = table(lm_batch["input_ids"]) + shift
+    embeds = torch.cat([dm.prompts["prompt"].prompt_embeddings[None].expand(2, -1, -1), real], 1)
+    mask = torch.cat([torch.ones(2, 3, dtype=torch.long), lm_batch["attention_mask"]], 1)
+    assert_close(dm(**lm_batch).logits, base(inputs_embeds=embeds, attention_mask=mask).logits)
+    with torch.no_grad():
+        assert torch.equal(dm.generate(**lm_batch, max_new_tokens=3, do_sample=False), greedy_loop(dm, lm_batch, 3))
+
+
 def test_delete_and_activation_rules(smollm2, lm_batch):
     dm = dt.inject(smollm2, dt.make_config("prompt_tuning", num_virtual_tokens=2), name="a")
     dm.add_adapter("b", dt.make_config("p_tuning_v2", num_virtual_tokens=2))

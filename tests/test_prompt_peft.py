@@ -43,6 +43,8 @@ def test_prompt_tuning_matches_peft_both_ways_on_smollm2(smollm2, lm_batch, tmp_
         assert_close(dm(**lm_batch).logits, pm(**lm_batch).logits)
         want = pm.generate(**lm_batch, max_new_tokens=4, do_sample=False)
         assert torch.equal(dm.generate(**lm_batch, max_new_tokens=4, do_sample=False), want)
+        length = lm_batch["input_ids"].shape[1] + 2  # a total length counts the real tokens only, as in PEFT
+        assert torch.equal(dm.generate(**lm_batch, max_length=length, do_sample=False), want[:, :length])
     dm.export_peft(tmp_path / "ours")  # and back: PEFT loads ours
     back = peft.PeftModel.from_pretrained(copy.deepcopy(smollm2), tmp_path / "ours").eval()
     with torch.no_grad():

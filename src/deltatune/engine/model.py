@@ -148,17 +148,16 @@ class DeltaModel(nn.Module):
         LoRA, e.g. a new modality's tokens), every other token sees the base model."""
         args, kwargs = self._repeated(args, kwargs)
         deltas = self._row_prompts(args, kwargs, adapter_names)
+        if deltas is not None and token_mask is not None:
+            raise ValueError("token_mask cannot be combined with a prompt adapter (its virtual tokens have no "
+                             "place in the mask); deactivate the prompt adapter or drop token_mask")
         own_loss = None
         if deltas is not None:
-            if token_mask is not None:
-                raise ValueError("token_mask cannot be combined with a prompt adapter (its virtual tokens have no "
-                                 "place in the mask); deactivate the prompt adapter or drop token_mask")
             kwargs = self._keywords(args, kwargs)
             own_loss, kwargs = method_loss(deltas, kwargs)  # CPT: its loss, from the labels and its batch keys
             args = ()
-        # the hook is on while prepared_inputs embeds the tokens (DePT changes those embeddings)
-        with self._embedded(deltas, kwargs), self._routed(adapter_names), self._masked_tokens(token_mask):
-            if deltas is not None:
+        with self._routed(adapter_names), self._masked_tokens(token_mask), self._embedded(deltas, kwargs):
+            if deltas is not None:  # the real tokens' embeddings are taken in here: routed, through `embed`
                 kwargs = prepared_inputs(self.model, self.prompt_site, assemble(deltas), kwargs)
             output = self.model(*args, **kwargs)
         return output if own_loss is None else own_loss(output)
@@ -206,7 +205,7 @@ class DeltaModel(nn.Module):
     def _embedded(self, deltas: list[PromptDelta | None] | None, kwargs: dict) -> contextlib.AbstractContextManager:
         if deltas is None:
             return contextlib.nullcontext()
-        return embedding_hook(self.prompt_site, deltas, kwargs.get("attention_mask"))
+        return embedding_hook(self.model, deltas, kwargs.get("attention_mask"))
 
     def fold_prompt(self, name: str | None = None) -> None:
         """Replace prompt adapter `name`'s reparameterisation (prefix MLP, P-tuning encoder) by its output;
@@ -323,9 +322,6 @@ class DeltaModel(nn.Module):
         prints = {path: fingerprint(w) for path, layer, _ in built
                   if path in paths and (w := weight_of(layer.base_layer)) is not None}
         if model_level:
-            if self.setup is not None:
-                raise ValueError(f"a prompt adapter cannot join the active composition {self.setup!r}: "
-                                 "set_active() a plain adapter or list first")
             prompt = spec.delta(config, self.prompt_site, initialize)
             prompt.train(self.model.training)
             prints[self._embedding_path()] = fingerprint(self.prompt_site.embedding.weight)
@@ -401,12 +397,12 @@ class DeltaModel(nn.Module):
         if len(prompts := [n for n in names if n in self.prompts]) > 1:
             raise ValueError(f"prompt adapters {prompts} cannot be active together (each prepends its own virtual "
                              "tokens); activate one, with any weight adapters: set_active(['prefix', 'lora'])")
-        if prompts and block is not None and not (isinstance(block, Stack) and all(isinstance(c, str) for c in block)):
+        plain = block is None or (isinstance(block, Stack) and all(isinstance(c, str) for c in block))
+        if prompts and not plain:
             raise ValueError(f"prompt adapter '{prompts[0]}' runs on the whole model, so it only stacks with other "
                              "adapters (a list), not inside composition blocks")
         frozen = {n for f in fusions for n in f.names()}
         trained = {n for n in names if n not in frozen} | {f.name for f in fusions}
-        plain = block is None or (isinstance(block, Stack) and all(isinstance(c, str) for c in block))
         layers = list(self.layers())
         self.active = names + tuple(f.name for f in fusions)
         self.setup = None if plain else block

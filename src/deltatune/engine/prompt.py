@@ -59,11 +59,17 @@ class PromptSite:
     task: str = "causal_lm"  # "seq_cls" | "causal_lm" | "token_cls" | "qa" | "feature"
 
 
+def input_embedding(model: nn.Module) -> nn.Module | None:
+    """The model's input embedding as it runs now (a DeltaLayer when a weight adapter wraps it), or None."""
+    getter = getattr(model, "get_input_embeddings", None)
+    return getter() if callable(getter) else None
+
+
 def prompt_site(model: nn.Module) -> PromptSite:
     """The PromptSite of a transformers model, or a one-line error saying what is missing."""
     config = getattr(model, "config", None)
-    getter = getattr(model, "get_input_embeddings", None)
-    embedding = getter() if callable(getter) else None
+    embedding = input_embedding(model)
+    embedding = getattr(embedding, "base_layer", embedding)  # the table itself, under any weight adapter
     if config is None or not isinstance(embedding, nn.Embedding):
         raise ValueError(f"{type(model).__name__} has no transformers config or input embedding "
                          "(get_input_embeddings()), which prompt methods prepend to: use a transformers model")
@@ -130,7 +136,7 @@ class PromptDelta(nn.Module):
 
 @dataclass
 class _Rows:
-    """One batch's prompt parts, assembled per row: the input prompt, the cache prefix and their masks."""
+    """One batch's prompt parts, assembled per row: the input prompt and the cache prefix, with their lengths."""
 
     prompt: Tensor | None  # (B, P, d), rows padded after their own prompt
     prompt_len: list[int]  # p per row
@@ -203,8 +209,8 @@ def prepared_inputs(model: nn.Module, site: PromptSite, rows: _Rows, kwargs: dic
     input_ids, embeds = kwargs.pop("input_ids", None), kwargs.pop("inputs_embeds", None)
     if (input_ids is None) == (embeds is None):
         raise ValueError("a prompt adapter needs exactly one of input_ids or inputs_embeds (as keyword arguments)")
-    if embeds is None:
-        embeds = site.embedding(input_ids)
+    if embeds is None:  # through any weight adapter on the embedding, and the deltas' embed hook
+        embeds = input_embedding(model)(input_ids)
     B, T = embeds.shape[:2]
     dev = embeds.device
     P, K = max(rows.prompt_len), max(rows.prefix_len)
@@ -251,14 +257,15 @@ def _input_order(prompt_len: list[int], P: int, T: int, device: torch.device) ->
 
 
 @contextlib.contextmanager
-def embedding_hook(site: PromptSite, deltas: Sequence[PromptDelta | None], attention_mask: Tensor | None = None
+def embedding_hook(model: nn.Module, deltas: Sequence[PromptDelta | None], attention_mask: Tensor | None = None
                    ) -> Iterator[None]:
     """Within the block, the input embedding's output goes through each row's delta.embed (DePT): in a forward
     and in every generate() step. Deltas that keep the default `embed` add no hook.
 
     Positions: the first call embeds the whole input, laid out by `attention_mask` (each token's index among
     its row's real tokens); later calls are generate()'s steps, each new token the next real one."""
-    changing = [d for d in dict.fromkeys(deltas) if d is not None and type(d).embed is not PromptDelta.embed]
+    changing = [d for d in dict.fromkeys(deltas)
+                if d is not None and getattr(d.embed, "__func__", None) is not PromptDelta.embed]
     if not changing:
         yield
         return
@@ -287,7 +294,7 @@ def embedding_hook(site: PromptSite, deltas: Sequence[PromptDelta | None], atten
             out[rows] = d.embed(ids[rows], out[rows], pos[rows])
         return out
 
-    handle = site.embedding.register_forward_hook(hook)
+    handle = input_embedding(model).register_forward_hook(hook)
     try:
         yield
     finally:
@@ -326,8 +333,8 @@ def generate(model: nn.Module, site: PromptSite, deltas: Sequence[PromptDelta | 
     inputs_embeds), and come off the returned sequences: input_ids + new tokens, as PEFT returns them."""
     rows = assemble(deltas)
     if not rows.uniform:
-        raise ValueError("generate() with adapter_names mixing prompt adapters (or prompt and no prompt) is not "
-                         "supported: generate each group of rows with its adapter active")
+        raise ValueError("generate() with adapter_names whose prompts differ in length (or prompt and no prompt rows) "
+                         "is not supported: generate each group of rows with its adapter active")
     input_ids = kwargs.pop("input_ids", None)
     if input_ids is None:
         raise ValueError("generate() with a prompt adapter needs input_ids (as a keyword argument)")
@@ -341,6 +348,10 @@ def generate(model: nn.Module, site: PromptSite, deltas: Sequence[PromptDelta | 
         inputs["inputs_embeds"] = torch.cat([embeds.new_zeros(B, K, embeds.shape[2]), embeds], 1)
     if "position_ids" in inputs:
         raise ValueError("generate() with a prompt adapter takes no position_ids; leave them to the model")
+    if inputs.get("max_new_tokens") is None:  # a total length counts the real tokens, as in PEFT: not the placeholders
+        limit = inputs.get("max_length") or getattr(getattr(model, "generation_config", None), "max_length", None)
+        if limit is not None:
+            inputs["max_length"] = limit + K + P
     out = model.generate(**inputs)
     if isinstance(out, Tensor):
         return out[:, K + P:]
