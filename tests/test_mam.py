@@ -46,13 +46,13 @@ def test_mam_is_its_two_parts_stacked(make_minilm, minilm_batch):
 
 def test_parameter_count_is_the_prefix_plus_an_ffn_adapter_per_layer(make_minilm):
     dm = mam(make_minilm, prefix_length=30, prefix_hidden=800)
-    L, d, l = 6, 384, 30  # MiniLM: 6 layers, hidden 384, 12 heads of 32 (kv_dim = 384)
+    L, d, n = 6, 384, 30  # MiniLM: 6 layers, hidden 384, 12 heads of 32 (kv_dim = 384)
     m = d // 2
-    prefix = l * d + (d * 800 + 800) + (800 * 2 * L * d + 2 * L * d)  # E, then the MLP d -> 800 -> 2·L·d
+    prefix = n * d + (d * 800 + 800) + (800 * 2 * L * d + 2 * L * d)  # E, then the MLP d -> 800 -> 2·L·d
     ffn = L * (2 * d * m + d + m)
     assert dm.trainable_parameters() == prefix + ffn
     dm.fold_prompt("mam")
-    assert dm.trainable_parameters() == 2 * L * l * d + ffn
+    assert dm.trainable_parameters() == 2 * L * n * d + ffn
     assert dm.adapters["mam"].config.prefix_projection is False
 
 

@@ -16,7 +16,16 @@ from .activation import find_site
 from .composition import Block, Stack, parse
 from .kinds import LINEAR, has_fused_fast_path, matrix_shape, target_kind, weight_of
 from .layer import BASE, Delta, DeltaLayer, Parts, Routing
-from .prompt import PROMPT, PromptDelta, PromptSite, assemble, embedding_hook, prepared_inputs, prompt_site
+from .prompt import (
+    PROMPT,
+    PromptDelta,
+    PromptSite,
+    assemble,
+    embedding_hook,
+    method_loss,
+    prepared_inputs,
+    prompt_site,
+)
 from .prompt import generate as prompt_generate
 from .quantized import RoundingError, dequantize, dequantized_linear, logical_numel
 from .registry import DeltaConfig, UnionConfig, did_you_mean, get_method, method_of
@@ -143,16 +152,21 @@ class DeltaModel(nn.Module):
         if deltas is not None and token_mask is not None:
             raise ValueError("token_mask cannot be combined with a prompt adapter (its virtual tokens have no "
                              "place in the mask); deactivate the prompt adapter or drop token_mask")
-        with self._routed(adapter_names), self._masked_tokens(token_mask), self._embedded(deltas):
+        own_loss = None
+        if deltas is not None:
+            kwargs = self._keywords(args, kwargs)
+            own_loss, kwargs = method_loss(deltas, kwargs)  # CPT: its loss, from the labels and its batch keys
+            args = ()
+        with self._routed(adapter_names), self._masked_tokens(token_mask), self._embedded(deltas, kwargs):
             if deltas is not None:  # the real tokens' embeddings are taken in here: routed, through `embed`
-                kwargs = prepared_inputs(self.model, self.prompt_site, assemble(deltas), self._keywords(args, kwargs))
-                args = ()
-            return self.model(*args, **kwargs)
+                kwargs = prepared_inputs(self.model, self.prompt_site, assemble(deltas), kwargs)
+            output = self.model(*args, **kwargs)
+        return output if own_loss is None else own_loss(output)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         args, kwargs = self._repeated(args, kwargs)
         deltas = self._row_prompts(args, kwargs, adapter_names)
-        with self._routed(adapter_names), self._embedded(deltas):
+        with self._routed(adapter_names), self._embedded(deltas, self._keywords(args, kwargs)):
             if deltas is not None:
                 return prompt_generate(self.model, self.prompt_site, deltas, self._keywords(args, kwargs))
             return self.model.generate(*args, **kwargs)
@@ -189,8 +203,10 @@ class DeltaModel(nn.Module):
             raise ValueError("with a prompt adapter pass the inputs as keywords (input_ids=..., attention_mask=...)")
         return {"input_ids": args[0], **kwargs} if args else dict(kwargs)
 
-    def _embedded(self, deltas: list[PromptDelta | None] | None) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext() if deltas is None else embedding_hook(self.model, deltas)
+    def _embedded(self, deltas: list[PromptDelta | None] | None, kwargs: dict) -> contextlib.AbstractContextManager:
+        if deltas is None:
+            return contextlib.nullcontext()
+        return embedding_hook(self.model, deltas, kwargs.get("attention_mask"))
 
     def fold_prompt(self, name: str | None = None) -> None:
         """Replace prompt adapter `name`'s reparameterisation (prefix MLP, P-tuning encoder) by its output;

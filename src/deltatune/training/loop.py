@@ -29,8 +29,8 @@ from deltatune.engine.atomic import atomic_write_text
 
 from . import checkpoint, distributed, rundir
 from .data import Splits, load_splits
-from .loraplus import loraplus_param_groups
 from .optimizers import build_optimizer, moment_tensors
+from .param_groups import param_groups
 from .recipe import Recipe
 from .rundir import ADAPTER, CHECKPOINTS, METRICS, RECIPE
 from .tasks import TASKS, Task, resolve_model_path
@@ -178,14 +178,11 @@ class Trainer:
         return step
 
     def _optimizer(self) -> Optimizer:
-        """optimizer.name (AdamW, or bitsandbytes' 8-bit / paged AdamW) over the trainable parameters only,
-        in LoRA+ groups when asked for."""
+        """optimizer.name (AdamW, or bitsandbytes' 8-bit / paged AdamW) over the trainable parameters only, in the
+        groups methods declare (DePT) and LoRA+'s."""
         o = self.recipe.optimizer
-        if o.loraplus_ratio is not None:
-            params = loraplus_param_groups(self.model, o.lr, o.loraplus_ratio, o.weight_decay)
-        else:
-            params = [p for p in self.model.parameters() if p.requires_grad]
-        return build_optimizer(o.name, params, self.device, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        groups = param_groups(self.model, o.lr, o.weight_decay, o.loraplus_ratio)
+        return build_optimizer(o.name, groups, self.device, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
 
     def _batches_per_epoch(self) -> int:
         return math.ceil(len(self.train_set) / self.recipe.train.batch_size)
