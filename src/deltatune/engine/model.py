@@ -736,6 +736,19 @@ class DeltaModel(nn.Module):
 
         export_adapterhub(self, path, name or self._only())
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """transformers' name for dt.enable_gradient_checkpointing, so that it goes through the engine: calling the
+        wrapped model's own would recompute without this call's adapter state (mixed rows, token masks,
+        disabled()) and give wrong gradients. Always non-reentrant; a use_reentrant=True request is refused."""
+        from .checkpointing import enable_gradient_checkpointing
+
+        if (gradient_checkpointing_kwargs or {}).get("use_reentrant", False):
+            raise ValueError("deltatune checkpoints non-reentrantly only (the reentrant form loses the adapters' "
+                             "per-call state); drop use_reentrant=True")
+        enable_gradient_checkpointing(self)
+
+    activation_checkpointing_enable = gradient_checkpointing_enable  # its name from transformers 5 on
+
     def prepare_for_hotswap(self, target_rank: int | None = None, names: str | Sequence[str] | None = None) -> None:
         """Before torch.compile: pad LoRA/DoRA factors to `target_rank` with zeros and hold their scales as
         tensors, so that adapters of lower rank or another alpha hot-swap without recompiling (engine/hotswap.py)."""
