@@ -242,7 +242,7 @@ def test_embed_hook_changes_the_real_tokens_in_forward_and_every_generate_step(s
         dm.model.get_input_embeddings().deltas["lora"].lora_B.normal_(std=0.05)
     dm.set_active(["prompt", "lora"])
     shift = torch.randn(576) * 0.02
-    dm.prompts["prompt"].embed = lambda ids, embeds: embeds + shift
+    dm.prompts["prompt"].embed = lambda ids, embeds, positions: embeds + shift
     table = dm.model.get_input_embeddings()  # LoRA-adapted
     real = table(lm_batch["input_ids"]) + shift
     embeds = torch.cat([dm.prompts["prompt"].prompt_embeddings[None].expand(2, -1, -1), real], 1)

@@ -10,7 +10,14 @@ import pytest
 import torch
 from helpers import assert_close, assert_round_trip, assert_rows_match_each_adapter, max_diff, train_losses
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 import deltatune as dt
 from deltatune import assets
@@ -39,8 +46,8 @@ class Logits(nn.Module):
 
 
 def lora_first(model, targets):
-    """LoRA (non-zero B) on `targets` inside the attention: added before the adaption prompts wrap the attention
-    modules (the engine does not look for targets inside an already wrapped module)."""
+    """LoRA (non-zero B) on `targets` inside the attention (added before the adaption prompts here; the other
+    order is test_lora_inside_a_wrapped_attention_either_order)."""
     dm = dt.inject(model, dt.LoRAConfig(r=2, targets=targets), name="lora")
     with torch.no_grad():
         for n, p in dm.named_parameters():
@@ -188,6 +195,26 @@ def test_save_load_round_trip_and_no_merge(tmp_path):
         dm.merge()
 
 
+def test_fp32_prompts_on_a_bf16_base():
+    model = tiny().to(torch.bfloat16)
+    base = model(IDS).logits
+    dm = inject(model)
+    assert {p.dtype for p in dm.parameters() if p.requires_grad} == {torch.float32}  # bf16 updates would underflow
+    assert torch.equal(dm(IDS).logits, base)
+    open_gates(dm)
+    dm(IDS, labels=IDS).loss.backward()
+    prompt = dm.model.model.layers[3].self_attn.deltas["default"].adaption_prompt
+    assert prompt.grad.dtype == torch.float32 and torch.count_nonzero(prompt.grad) > 0
+
+
+def test_beside_an_activation_adapter_it_names_the_problem():
+    dm = inject()
+    dm.add_adapter("h", dt.make_config("houlsby", bottleneck=4, targets=["model.layers.3.self_attn"]))
+    dm.set_active(["default", "h"])
+    with pytest.raises(ValueError, match="activate it alone"):
+        dm(IDS)
+
+
 def test_bad_options_and_targets_fail_clearly():
     with pytest.raises(ValueError, match="adapter_layers=9 but the model has 4 layers"):
         inject(adapter_layers=9)
@@ -253,3 +280,31 @@ def test_peft_parity_both_ways_on_smollm2(smollm2, tmp_path):
     again = peft.PeftModel.from_pretrained(make(), tmp_path / "back").eval()
     assert_close(again(**batch).logits, want)
     assert torch.equal(_greedy(again, batch), want_tokens)
+
+
+def test_lora_inside_a_wrapped_attention_either_order(tmp_path):
+    """LoRA added after the adaption prompts wrap self_attn still finds q_proj/v_proj inside it (user paths,
+    no 'base_layer'), and the model equals the one built in the other order; delete and merge_and_unload unwrap
+    both levels."""
+    first = lora_first(tiny(), ["q_proj", "v_proj"])
+    inject(dm=first, name="a")
+    open_gates(first, name="a")
+    first.set_active(["a", "lora"])
+    later = inject(tiny(), name="a")
+    later.add_adapter("lora", dt.LoRAConfig(r=2, targets=["q_proj", "v_proj"]))
+    assert later.adapters["lora"].paths == first.adapters["lora"].paths
+    assert all("base_layer" not in p for p, _ in later.layers())
+    later.load_adapter_state_dict(first.adapter_state_dict("lora"), "lora")
+    later.load_adapter_state_dict(first.adapter_state_dict("a"), "a")
+    later.set_active(["a", "lora"])
+    with torch.no_grad():
+        assert_close(later(IDS).logits, first(IDS).logits)
+        later.set_active("a")
+        assert max_diff(later(IDS).logits, first(IDS).logits) > 1e-3  # LoRA counted: the test can fail
+    later.set_active("lora")
+    later.delete_adapter("a")  # the outer wrapper goes, the LoRA layers inside stay
+    only_lora = lora_first(tiny(), ["q_proj", "v_proj"])
+    with torch.no_grad():
+        assert_close(later(IDS).logits, only_lora(IDS).logits)
+    plain = first.merge_and_unload(["lora"])
+    assert not any(isinstance(m, dt.engine.layer.DeltaLayer) for m in plain.modules())

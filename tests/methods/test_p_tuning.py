@@ -132,7 +132,6 @@ def smol():
     return smollm2()
 
 
-@pytest.mark.slow
 def test_same_logits_and_greedy_tokens_as_peft_on_smollm2(smol):
     model, tok = smol
     batch = dict(tok(["The capital of France is", "Water boils at"], padding=True, return_tensors="pt"))

@@ -13,7 +13,6 @@ from peft.tuners.p_tuning.model import PromptEncoder as PeftPromptEncoder
 from deltatune.methods.prompt import cpt, dept
 from deltatune.methods.prompt.p_tuning import PromptEncoder, encoder_parameters
 
-
 # ---- P-tuning's encoder ----
 
 @pytest.mark.parametrize("kind,layers", [("MLP", 2), ("LSTM", 1), ("LSTM", 2), ("LSTM", 3)])
@@ -61,10 +60,10 @@ def test_dept_budget_of_the_papers_setting():
     assert dept.dept_parameters(100, 768, 45, 256) == 100 * 768
 
 
-@pytest.mark.parametrize("l,d,r,S", [(20, 384, 4, 64), (30, 576, 8, 128), (7, 16, 1, 5)])
-def test_dept_budget_is_the_largest_m_within_l_d(l, d, r, S):
-    m = dept.prompt_length(l, d, r, S)
-    assert m * d + r * (S + d) <= l * d < (m + 1) * d + r * (S + d)
+@pytest.mark.parametrize("tokens,d,r,S", [(20, 384, 4, 64), (30, 576, 8, 128), (7, 16, 1, 5)])
+def test_dept_budget_is_the_largest_m_within_l_d(tokens, d, r, S):
+    m = dept.prompt_length(tokens, d, r, S)
+    assert m * d + r * (S + d) <= tokens * d < (m + 1) * d + r * (S + d)
 
 
 def test_dept_over_budget_names_the_fix():
@@ -81,16 +80,6 @@ def test_dept_update_by_hand():
             p = pos[i, j].item()
             expected = 0.5 * A[p] @ B if p < 4 else torch.zeros(3)
             assert_close(out[i, j], expected)
-
-
-def test_dept_positions_count_real_tokens():
-    right = torch.tensor([[1, 1, 1, 0, 0]])
-    left = torch.tensor([[0, 0, 1, 1, 1]])
-    assert dept.real_positions(right, 5, 1, "cpu")[0, :3].tolist() == [0, 1, 2]
-    assert dept.real_positions(left, 5, 1, "cpu")[0, 2:].tolist() == [0, 1, 2]
-    # generation with a cache: the new token is the 4th real one
-    assert dept.real_positions(torch.tensor([[0, 1, 1, 1, 1]]), 1, 1, "cpu").tolist() == [[3]]
-    assert dept.real_positions(None, 2, 3, "cpu", past=4).tolist() == [[4, 5]] * 3
 
 
 def test_dept_init_is_prompt_tuning():

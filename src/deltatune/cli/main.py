@@ -9,6 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
@@ -174,7 +175,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out} exists and is not an empty folder; choose a new folder or remove it first")
     base = resolve_model_path(recipe.model.path)
-    if args.stream if args.stream is not None else has_checkpoint(base):
+    quantized = recipe.model.quantize != "none"
+    if quantized and args.stream:
+        raise ValueError(f"--stream merges into the base's float checkpoint, but this adapter was trained on its "
+                         f"{recipe.model.quantize} quantization: leave --stream out to merge into the dequantised "
+                         "base it was trained on (written in model.dtype)")
+    if args.stream if args.stream is not None else has_checkpoint(base) and not quantized:
         # layer by layer from the base's safetensors: never the whole model in memory
         task = make_task(recipe, recipe.model.labels)
         merge_adapter_streaming(base, adapter, out, shard, model_class=task.auto_class,
@@ -182,7 +188,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         console.print(f"merged model written to {args.out}, layer by layer (loads with transformers alone)")
         return 0
     task, model = _load_adapter(adapter, recipe)
-    merged = model.merge_and_unload()
+    # a quantized base is dequantised layer by layer into plain Linears of model.dtype, then merged unrounded
+    merged = model.merge_and_unload(dtype=getattr(torch, recipe.model.dtype) if quantized else None)
     tmp = out.with_name(f".{out.name}.tmp")  # written whole, then renamed: a killed run leaves no half model
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp, max_shard_size=shard)

@@ -14,12 +14,22 @@ from torch import Tensor, nn
 
 from .activation import find_site
 from .composition import Block, Stack, parse
-from .kinds import has_fused_fast_path, target_kind, weight_of
+from .kinds import LINEAR, has_fused_fast_path, matrix_shape, target_kind, weight_of
 from .layer import BASE, Delta, DeltaLayer, Parts, Routing
-from .prompt import PROMPT, PromptDelta, PromptSite, assemble, embedding_hook, prepared_inputs, prompt_site
+from .prompt import (
+    PROMPT,
+    PromptDelta,
+    PromptSite,
+    assemble,
+    embedding_hook,
+    method_loss,
+    prepared_inputs,
+    prompt_site,
+)
 from .prompt import generate as prompt_generate
-from .registry import DeltaConfig, did_you_mean, get_method, method_of
-from .targeting import get_parent, resolve
+from .quantized import RoundingError, dequantize, dequantized_linear, logical_numel
+from .registry import DeltaConfig, UnionConfig, did_you_mean, get_method, method_of
+from .targeting import delta_layers, get_parent, resolve
 
 SHARED = "__shared__"  # state-dict prefix of an adapter's tensors shared by all its layers
 
@@ -142,16 +152,21 @@ class DeltaModel(nn.Module):
         if deltas is not None and token_mask is not None:
             raise ValueError("token_mask cannot be combined with a prompt adapter (its virtual tokens have no "
                              "place in the mask); deactivate the prompt adapter or drop token_mask")
-        with self._routed(adapter_names), self._masked_tokens(token_mask), self._embedded(deltas):
+        own_loss = None
+        if deltas is not None:
+            kwargs = self._keywords(args, kwargs)
+            own_loss, kwargs = method_loss(deltas, kwargs)  # CPT: its loss, from the labels and its batch keys
+            args = ()
+        with self._routed(adapter_names), self._masked_tokens(token_mask), self._embedded(deltas, kwargs):
             if deltas is not None:  # the real tokens' embeddings are taken in here: routed, through `embed`
-                kwargs = prepared_inputs(self.model, self.prompt_site, assemble(deltas), self._keywords(args, kwargs))
-                args = ()
-            return self.model(*args, **kwargs)
+                kwargs = prepared_inputs(self.model, self.prompt_site, assemble(deltas), kwargs)
+            output = self.model(*args, **kwargs)
+        return output if own_loss is None else own_loss(output)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         args, kwargs = self._repeated(args, kwargs)
         deltas = self._row_prompts(args, kwargs, adapter_names)
-        with self._routed(adapter_names), self._embedded(deltas):
+        with self._routed(adapter_names), self._embedded(deltas, self._keywords(args, kwargs)):
             if deltas is not None:
                 return prompt_generate(self.model, self.prompt_site, deltas, self._keywords(args, kwargs))
             return self.model.generate(*args, **kwargs)
@@ -188,8 +203,10 @@ class DeltaModel(nn.Module):
             raise ValueError("with a prompt adapter pass the inputs as keywords (input_ids=..., attention_mask=...)")
         return {"input_ids": args[0], **kwargs} if args else dict(kwargs)
 
-    def _embedded(self, deltas: list[PromptDelta | None] | None) -> contextlib.AbstractContextManager:
-        return contextlib.nullcontext() if deltas is None else embedding_hook(self.model, deltas)
+    def _embedded(self, deltas: list[PromptDelta | None] | None, kwargs: dict) -> contextlib.AbstractContextManager:
+        if deltas is None:
+            return contextlib.nullcontext()
+        return embedding_hook(self.model, deltas, kwargs.get("attention_mask"))
 
     def fold_prompt(self, name: str | None = None) -> None:
         """Replace prompt adapter `name`'s reparameterisation (prefix MLP, P-tuning encoder) by its output;
@@ -198,7 +215,8 @@ class DeltaModel(nn.Module):
         if name not in self.prompts:
             raise ValueError(f"adapter '{name}' is no prompt adapter; fold_prompt() folds {list(self.prompts)}")
         self.prompts[name].fold()
-        self.adapters[name].config = self.prompts[name].config
+        config, folded = self.adapters[name].config, self.prompts[name].config
+        self.adapters[name].config = config.with_prompt(folded) if isinstance(config, UnionConfig) else folded
 
     def _repeated(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """A Parallel setup runs the batch once per child: every batch tensor repeated along dim 0."""
@@ -247,9 +265,8 @@ class DeltaModel(nn.Module):
 
     # --- adapters --------------------------------------------------------------------------
     def layers(self) -> Iterator[tuple[str, DeltaLayer]]:
-        for path, module in self.model.named_modules():
-            if isinstance(module, DeltaLayer):
-                yield path, module
+        """(path, layer) of every wrapped layer; paths as the user's model names them (adapter.paths)."""
+        yield from delta_layers(self.model)
 
     def add_adapter(self, name: str, config: DeltaConfig, train_modules: Any = None) -> Adapter:
         """Add adapter `name` (trainable; active if it is the first). On any error the model is unchanged."""
@@ -272,6 +289,8 @@ class DeltaModel(nn.Module):
             raise ValueError(f"invalid adapter name {name!r}: use a non-empty name without dots")
         if name in self.adapters:
             raise ValueError(f"adapter '{name}' exists already; delete_adapter('{name}') first or pick another name")
+        if isinstance(config, UnionConfig):
+            return self._build_union(name, config, train_modules, initialize)
         spec, full = method_of(config), get_method("full")
         model_level = getattr(spec.delta, "model_level", False)
         targets = config.targets
@@ -311,6 +330,26 @@ class DeltaModel(nn.Module):
             prints[self._embedding_path()] = fingerprint(self.prompt_site.embedding.weight)
             built.append((PROMPT, None, prompt))
         return Adapter(name, config, paths, head_paths, prints), built, shared
+
+    def _build_union(self, name: str, config: UnionConfig, train_modules: Any, initialize: bool
+                     ) -> tuple[Adapter, list[tuple[str, DeltaLayer, Delta]], nn.Module | None]:
+        """Every part of a UnionConfig built as adapter `name` (the train modules go with the first part)."""
+        parts = [self._build(name, part, train_modules if i == 0 else None, initialize)
+                 for i, part in enumerate(config.parts())]
+        seen: dict[str, str] = {}
+        for part, (adapter, _, _) in zip(config.parts(), parts):
+            for path in adapter.all_paths:
+                if path in seen:
+                    raise ValueError(f"{method_of(config).name} puts two deltas ({seen[path]} and "
+                                     f"{method_of(part).name}) on '{path}': give its parts different targets")
+                seen[path] = method_of(part).name
+        shared = [s for _, _, s in parts if s is not None]
+        if len(shared) > 1:
+            raise ValueError(f"{method_of(config).name}: at most one of its parts may share tensors across layers")
+        adapter = Adapter(name, config, [p for a, _, _ in parts for p in a.paths],
+                          [p for a, _, _ in parts for p in a.train_modules],
+                          {k: v for a, _, _ in parts for k, v in a.fingerprints.items()})
+        return adapter, [b for _, built, _ in parts for b in built], shared[0] if shared else None
 
     def _embedding_path(self) -> str:
         """The dotted path of the model's input embedding (its fingerprint identifies the base of a prompt)."""
@@ -455,11 +494,14 @@ class DeltaModel(nn.Module):
         setattr(parent, child, layer.base_layer)
 
     # --- merge -----------------------------------------------------------------------------
-    def merge(self, names: str | Sequence[str] | None = None, safe_merge: bool = False) -> None:
+    def merge(self, names: str | Sequence[str] | None = None, safe_merge: bool = False
+              ) -> dict[str, dict[str, RoundingError]]:
         """Fold adapters (default: the active ones) into the base weights; forward then skips them.
 
         safe_merge: merge into a copy of every layer first and raise, with the model unchanged, if any
-        merged weight holds NaN or inf.
+        merged weight holds NaN or inf. Quantized layers (bitsandbytes) are dequantised, merged and requantised
+        (unmerge restores their bytes exactly); what requantising lost is returned, adapter -> layer path ->
+        RoundingError, and summed up in a warning. Float layers merge exactly and report nothing.
         """
         names = self._names(names)
         for name in names:
@@ -469,9 +511,21 @@ class DeltaModel(nn.Module):
                                  "adapters: dm.merge([...names])")
         if safe_merge:
             self._check_merge(names)
+        report: dict[str, dict[str, RoundingError]] = {}
         for name in names:
             for path in self.adapters[name].all_paths:
-                self.model.get_submodule(path).merge(name)
+                layer = self.model.get_submodule(path)
+                layer.merge(name)
+                if name in layer.rounding:
+                    report.setdefault(name, {})[path] = layer.rounding[name]
+        if report:
+            worst = [e for per_layer in report.values() for e in per_layer.values()]
+            warnings.warn(f"merged into {len(worst)} quantized layers: requantising moved the merged weights by up "
+                          f"to {max(e.max_abs for e in worst):.3g} ({max(e.relative for e in worst):.2%} of their "
+                          f"largest entry; up to {max(e.of_delta for e in worst):.2f} of the merged change's norm). "
+                          "unmerge() restores the quantized bytes; merge_and_unload(dtype=torch.bfloat16) writes an "
+                          "unrounded float model instead", stacklevel=2)
+        return report
 
     def _check_merge(self, names: list[str]) -> None:
         per_layer: dict[str, list[str]] = {}
@@ -487,12 +541,17 @@ class DeltaModel(nn.Module):
             for path in self.adapters[name].all_paths:
                 self.model.get_submodule(path).unmerge(name)
 
-    def merge_and_unload(self, names: str | Sequence[str] | None = None, safe_merge: bool = False) -> nn.Module:
+    def merge_and_unload(self, names: str | Sequence[str] | None = None, safe_merge: bool = False,
+                         dtype: torch.dtype | None = None) -> nn.Module:
         """The plain model with `names` (default: active) merged in; the other adapters are dropped.
-        safe_merge: as in merge(), checked before anything is dropped."""
+        safe_merge: as in merge(), checked before anything is dropped. dtype: every quantized (bitsandbytes)
+        layer becomes a plain nn.Linear of that dtype holding its dequantised W0, and the adapters merge into
+        it without requantising (None: they merge into the quantized layers, see merge())."""
         keep = self._names(names)
         if safe_merge:
             self._check_merge(keep)
+        if dtype is not None:
+            self._dequantize_base(dtype)
         if len(keep) < len(self.adapters):  # so that dropping the others activates nothing (and warns of nothing);
             self.set_active(keep)  # with nothing to drop, the model's requires_grad flags stay as the caller set them
         for name in [n for n in self.adapters if n not in keep]:
@@ -505,6 +564,17 @@ class DeltaModel(nn.Module):
         self.prompts = nn.ModuleDict()
         self.active = ()
         return self.model
+
+    def _dequantize_base(self, dtype: torch.dtype) -> None:
+        """Replace every quantized layer by a float nn.Linear of `dtype` (merged adapters unmerged from it first)."""
+        for _, layer in self.layers():
+            if layer.quantized:
+                merged = layer.merged
+                layer.unmerge()
+                layer.base_layer, layer.kind = dequantized_linear(layer.base_layer, dtype), LINEAR
+                for n in merged:
+                    layer.merge(n)
+        dequantize(self.model, dtype)  # the quantized layers no adapter holds
 
     def _names(self, names: str | Sequence[str] | None) -> list[str]:
         names = list(self.active) if names is None else [names] if isinstance(names, str) else list(names)
@@ -547,7 +617,7 @@ class DeltaModel(nn.Module):
         return sum(p.numel() for p in self._all_parameters() if p.requires_grad)
 
     def total_parameters(self) -> int:
-        return sum(p.numel() for p in self._all_parameters())
+        return sum(logical_numel(p) for p in self._all_parameters())
 
     # --- training hooks --------------------------------------------------------------------
     def regularization_loss(self) -> Tensor:
@@ -571,7 +641,8 @@ class DeltaModel(nn.Module):
         """One row per (layer, adapter): method, base shape, its parameters and how many train."""
         rows = []
         for path, layer in self.layers():
-            base_shape = tuple(getattr(weight_of(layer.base_layer), "shape", ()))
+            base_shape = (tuple(matrix_shape(layer.base_layer)) if layer.quantized  # not its packed bytes' shape
+                          else tuple(getattr(weight_of(layer.base_layer), "shape", ())))
             for name, delta in layer.deltas.items():
                 params = list(delta.parameters())
                 rows.append({"layer": path, "adapter": name, "method": delta.method, "base_shape": base_shape,
@@ -664,6 +735,19 @@ class DeltaModel(nn.Module):
         from .adapterhub import export_adapterhub
 
         export_adapterhub(self, path, name or self._only())
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """transformers' name for dt.enable_gradient_checkpointing, so that it goes through the engine: calling the
+        wrapped model's own would recompute without this call's adapter state (mixed rows, token masks,
+        disabled()) and give wrong gradients. Always non-reentrant; a use_reentrant=True request is refused."""
+        from .checkpointing import enable_gradient_checkpointing
+
+        if (gradient_checkpointing_kwargs or {}).get("use_reentrant", False):
+            raise ValueError("deltatune checkpoints non-reentrantly only (the reentrant form loses the adapters' "
+                             "per-call state); drop use_reentrant=True")
+        enable_gradient_checkpointing(self)
+
+    activation_checkpointing_enable = gradient_checkpointing_enable  # its name from transformers 5 on
 
     def prepare_for_hotswap(self, target_rank: int | None = None, names: str | Sequence[str] | None = None) -> None:
         """Before torch.compile: pad LoRA/DoRA factors to `target_rank` with zeros and hold their scales as

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_path, atomic_write_text
 from .io import adapter_folder, model_name, read_json, read_tensors
-from .kinds import CONV, CONV1D, EMBEDDING, LINEAR
+from .kinds import CONV, CONV1D, EMBEDDING, LINEAR_KINDS
 from .layer import Parts
 from .registry import DeltaConfig, closest, make_config
 from .targeting import require_layers
@@ -172,7 +172,7 @@ def _lora_export(dm: DeltaModel, adapter: Adapter) -> tuple[dict[str, Any], Tens
 
 def _monteclora_tensors(p: str, layer: Any, delta: Any) -> Tensors:
     cfg = delta.config
-    if layer.kind not in (LINEAR, CONV1D) or cfg.pissa:
+    if layer.kind not in LINEAR_KINDS or cfg.pissa:
         what = "PiSSA init" if cfg.pissa else f"a {type(layer.base_layer).__name__} ('{p}')"
         raise ValueError(f"PEFT's MonteCLoRA adapts linear layers with a plain rank-r A, so {what} cannot be "
                          "exported to it; save the adapter with DeltaModel.save instead")
@@ -374,3 +374,20 @@ def check_prompt_fields(dm: DeltaModel, pc: dict[str, Any], path: Any, token_dim
             raise ValueError(f"PEFT adapter at '{path}' has {key}={pc[key]}, this model {value}: load it onto the "
                              "model it was trained for")
 
+
+
+def base_heads(dm: DeltaModel, adapter: Adapter) -> Tensors:
+    """PEFT's sequence classifiers always load a trained copy of the head ('classifier' or 'score'); a prompt
+    adapter that left the head frozen exports the base head's own tensors there (the same function)."""
+    if dm.prompt_site.task != "seq_cls" or adapter.train_modules:
+        return {}
+    return {f"base_model.{path}.{k}": t for path, m in dm.model.named_modules()
+            if path.split(".")[-1] in ("classifier", "score") for k, t in m.state_dict().items()}
+
+
+def prompt_embeddings(tensors: Tensors, path: Any) -> torch.Tensor:
+    """The file's one `prompt_embeddings` tensor (heads are taken out before the codec sees the tensors)."""
+    if set(tensors) != {"prompt_embeddings"}:
+        raise ValueError(f"PEFT prompt adapter at '{path}' holds {sorted(tensors)[:4]}, not one "
+                         "'prompt_embeddings' tensor; save the adapter from PEFT again")
+    return tensors["prompt_embeddings"]

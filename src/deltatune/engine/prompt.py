@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,7 +87,11 @@ class PromptDelta(nn.Module):
 
     input_prompt(batch) -> (batch, l, d) embeddings prepended to the inputs, or None
     kv_prefix(batch) -> per layer (k, v), each (batch, kv_heads, l, head_dim), or None
-    embed(input_ids, embeds) -> the real tokens' embeddings (DePT changes them); default: unchanged
+    embed(input_ids, embeds, positions) -> the real tokens' embeddings (DePT changes them); default: unchanged.
+        positions (batch, n): each token's index among its row's real tokens (left padding and generate()'s
+        later steps included)
+    loss(logits, labels, **batch) -> the method's own loss (CPT), given the caller's labels and the batch
+        entries named in `batch_keys` (taken out before the base model runs); default None: the model's loss
     fold() drops a reparameterisation (prefix MLP, P-tuning encoder), outputs unchanged
     """
 
@@ -108,8 +112,13 @@ class PromptDelta(nn.Module):
     def kv_prefix(self, batch: int) -> list[tuple[Tensor, Tensor]] | None:
         return None
 
-    def embed(self, input_ids: Tensor, embeds: Tensor) -> Tensor:
+    batch_keys: tuple[str, ...] = ()
+
+    def embed(self, input_ids: Tensor, embeds: Tensor, positions: Tensor) -> Tensor:
         return embeds
+
+    def loss(self, logits: Tensor, labels: Tensor, **batch: Tensor) -> Tensor | None:
+        return None
 
     def fold(self) -> None:
         """Replace a reparameterisation by its output (no-op when there is none)."""
@@ -248,23 +257,41 @@ def _input_order(prompt_len: list[int], P: int, T: int, device: torch.device) ->
 
 
 @contextlib.contextmanager
-def embedding_hook(model: nn.Module, deltas: Sequence[PromptDelta | None]) -> Iterator[None]:
+def embedding_hook(model: nn.Module, deltas: Sequence[PromptDelta | None], attention_mask: Tensor | None = None
+                   ) -> Iterator[None]:
     """Within the block, the input embedding's output goes through each row's delta.embed (DePT): in a forward
-    and in every generate() step. Deltas that keep the default `embed` add no hook."""
+    and in every generate() step. Deltas that keep the default `embed` add no hook.
+
+    Positions: the first call embeds the whole input, laid out by `attention_mask` (each token's index among
+    its row's real tokens); later calls are generate()'s steps, each new token the next real one."""
     changing = [d for d in dict.fromkeys(deltas)
                 if d is not None and getattr(d.embed, "__func__", None) is not PromptDelta.embed]
     if not changing:
         yield
         return
+    seen: list[Tensor] = []  # per row, real tokens embedded so far in this block
+
+    def positions(ids: Tensor) -> Tensor:
+        n = ids.shape[1]
+        if not seen:
+            mask = attention_mask if attention_mask is not None and attention_mask.shape == ids.shape else \
+                torch.ones_like(ids)
+            mask = mask.to(ids.device).long()
+            seen.append(mask.sum(1))
+            return (mask.cumsum(1) - 1).clamp(min=0)
+        pos = seen[0][:, None] + torch.arange(n, device=ids.device)
+        seen[0] = seen[0] + n
+        return pos
 
     def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
         ids = args[0]
+        pos = positions(ids)
         if len(set(deltas)) == 1:
-            return deltas[0].embed(ids, out)
+            return deltas[0].embed(ids, out, pos)
         out = out.clone()
         for d in changing:
             rows = torch.tensor([i for i, r in enumerate(deltas) if r is d], device=out.device)
-            out[rows] = d.embed(ids[rows], out[rows])
+            out[rows] = d.embed(ids[rows], out[rows], pos[rows])
         return out
 
     handle = input_embedding(model).register_forward_hook(hook)
@@ -272,6 +299,30 @@ def embedding_hook(model: nn.Module, deltas: Sequence[PromptDelta | None]) -> It
         yield
     finally:
         handle.remove()
+
+
+def method_loss(deltas: Sequence[PromptDelta | None], kwargs: dict[str, Any]
+                ) -> tuple[Callable[[Any], Any] | None, dict[str, Any]]:
+    """(output -> output with the method's loss, kwargs without what the base model must not see), for a batch
+    whose delta computes its own loss (CPT); (None, kwargs) otherwise."""
+    owners = [d for d in dict.fromkeys(deltas) if d is not None and type(d).loss is not PromptDelta.loss]
+    if not owners:
+        return None, kwargs
+    kwargs = dict(kwargs)
+    batch = {k: kwargs.pop(k) for d in owners for k in d.batch_keys if k in kwargs}
+    labels = kwargs.pop("labels", None)
+    if labels is None:
+        return None, kwargs
+    if len(set(deltas)) > 1:
+        raise ValueError(f"{owners[0].method} computes its own loss over the whole batch, so a batch with labels "
+                         "cannot mix it with other adapters (adapter_names): run its rows apart")
+    delta = owners[0]
+
+    def with_loss(output: Any) -> Any:
+        output.loss = delta.loss(output.logits, labels, **batch)
+        return output
+
+    return with_loss, kwargs
 
 
 def generate(model: nn.Module, site: PromptSite, deltas: Sequence[PromptDelta | None], kwargs: dict[str, Any]) -> Any:

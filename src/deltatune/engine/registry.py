@@ -48,6 +48,26 @@ class DeltaConfig(BaseModel):
         return data
 
 
+class UnionConfig(DeltaConfig):
+    """An adapter made of several methods' deltas under one name (AdapterHub's ConfigUnion; the MAM adapter):
+    the engine builds each part as if it were the adapter and keeps them as one (one name, one save, one switch).
+    Parts must touch different modules; `targets`/`exclude` are the layer parts' own."""
+
+    def parts(self) -> list[DeltaConfig]:
+        raise NotImplementedError
+
+    def with_prompt(self, prompt: DeltaConfig) -> UnionConfig:
+        """This config with its prompt part's config replaced by `prompt` (what fold_prompt() left)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot record a folded prompt part")
+
+
+class UnionParts:
+    """The delta class a UnionConfig registers with: it is never built itself, only its parts are."""
+
+    mergeable = False
+    model_level = False
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """One registered method: its config, its delta module and what `deltatune methods` shows."""

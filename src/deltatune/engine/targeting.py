@@ -27,18 +27,24 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 
 
 def named_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(path, module) of the user's model, seeing a DeltaLayer as the layer it wraps."""
+    """(path, module) of the user's model, seeing a DeltaLayer as the layer it wraps (and its submodules under the
+    layer's own path: a LoRA on q_proj inside an attention module that an adaption prompt wraps)."""
+    for path, module in _walk(model, ""):
+        yield path, module.base_layer if isinstance(module, DeltaLayer) else module
 
-    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
-        for name, child in module.named_children():
-            path = f"{prefix}.{name}" if prefix else name
-            if isinstance(child, DeltaLayer):
-                yield path, child.base_layer
-            else:
-                yield path, child
-                yield from walk(child, path)
 
-    yield from walk(model, "")
+def delta_layers(model: nn.Module) -> Iterator[tuple[str, DeltaLayer]]:
+    """(path, DeltaLayer) of every wrapped layer, with the user's paths (no 'base_layer' segments), outer first."""
+    for path, module in _walk(model, ""):
+        if isinstance(module, DeltaLayer):
+            yield path, module
+
+
+def _walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+    for name, child in module.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        yield path, child
+        yield from _walk(child.base_layer if isinstance(child, DeltaLayer) else child, path)
 
 
 def matcher(spec: Any) -> Callable[[str, nn.Module], bool]:
@@ -115,8 +121,10 @@ def resolve(model: nn.Module, targets: Any, exclude: Any = None, *, need_kind: b
 
 
 def get_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """The module holding `path`'s last part: inside a wrapped layer, the module it wraps."""
     parent_path, _, child = path.rpartition(".")
-    return (model.get_submodule(parent_path) if parent_path else model), child
+    parent = model.get_submodule(parent_path) if parent_path else model
+    return (parent.base_layer if isinstance(parent, DeltaLayer) else parent), child
 
 
 def require_layers(model: nn.Module, paths: list[str], source: str) -> None:

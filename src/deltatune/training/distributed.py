@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from deltatune.engine.layer import Delta, DeltaLayer
+from deltatune.engine.checkpointing import blocks
+from deltatune.engine.layer import Delta
 from deltatune.engine.model import DeltaModel
 
 logger = logging.getLogger(__name__)
@@ -183,23 +184,6 @@ def wrap_ddp(step: LossStep, group: Group) -> nn.Module:
     device_ids = [group.local_rank] if torch.cuda.is_available() else None
     return DistributedDataParallel(step, device_ids=device_ids, forward_sync_buffers=False,
                                    find_unused_parameters=may_skip_parameters(step.dm))
-
-
-def blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a model (children of its ModuleLists: BERT's layers, Llama's decoder layers),
-    outermost first, never inside an adapter."""
-    inside_deltas = {id(m) for layer in model.modules() if isinstance(layer, DeltaLayer)
-                     for m in layer.deltas.modules()}
-    found: list[nn.Module] = []
-    claimed: set[int] = set()
-    for module in model.modules():
-        if id(module) in claimed or id(module) in inside_deltas or not isinstance(module, nn.ModuleList):
-            continue
-        for child in module:
-            if next(child.parameters(), None) is not None:
-                found.append(child)
-                claimed.update(id(m) for m in child.modules())
-    return found
 
 
 def shard_base(dm: DeltaModel, group: Group) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from torch.optim import AdamW
+from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
 
@@ -29,6 +29,7 @@ from deltatune.engine.atomic import atomic_write_text
 
 from . import checkpoint, distributed, rundir
 from .data import Splits, load_splits
+from .optimizers import build_optimizer, moment_tensors
 from .param_groups import param_groups
 from .recipe import Recipe
 from .rundir import ADAPTER, CHECKPOINTS, METRICS, RECIPE
@@ -55,13 +56,18 @@ def make_task(recipe: Recipe, label_names: list[str] | None) -> Task:
 
 
 def build_model(recipe: Recipe, task: Task, adapter_dir: Path | None = None) -> dt.DeltaModel:
-    """The base model with the recipe's fresh adapter, or with the adapter saved in `adapter_dir`."""
+    """The base model (in model.dtype, quantized as model.quantize says) with the recipe's fresh adapter,
+    or with the adapter saved in `adapter_dir`."""
     torch.manual_seed(recipe.train.seed)  # a new head and LoRA's A start identically in every run
-    base = task.build_model()
+    dtype = getattr(torch, recipe.model.dtype)
+    base = task.build_model(dtype)
+    train_modules = recipe.train_modules if recipe.train_modules is not None else task.default_train_modules(base)
+    if recipe.model.quantize != "none":
+        # modules trained in full (a new head) stay in full precision, and so does lm_head, as transformers does
+        dt.quantize(base, recipe.model.quantize, compute_dtype=dtype, skip=[*(train_modules or []), "lm_head"])
     if adapter_dir is not None:
         model = dt.load(base, adapter_dir)
     else:
-        train_modules = recipe.train_modules if recipe.train_modules is not None else task.default_train_modules(base)
         model = dt.inject(base, recipe.method.config(), train_modules=train_modules or None)
     task.fit_prompt(model)  # a prompt adapter's virtual tokens take positions and shift the counted labels
     return model
@@ -149,6 +155,8 @@ class Trainer:
         self.task = make_task(self.recipe, splits.label_names)
         self.train_set, self.eval_set = self.task.encode(splits.train), self.task.encode(splits.eval)
         self.model = build_model(self.recipe, self.task).to(self.device)
+        if self.recipe.train.gradient_checkpointing:
+            dt.enable_gradient_checkpointing(self.model)
         self.step_module = self._training_forward()
         self.optimizer = self._optimizer()
         self.total_steps = self._total_steps()
@@ -172,11 +180,12 @@ class Trainer:
             distributed.shard_base(self.model, self.group)
         return step
 
-    def _optimizer(self) -> AdamW:
-        """AdamW over the trainable parameters only, in the groups methods declare (DePT) and LoRA+'s."""
+    def _optimizer(self) -> Optimizer:
+        """optimizer.name (AdamW, or bitsandbytes' 8-bit / paged AdamW) over the trainable parameters only, in the
+        groups methods declare (DePT) and LoRA+'s."""
         o = self.recipe.optimizer
         groups = param_groups(self.model, o.lr, o.weight_decay, o.loraplus_ratio)
-        return AdamW(groups, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        return build_optimizer(o.name, groups, self.device, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
 
     def _batches_per_epoch(self) -> int:
         return math.ceil(len(self.train_set) / self.recipe.train.batch_size)
@@ -261,10 +270,8 @@ class Trainer:
             raise ValueError("its optimizer state holds other parameter groups than this run's optimizer")
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         for i, moments in saved.get("state", {}).items():
-            for name, t in moments.items():
-                if not isinstance(t, Tensor):
-                    continue
-                if t.dim() and (i >= len(params) or t.shape != params[i].shape):
+            for name, t, per_parameter in moment_tensors(moments):
+                if per_parameter and (i >= len(params) or t.shape != params[i].shape):
                     raise ValueError(f"its optimizer state '{name}' of parameter {i} does not fit the parameter")
                 if not torch.isfinite(t).all():
                     raise ValueError(f"its optimizer state '{name}' of parameter {i} holds NaN or inf")

@@ -16,6 +16,9 @@ from deltatune.engine.registry import did_you_mean
 
 DEFAULT_RECIPE = "lora_minilm_rotten_tomatoes"
 T = TypeVar("T", bound=BaseModel)
+DTYPES = ("float32", "bfloat16")  # float16 trains without loss scaling here: its gradients under- and overflow
+QUANTIZE = ("none", "nf4", "fp4", "int8")
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")  # training/optimizers.py builds them
 
 
 class Section(BaseModel):
@@ -24,17 +27,29 @@ class Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+def one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
+    """Raise a one-line ValueError naming `key=value`, the choices and the closest one, unless value is one."""
+    if value not in choices:
+        raise ValueError(f"unknown value '{key}={value}' (one of {', '.join(choices)}){did_you_mean(value, choices)}")
+
+
 class ModelSection(Section):
     path: str = Field("minilm", description="Hugging Face model folder, or a built-in model: minilm, smollm2")
     task: Literal["classification", "causal_lm"] = Field("classification", description="what to train the model for")
     labels: list[str] | None = Field(
         None, description="class names in label order (classification); null = read from the data and recorded"
     )
+    dtype: str = Field("float32", description="the base model's dtype: float32, or bfloat16 (half the memory; "
+                       "the adapters and a trained head stay float32)")
+    quantize: str = Field("none", description="store the base's linear layers in nf4, fp4 (4-bit) or int8 "
+                          "(bitsandbytes) after loading, computing in model.dtype; none = as loaded")
 
     @model_validator(mode="after")
     def _valid_labels(self) -> ModelSection:
         if self.labels is not None and (len(self.labels) < 2 or len(set(self.labels)) < len(self.labels)):
             raise ValueError(f"model.labels={self.labels} must name at least 2 distinct classes")
+        one_of("model.dtype", self.dtype, DTYPES)
+        one_of("model.quantize", self.quantize, QUANTIZE)
         return self
 
 
@@ -92,6 +107,8 @@ class MethodSection(Section):
 
 
 class OptimizerSection(Section):
+    name: str = Field("adamw", description="adamw (torch); adamw_8bit (bitsandbytes: moments in 8 bits, a quarter "
+                      "of the state memory); paged_adamw, paged_adamw_8bit (state paged to CPU memory; CUDA only)")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate (peak, after warmup)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW moment decay rates")
@@ -99,6 +116,11 @@ class OptimizerSection(Section):
     loraplus_ratio: float | None = Field(
         None, gt=0, description="LoRA+ (arXiv:2402.12354): lora_B learns at lr * ratio (16 is typical); null = off"
     )
+
+    @model_validator(mode="after")
+    def _known_optimizer(self) -> OptimizerSection:
+        one_of("optimizer.name", self.name, OPTIMIZERS)
+        return self
 
 
 class ScheduleSection(Section):
@@ -116,6 +138,10 @@ class TrainSection(Section):
     save_every: int | None = Field(None, ge=1, description="write a resumable checkpoint every N steps")
     keep_checkpoints: int = Field(2, ge=1, description="how many of the newest checkpoints to keep")
     seed: int = Field(0, description="seed of initialisation, data order and dropout")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute each block's activations in backward instead of keeping them: less memory "
+        "(about one block's activations), one more forward's time; gradients unchanged"
+    )
     distributed: Literal["none", "ddp", "fsdp"] = Field(
         "none", description="under torchrun / accelerate launch: ddp (replicated model) or fsdp (frozen base "
         "sharded over the processes, adapter replicated); none = one process"

@@ -37,6 +37,9 @@ _OWN_INSIDE = {  # what deltatune writes inside its folders
 }
 # keys that do not change what a run computes: a copied or moved run folder resumes as it is
 IGNORED_KEYS = ("train.output_dir",)
+# keys added to recipes later, with the value that runs recorded before them had: such a run resumes unchanged
+ADDED_KEYS = {"model.dtype": "float32", "model.quantize": "none", "optimizer.name": "adamw",
+              "train.gradient_checkpointing": False}
 
 
 class RunLock:
@@ -125,7 +128,7 @@ def changed_keys(old: dict, new: dict, prefix: str = "") -> list[str]:
     """Dotted keys whose values differ between two nested recipe dicts, except IGNORED_KEYS."""
     changed = []
     for key in sorted(old.keys() | new.keys()):
-        a, b = old.get(key), new.get(key)
+        a, b = old.get(key, ADDED_KEYS.get(f"{prefix}{key}")), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             changed += changed_keys(a, b, f"{prefix}{key}.")
         elif a != b and f"{prefix}{key}" not in IGNORED_KEYS:

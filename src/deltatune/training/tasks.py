@@ -95,9 +95,9 @@ class Task(ABC):
         """Config options the task sets on the pretrained model (a head's labels), beyond its config.json."""
         return {}
 
-    def build_model(self) -> nn.Module:
-        """The pretrained model with the outputs this task needs, in float32."""
-        return self.auto_class.from_pretrained(self.model_path, **self.model_kwargs(), dtype=torch.float32)
+    def build_model(self, dtype: torch.dtype = torch.float32) -> nn.Module:
+        """The pretrained model with the outputs this task needs, in `dtype`."""
+        return self.auto_class.from_pretrained(self.model_path, **self.model_kwargs(), dtype=dtype)
 
     @abstractmethod
     def encode(self, records: list[dict]) -> list[dict]:

@@ -94,8 +94,10 @@ class AdaptionPrompt(Delta):
 
     def forward(self, layer: DeltaLayer, x: Tensor, out: Any, *args: Any, **kwargs: Any) -> Any:
         if kwargs.get("position_embeddings") is None:
-            raise ValueError(f"adaption_prompt on '{layer.path}' needs the attention's position_embeddings "
-                             "(cos, sin) keyword, which transformers' llama/mistral/qwen2 decoder layers pass")
+            raise ValueError(f"adaption_prompt on '{layer.path}' needs the attention call's position_embeddings "
+                             "(cos, sin), which transformers' llama/mistral/qwen2 decoder layers pass; composition "
+                             "blocks and activation adapters on the same module do not: activate it alone or in a "
+                             "plain list of adapters")
         h, rest = (out[0], tuple(out[1:])) if isinstance(out, tuple) else (out, None)
         y = h + self.change_from(layer, x, kwargs["position_embeddings"]).to(h.dtype)
         return y if rest is None else (y, *rest)

@@ -28,7 +28,14 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from ...engine.prompt import PromptConfig, PromptDelta, PromptSite
+from ...engine.peft_format import (
+    PeftCodec,
+    check_prompt_fields,
+    prompt_embeddings,
+    prompt_fields,
+    register_peft,
+)
+from ...engine.prompt import PROMPT, PromptConfig, PromptDelta, PromptSite
 from ...engine.registry import register
 
 MIN_EPSILON = 1e-10  # labels and untyped tokens: Δ stays (numerically) zero
@@ -174,3 +181,27 @@ class CPT(PromptDelta):
         full, types = full_labels(labels, input_type_mask, self.cpt_token_ids, self.cpt_types)
         decay = self.config.loss_decay if self.config.loss_weighting == "decay" else None
         return cpt_loss(logits, full, types, decay)
+
+
+def _export(dm: Any, adapter: Any) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    delta, c = dm.prompts[adapter.name], adapter.config
+    site = dm.prompt_site
+    fields = {**prompt_fields(dm, adapter, site.hidden_size, site.num_heads), "cpt_token_ids": list(c.token_ids),
+              "cpt_mask": [1] * len(c.token_ids), "cpt_tokens_type_mask": delta.cpt_types.tolist(),
+              "opt_weighted_loss_type": c.loss_weighting, "opt_loss_decay_factor": c.loss_decay,
+              "opt_projection_epsilon": c.epsilon, "opt_projection_format_epsilon": c.format_epsilon}
+    return fields, {"prompt_embeddings": delta.virtual_tokens()}  # PEFT saves E(c) + Π(Δ)
+
+
+def _load(dm: Any, pc: dict[str, Any], tensors: dict[str, Tensor], path: Any) -> tuple[CPTConfig, dict]:
+    check_prompt_fields(dm, pc, path, dm.prompt_site.hidden_size, dm.prompt_site.num_heads)
+    P = prompt_embeddings(tensors, path)
+    config = CPTConfig(token_ids=pc["cpt_token_ids"], type_mask=pc.get("cpt_tokens_type_mask"),
+                       loss_weighting=pc.get("opt_weighted_loss_type", "none"),
+                       loss_decay=pc.get("opt_loss_decay_factor", 1.0), epsilon=pc.get("opt_projection_epsilon", 0.1),
+                       format_epsilon=pc.get("opt_projection_format_epsilon", 0.1))
+    # PEFT keeps P as the context and starts Δ again at zero, and so does the import
+    return config, {f"{PROMPT}.cpt_context": P, f"{PROMPT}.cpt_delta": torch.zeros_like(P)}
+
+
+register_peft(PeftCodec("CPT", ("cpt",), _export, _load, model_prefix="base_model."))

@@ -29,32 +29,20 @@ from ...engine.prompt import PromptConfig, PromptDelta, PromptSite
 from ...engine.registry import register
 
 
-def prompt_length(l: int, d: int, r: int, max_length: int) -> int:
-    """m, the DePT prompt length with the trainable budget of l prompt-tuning tokens of width d."""
-    m = (l * d - r * (max_length + d)) // d
+def prompt_length(tokens: int, d: int, r: int, max_length: int) -> int:
+    """m, the DePT prompt length with the trainable budget of l = `tokens` prompt-tuning tokens of width d."""
+    m = (tokens * d - r * (max_length + d)) // d
     if m < 1:
         raise ValueError(
             f"DePT's pair A ({max_length}×{r}), B ({r}×{d}) takes r(max_length + d) = {r * (max_length + d):,} "
-            f"parameters, leaving no prompt token in the budget of num_virtual_tokens·d = {l * d:,}: lower rank "
+            f"parameters, leaving no prompt token in the budget of num_virtual_tokens·d = {tokens * d:,}: lower rank "
             f"or max_length, or raise num_virtual_tokens")
     return m
 
 
-def dept_parameters(l: int, d: int, r: int, max_length: int) -> int:
-    """Trainable parameters: m·d + r(S + d) (at most l·d)."""
-    return prompt_length(l, d, r, max_length) * d + r * (max_length + d)
-
-
-def real_positions(attention_mask: Tensor | None, n: int, batch: int, device: torch.device,
-                   past: int = 0) -> Tensor:
-    """(batch, n) index of each of the last n tokens among its row's real tokens.
-
-    attention_mask covers the whole sequence so far (past + n slots, as in generate()); without one every
-    slot is real and the positions are past .. past + n - 1."""
-    if attention_mask is None:
-        return torch.arange(past, past + n, device=device).expand(batch, n)
-    counts = attention_mask.long().cumsum(-1) - 1  # real tokens before each slot
-    return counts[:, -n:].clamp(min=0)
+def dept_parameters(tokens: int, d: int, r: int, max_length: int) -> int:
+    """Trainable parameters: m·d + r(S + d) (at most l·d, l = `tokens`)."""
+    return prompt_length(tokens, d, r, max_length) * d + r * (max_length + d)
 
 
 def embedding_update(A: Tensor, B: Tensor, scale: float, positions: Tensor) -> Tensor:
@@ -99,22 +87,19 @@ class DePT(PromptDelta):
         d, r, S = site.hidden_size, config.rank, config.max_length
         self.num_virtual_tokens = prompt_length(config.num_virtual_tokens, d, r, S)  # m: what it prepends
         kw = {"device": site.embedding.weight.device}
-        self.prompt = nn.Parameter(torch.randn(self.num_virtual_tokens, d, **kw))  # nn.Embedding's N(0, 1)
+        self.prompt_embeddings = nn.Parameter(torch.randn(self.num_virtual_tokens, d, **kw))  # nn.Embedding's N(0, 1)
         A, B = init_pair(S, r, d, **kw)
         self.dept_A, self.dept_B = nn.Parameter(A), nn.Parameter(B)
         self.scale = config.alpha / math.sqrt(r)
 
     def input_prompt(self, batch: int) -> Tensor:
-        return self.prompt.unsqueeze(0).expand(batch, -1, -1)
+        return self.prompt_embeddings.unsqueeze(0).expand(batch, -1, -1)
 
-    def embed(self, input_ids: Tensor, embeds: Tensor, positions: Tensor | None = None) -> Tensor:
-        """E(x) + s·(A B)[position]: positions (batch, n) of these tokens among their row's real tokens
-        (default 0 .. n-1, every slot real)."""
-        if positions is None:
-            positions = real_positions(None, input_ids.shape[1], input_ids.shape[0], input_ids.device)
+    def embed(self, input_ids: Tensor, embeds: Tensor, positions: Tensor) -> Tensor:
+        """E(x) + s·(A B)[positions] (positions: each token's index among its row's real tokens)."""
         return embeds + embedding_update(self.dept_A, self.dept_B, self.scale, positions).to(embeds.dtype)
 
     def lr_groups(self, lr: float) -> list[tuple[list[nn.Parameter], float]]:
         """The prompt at lr, the pair A, B at its own rate (training/param_groups.py reads this)."""
         c = self.config
-        return [([self.prompt], lr), ([self.dept_A, self.dept_B], c.pair_lr if c.pair_lr else lr * c.pair_lr_ratio)]
+        return [([self.prompt_embeddings], lr), ([self.dept_A, self.dept_B], c.pair_lr if c.pair_lr else lr * c.pair_lr_ratio)]

@@ -20,6 +20,10 @@ class FullConfig(DeltaConfig):
     pass
 
 
+def _master_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _key(name: str) -> str:
     return name.replace(".", "__")  # ParameterDict keys cannot hold dots
 
@@ -34,11 +38,14 @@ class Full(Delta):
 
     def __init__(self, config: FullConfig, layer: DeltaLayer, initialize: bool = True):
         super().__init__(config, layer)
+        # a copy of a half-precision module trains in float32 (its updates would round away), computing in
+        # the module's dtype: the cast in forward passes float32 gradients back
         self.params = nn.ParameterDict({
-            _key(n): nn.Parameter(p.detach().clone()) for n, p in layer.base_layer.named_parameters()})
+            _key(n): nn.Parameter(p.detach().to(_master_dtype(p.dtype)).clone())
+            for n, p in layer.base_layer.named_parameters()})
 
     def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor | None, *args: Any, **kwargs: Any) -> Any:
-        values = {n: self.params[_key(n)] for n, _ in layer.base_layer.named_parameters()}
+        values = {n: self.params[_key(n)].to(p.dtype) for n, p in layer.base_layer.named_parameters()}
         return functional_call(layer.base_layer, values, (x, *args), kwargs)
 
     @torch.no_grad()
