@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -48,3 +50,20 @@ def test_readme_composition_block_runs(tmp_path, monkeypatch):
     tok = AutoTokenizer.from_pretrained(assets.minilm_path())
     out = dm(**tok(["a fine film"], return_tensors="pt")).last_hidden_state
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.slow  # about 45 s on 2 cores: bitsandbytes' CPU NF4 quantizer takes ~10 s for SmolLM2, a merge as much
+def test_readme_quantized_block_runs(tmp_path, monkeypatch):
+    import torch
+
+    pytest.importorskip("bitsandbytes")
+    text = README.read_text()
+    section = text[text.index("### Quantized bases (QLoRA)"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    with pytest.warns(UserWarning, match="quantized layers"):
+        exec(compile(code, str(README), "exec"), namespace)
+    assert 0 < namespace["worst"]
+    layer = namespace["merged"].model.layers[0].self_attn.q_proj
+    assert type(layer) is torch.nn.Linear and layer.weight.dtype == torch.bfloat16

@@ -22,7 +22,8 @@ from .engine import (  # noqa: E402
     make_config,
     register,
 )
+from .engine.quantized import dequantize, quantize  # noqa: E402
 from .methods import DoRAConfig, FullConfig, LoRAConfig  # noqa: E402
 
 __all__ = ["BASE", "Average", "BatchSplit", "Fuse", "Parallel", "Split", "Stack", "DeltaConfig", "DeltaModel", "DoRAConfig", "FullConfig", "LoRAConfig", "__version__",
-           "get_method", "inject", "list_methods", "load", "load_adapterhub", "load_adapters", "load_peft", "make_config", "register"]
+           "dequantize", "get_method", "inject", "list_methods", "load", "load_adapterhub", "load_adapters", "load_peft", "make_config", "quantize", "register"]

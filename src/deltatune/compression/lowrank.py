@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deltatune.engine.kinds import kind_of
+from deltatune.engine.kinds import float_kind_of, kind_of
 from deltatune.engine.registry import did_you_mean
 from deltatune.engine.targeting import get_parent, named_layers, resolve
 
@@ -230,7 +230,7 @@ def _layer(model: nn.Module, path: str) -> nn.Module:
     if path not in layers:
         raise ValueError(f"model has no layer '{path}'{did_you_mean(path, layers)}")
     module = layers[path]
-    if kind_of(module) is None:
+    if float_kind_of(module, path, "reduce the rank of") is None:
         raise ValueError(f"layer '{path}' ({type(module).__name__}) has no weight matrix to reduce")
     return module
 

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from deltatune.compression.calibration import Batch, gradient_norms, input_norms, n_sequences
 from deltatune.compression.layers import find_blocks
-from deltatune.engine.kinds import CONV1D, LINEAR, LayerKind, kind_of
+from deltatune.engine.kinds import CONV1D, LINEAR, LINEAR_KINDS, LayerKind, float_kind_of, kind_of
 from deltatune.engine.registry import did_you_mean
 from deltatune.engine.targeting import named_layers, resolve
 
@@ -191,7 +191,7 @@ def prune_targets(model: nn.Module, targets: Any = None, exclude: Any = None) ->
     block_path, _ = find_blocks(model)
     layers = dict(named_layers(model))
     paths = resolve(model, f"re:{re.escape(block_path)}\\..*", exclude)
-    return [p for p in paths if kind_of(layers[p]) in (LINEAR, CONV1D)]
+    return [p for p in paths if kind_of(layers[p]) in LINEAR_KINDS]  # quantized ones are refused by prune()
 
 
 def _groups(model: nn.Module, paths: list[str], sequential: bool) -> list[tuple[nn.Module | None, list[str]]]:
@@ -261,7 +261,7 @@ def prune(model: nn.Module, method: str = "magnitude", sparsity: float = 0.5, *,
     paths = prune_targets(model, targets, exclude)
     chosen = set(paths)
     layers = {p: m for p, m in named_layers(model) if p in chosen}
-    kinds = {p: kind_of(layers[p]) for p in paths}
+    kinds = {p: float_kind_of(layers[p], p, "prune") for p in paths}
     data = method in NEEDS_DATA
     if data and not calibration:
         raise ValueError(f"'{method}' scores weights by calibration activations: pass calibration=text_batches("

@@ -227,7 +227,8 @@ def check_fingerprint(meta: dict[str, Any], layer_path: str, weight: torch.Tenso
     if saved is not None and fingerprint(weight) != saved:
         raise ValueError(f"adapter '{path}' was saved for another base model ({base.get('class')} "
                          f"'{base.get('name_or_path')}'): layer '{layer_path}' has different weights or shape; load "
-                         "it onto the model it was trained on (or pass check_base=False)")
+                         "it onto the model it was trained on (or pass check_base=False, e.g. for the float model a "
+                         "quantized base was made from, or the reverse: their weights differ by the rounding)")
 
 
 def load_adapter(dm: DeltaModel, path: Any, name: str | None, verify_base: bool = True,

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .quantized import FOUR_BIT, INT8, QuantOps, bnb_class
+
 
 @dataclass(frozen=True)
 class LayerKind:
@@ -31,6 +33,8 @@ class LayerKind:
     weight: str = "weight"  # the parameter that is the layer's weight, and its bias
     bias: str = "bias"
     parts: tuple[str, ...] = ()  # submodules whose weights the forward reads without calling them: adapted with it
+    # a quantized layer (bitsandbytes): `weight` holds packed bytes, W0 is read through quantized.dequantize
+    quantized: QuantOps | None = None
 
     # Kinds are singletons compared with `is` (kind is LINEAR): a deep-copied model must keep them, or its
     # layers would silently leave the fused paths (and conv-only branches would misread them).
@@ -63,6 +67,16 @@ EMBEDDING = LayerKind("embedding", lambda w: w.t(), lambda m, like: m.t(), -1, (
 CONV1D = LayerKind("conv1d_transposed", lambda w: w.t(), lambda m, like: m.t(), -1, ("Conv1D.forward",),
                    lambda mod, x, w: x @ w)
 
+# bitsandbytes layers (nn.Linear subclasses whose weight is packed): their own forward computes W0 x, a delta's
+# substitute weight goes through F.linear, and DeltaLayer.weight dequantises W0 for the methods that read it.
+QLINEAR4 = LayerKind("linear_4bit", lambda w: w, lambda m, like: m, -1, ("Linear4bit.forward",),
+                     lambda mod, x, w: F.linear(x, w), quantized=FOUR_BIT)
+QLINEAR8 = LayerKind("linear_int8", lambda w: w, lambda m, like: m, -1, ("Linear8bitLt.forward",),
+                     lambda mod, x, w: F.linear(x, w), quantized=INT8)
+_QUANTIZED = {"Linear4bit": QLINEAR4, "Linear8bitLt": QLINEAR8}  # by quantized.bnb_class
+# layers whose forward is x W^T over the last dim (token-major): what routing and activation-space forms need
+LINEAR_KINDS = (LINEAR, CONV1D, QLINEAR4, QLINEAR8)
+
 
 # nn.MultiheadAttention reads in_proj_weight (q, k, v stacked: 3E x E) and out_proj.weight inside
 # F.multi_head_attention_forward and never calls out_proj: a delta on each, run through the whole module.
@@ -76,6 +90,8 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
 
 def kind_of(module: nn.Module) -> LayerKind | None:
     """The kind of a layer that weight deltas can target, or None."""
+    if (quantized := bnb_class(module)) is not None:  # before nn.Linear, which they subclass
+        return _QUANTIZED[quantized]
     if isinstance(module, nn.Linear):
         return LINEAR
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -87,7 +103,27 @@ def kind_of(module: nn.Module) -> LayerKind | None:
     return None
 
 
+def float_kind_of(module: nn.Module, path: str, what: str) -> LayerKind | None:
+    """kind_of, for code that reads and writes `module.weight` itself (pruning, LASER): a quantized layer's
+    weight is packed bytes, so it is refused."""
+    kind = kind_of(module)
+    if kind is not None and kind.quantized is not None:
+        raise ValueError(f"cannot {what} '{path}': it is a quantized {type(module).__name__} ({kind.quantized.scheme}) "
+                         "whose weight is packed; do it on the float model and quantize after (deltatune.quantize), "
+                         "or deltatune.dequantize(model) first")
+    return kind
+
+
+def matrix_shape(module: nn.Module) -> torch.Size:
+    """(d_out, d_in) of a layer's matrix view; a quantized layer's from its features (its weight is packed)."""
+    kind = kind_of(module)
+    if kind.quantized is not None:
+        return torch.Size((module.out_features, module.in_features))
+    return kind.to_matrix(module.weight).shape
+
+
 SUPPORTED = ("nn.Linear, nn.Conv1d/2d/3d, nn.Embedding, transformers Conv1D (and their subclasses), "
+             "bitsandbytes Linear4bit / Linear8bitLt, "
              "nn.MultiheadAttention (its in_proj and out_proj)")
 
 

@@ -6,11 +6,12 @@ mixed-adapter batches. A method only supplies a `Delta` (its parameters and math
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import itertools
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +22,7 @@ from .activation import Composer, ResidualSite, State, find_site, hidden_of, wit
 from .composition import Block, Stack
 from .fused import LowRank, lowrank_linear, mixed_lowrank
 from .kinds import LINEAR, LayerKind, apply_weight, is_stock, mix_channels, per_channel
+from .quantized import RoundingError, rounding_error
 
 BASE = "__base__"  # the adapter name that means "no adapter" in a mixed batch
 
@@ -187,6 +189,13 @@ class Parts(Delta):
         return self.main.extra_repr()
 
 
+class QuantizedUndo(NamedTuple):
+    """The undo state of a merge into a quantized layer: the method's own, and the packed weight it replaced."""
+
+    method: Any
+    packed: Any
+
+
 class Routing:
     """Which adapter each row of a mixed batch uses, grouped once per forward."""
 
@@ -246,11 +255,30 @@ class DeltaLayer(nn.Module):
         self.activations = False  # holds activation deltas: forwards go through the Composer (install/remove_site)
         self._call: dict[str, Any] | None = None  # one residual-site forward in flight: setup, route, r, branch
         self._first_arg = next(iter(inspect.signature(base_layer.forward).parameters), None)
+        self._float_weight: Tensor | None = None  # a quantized W0 dequantised while a merge rewrites it
+        self.rounding: dict[str, RoundingError] = {}  # adapter -> what requantising its merge lost (quantized bases)
 
     # --- views the methods use -------------------------------------------------------------
     @property
     def weight(self) -> Tensor:
-        return self.base_layer.get_parameter(self.kind.weight) if self.kind else self.base_layer.weight
+        """The base weight. A quantized layer's W0 is dequantised on each read (a fresh float tensor, so methods
+        read it only to build or merge a delta); during a merge, the float copy the merge rewrites."""
+        if self.kind is None:
+            return self.base_layer.weight
+        if self.kind.quantized is not None:
+            return self._float_weight if self._float_weight is not None else self.kind.quantized.dequantize(
+                self.base_layer)
+        return self.base_layer.get_parameter(self.kind.weight)
+
+    @property
+    def quantized(self) -> bool:
+        return self.kind is not None and self.kind.quantized is not None
+
+    @property
+    def takes_substitute_weight(self) -> bool:
+        """Whether the layer's own forward can run with a float W0 + ΔW in place of its weight (functional_call);
+        a quantized layer's kernel reads its packed bytes."""
+        return not self.quantized
 
     @property
     def bias_parameter(self) -> Tensor | None:
@@ -267,7 +295,8 @@ class DeltaLayer(nn.Module):
 
     def apply_matrix(self, x: Tensor, m: Tensor) -> Tensor:
         """(k x d_in matrix) applied to x through the layer's own op, giving k output channels."""
-        return apply_weight(self.base_layer, self.kind, x, self.kind.to_weight(m, self.weight))
+        like = self.base_layer.get_parameter(self.kind.weight)  # only its layout: a quantized W0 is not dequantised
+        return apply_weight(self.base_layer, self.kind, x, self.kind.to_weight(m, like))
 
     def mix(self, h: Tensor, B: Tensor) -> Tensor:
         return mix_channels(self.kind, h, B)
@@ -457,8 +486,9 @@ class DeltaLayer(nn.Module):
             if all(t is not None and t.dropout == 0 and t.fuses_with(x) for t in terms):
                 return mixed_lowrank(x, out, route.index(names, x.device), terms)
         # Rows are written in place, each group's cost in its own rows, where nothing saved `out` for
-        # backward: a stock layer's output, or any output when no gradient is recorded.
-        in_place = self.stock or not torch.is_grad_enabled()
+        # backward: a stock layer's output (not a bitsandbytes kernel's, a custom Function's view), or any output
+        # when no gradient is recorded.
+        in_place = (self.stock and not self.quantized) or not torch.is_grad_enabled()
         for name in names:
             rows = route.rows(name, x.device)
             delta = self.deltas[name]
@@ -499,21 +529,56 @@ class DeltaLayer(nn.Module):
                              "weights; keep it unmerged, or merge only the weight adapters: dm.merge([...names])")
         if safe_merge:
             self.check_merge([name])
-        self._merged[name] = delta.merge(self)
+        self._merged[name] = self._merge_quantized(name, delta) if self.quantized else delta.merge(self)
+
+    @contextlib.contextmanager
+    def _dequantized(self) -> Iterator[Tensor]:
+        """Within the block `weight` (and `matrix()`) is one float copy of the quantized W0 that merges rewrite."""
+        self._float_weight = self.kind.quantized.dequantize(self.base_layer)
+        try:
+            yield self._float_weight
+        finally:
+            self._float_weight = None
+
+    def _merge_quantized(self, name: str, delta: Delta) -> QuantizedUndo:
+        """Dequantise W0, merge as on a float layer, requantise; keep the packed weight it replaces for unmerge."""
+        ops = self.kind.quantized
+        packed = ops.snapshot(self.base_layer)
+        with self._dequantized() as W:
+            before = W.clone()
+            undo = delta.merge(self)
+            ops.requantize(self.base_layer, W)
+            self.rounding[name] = rounding_error(W, ops.dequantize(self.base_layer), before)
+        return QuantizedUndo(undo, packed)
+
+    def _unmerge_one(self, name: str) -> None:
+        undo = self._merged.pop(name)
+        if not isinstance(undo, QuantizedUndo):
+            self.deltas[name].unmerge(self, undo)
+            return
+        with self._dequantized():  # the method undoes what it changed besides W0 (a bias); its W0 is dropped
+            self.deltas[name].unmerge(self, undo.method)
+        self.kind.quantized.restore(self.base_layer, undo.packed)  # the exact bytes from before the merge
+        self.rounding.pop(name, None)
 
     @torch.no_grad()
     def check_merge(self, names: Sequence[str]) -> None:
         """Merge `names` in order into a copy of this layer; raise, changing nothing, if that puts NaN or inf
         into a base parameter that had none (whatever the method's merge rule)."""
         trial = copy.deepcopy(self)
-        finite = {k: bool(torch.isfinite(p).all()) for k, p in self.base_layer.named_parameters()}
+        finite = {k: bool(torch.isfinite(p).all()) for k, p in self._float_parameters()}
         for name in names:
             trial.merge(name)
-            for k, p in trial.base_layer.named_parameters():
+            for k, p in trial._float_parameters():
                 if finite[k] and not torch.isfinite(p).all():
                     raise ValueError(f"merging adapter '{name}' ({trial.deltas[name].method}) into '{self.path}' "
                                      f"would put NaN/inf into its {k}; nothing was merged: check that adapter's "
                                      "weights (or merge without safe_merge to do it anyway)")
+
+    def _float_parameters(self) -> Iterator[tuple[str, Tensor]]:
+        """The base layer's parameters, a quantized weight dequantised (its packed bytes cannot hold NaN)."""
+        for k, p in self.base_layer.named_parameters():
+            yield k, (self.weight if self.quantized and k == self.kind.weight else p)
 
     @torch.no_grad()
     def unmerge(self, name: str | None = None) -> None:
@@ -523,7 +588,7 @@ class DeltaLayer(nn.Module):
             return
         redo = [] if name is None else order[order.index(name) + 1:]
         for n in reversed(order if name is None else order[order.index(name):]):
-            self.deltas[n].unmerge(self, self._merged.pop(n))
+            self._unmerge_one(n)
         for n in redo:
             self.merge(n)
 

@@ -14,8 +14,9 @@ from torch import Tensor, nn
 
 from .activation import find_site
 from .composition import Block, Stack, parse
-from .kinds import has_fused_fast_path, target_kind, weight_of
+from .kinds import LINEAR, has_fused_fast_path, matrix_shape, target_kind, weight_of
 from .layer import BASE, Delta, DeltaLayer, Parts, Routing
+from .quantized import RoundingError, dequantize, dequantized_linear, logical_numel
 from .registry import DeltaConfig, did_you_mean, get_method, method_of
 from .targeting import get_parent, resolve
 
@@ -369,18 +370,33 @@ class DeltaModel(nn.Module):
         setattr(parent, child, layer.base_layer)
 
     # --- merge -----------------------------------------------------------------------------
-    def merge(self, names: str | Sequence[str] | None = None, safe_merge: bool = False) -> None:
+    def merge(self, names: str | Sequence[str] | None = None, safe_merge: bool = False
+              ) -> dict[str, dict[str, RoundingError]]:
         """Fold adapters (default: the active ones) into the base weights; forward then skips them.
 
         safe_merge: merge into a copy of every layer first and raise, with the model unchanged, if any
-        merged weight holds NaN or inf.
+        merged weight holds NaN or inf. Quantized layers (bitsandbytes) are dequantised, merged and requantised
+        (unmerge restores their bytes exactly); what requantising lost is returned, adapter -> layer path ->
+        RoundingError, and summed up in a warning. Float layers merge exactly and report nothing.
         """
         names = self._names(names)
         if safe_merge:
             self._check_merge(names)
+        report: dict[str, dict[str, RoundingError]] = {}
         for name in names:
             for path in self.adapters[name].all_paths:
-                self.model.get_submodule(path).merge(name)
+                layer = self.model.get_submodule(path)
+                layer.merge(name)
+                if name in layer.rounding:
+                    report.setdefault(name, {})[path] = layer.rounding[name]
+        if report:
+            worst = [e for per_layer in report.values() for e in per_layer.values()]
+            warnings.warn(f"merged into {len(worst)} quantized layers: requantising moved the merged weights by up "
+                          f"to {max(e.max_abs for e in worst):.3g} ({max(e.relative for e in worst):.2%} of their "
+                          f"largest entry; up to {max(e.of_delta for e in worst):.2f} of the merged change's norm). "
+                          "unmerge() restores the quantized bytes; merge_and_unload(dtype=torch.bfloat16) writes an "
+                          "unrounded float model instead", stacklevel=2)
+        return report
 
     def _check_merge(self, names: list[str]) -> None:
         per_layer: dict[str, list[str]] = {}
@@ -396,12 +412,17 @@ class DeltaModel(nn.Module):
             for path in self.adapters[name].all_paths:
                 self.model.get_submodule(path).unmerge(name)
 
-    def merge_and_unload(self, names: str | Sequence[str] | None = None, safe_merge: bool = False) -> nn.Module:
+    def merge_and_unload(self, names: str | Sequence[str] | None = None, safe_merge: bool = False,
+                         dtype: torch.dtype | None = None) -> nn.Module:
         """The plain model with `names` (default: active) merged in; the other adapters are dropped.
-        safe_merge: as in merge(), checked before anything is dropped."""
+        safe_merge: as in merge(), checked before anything is dropped. dtype: every quantized (bitsandbytes)
+        layer becomes a plain nn.Linear of that dtype holding its dequantised W0, and the adapters merge into
+        it without requantising (None: they merge into the quantized layers, see merge())."""
         keep = self._names(names)
         if safe_merge:
             self._check_merge(keep)
+        if dtype is not None:
+            self._dequantize_base(dtype)
         if len(keep) < len(self.adapters):  # so that dropping the others activates nothing (and warns of nothing);
             self.set_active(keep)  # with nothing to drop, the model's requires_grad flags stay as the caller set them
         for name in [n for n in self.adapters if n not in keep]:
@@ -413,6 +434,17 @@ class DeltaModel(nn.Module):
         self.shared = nn.ModuleDict()
         self.active = ()
         return self.model
+
+    def _dequantize_base(self, dtype: torch.dtype) -> None:
+        """Replace every quantized layer by a float nn.Linear of `dtype` (merged adapters unmerged from it first)."""
+        for _, layer in self.layers():
+            if layer.quantized:
+                merged = layer.merged
+                layer.unmerge()
+                layer.base_layer, layer.kind = dequantized_linear(layer.base_layer, dtype), LINEAR
+                for n in merged:
+                    layer.merge(n)
+        dequantize(self.model, dtype)  # the quantized layers no adapter holds
 
     def _names(self, names: str | Sequence[str] | None) -> list[str]:
         names = list(self.active) if names is None else [names] if isinstance(names, str) else list(names)
@@ -452,7 +484,7 @@ class DeltaModel(nn.Module):
         return sum(p.numel() for p in self._all_parameters() if p.requires_grad)
 
     def total_parameters(self) -> int:
-        return sum(p.numel() for p in self._all_parameters())
+        return sum(logical_numel(p) for p in self._all_parameters())
 
     # --- training hooks --------------------------------------------------------------------
     def regularization_loss(self) -> Tensor:
@@ -473,7 +505,8 @@ class DeltaModel(nn.Module):
         """One row per (layer, adapter): method, base shape, its parameters and how many train."""
         rows = []
         for path, layer in self.layers():
-            base_shape = tuple(getattr(weight_of(layer.base_layer), "shape", ()))
+            base_shape = (tuple(matrix_shape(layer.base_layer)) if layer.quantized  # not its packed bytes' shape
+                          else tuple(getattr(weight_of(layer.base_layer), "shape", ())))
             for name, delta in layer.deltas.items():
                 params = list(delta.parameters())
                 rows.append({"layer": path, "adapter": name, "method": delta.method, "base_shape": base_shape,

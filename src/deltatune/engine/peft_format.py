@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from .atomic import atomic_path, atomic_write_text
 from .io import adapter_folder, model_name, read_json, read_tensors
-from .kinds import CONV, CONV1D, EMBEDDING, LINEAR
+from .kinds import CONV, CONV1D, EMBEDDING, LINEAR_KINDS
 from .layer import Parts
 from .registry import DeltaConfig, closest, make_config
 from .targeting import require_layers
@@ -166,7 +166,7 @@ def _lora_export(dm: DeltaModel, adapter: Adapter) -> tuple[dict[str, Any], Tens
 
 def _monteclora_tensors(p: str, layer: Any, delta: Any) -> Tensors:
     cfg = delta.config
-    if layer.kind not in (LINEAR, CONV1D) or cfg.pissa:
+    if layer.kind not in LINEAR_KINDS or cfg.pissa:
         what = "PiSSA init" if cfg.pissa else f"a {type(layer.base_layer).__name__} ('{p}')"
         raise ValueError(f"PEFT's MonteCLoRA adapts linear layers with a plain rank-r A, so {what} cannot be "
                          "exported to it; save the adapter with DeltaModel.save instead")

@@ -36,13 +36,14 @@ class MaskedLoRA(LoRA):
     def __init__(self, config: MaskedLoRAConfig, layer: DeltaLayer, initialize: bool = True):
         super().__init__(config, layer, initialize)
         self.register_buffer("lora_mask", layer.matrix().detach() != 0)  # (d_out, d_in); a loaded state overwrites it
+        self._substitutes = layer.takes_substitute_weight  # else the layer's own output plus the masked ΔW x
 
     def delta_weight(self, layer: DeltaLayer) -> Tensor:
         return super().delta_weight(layer) * self.lora_mask  # (d_out, d_in), zero wherever W0 is
 
     @property
     def uses_base_output(self) -> bool:  # the engine skips the base forward when False
-        return self.training and not isinstance(self.dropout, nn.Identity)
+        return not self._substitutes or (self.training and not isinstance(self.dropout, nn.Identity))
 
     def forward(self, layer: DeltaLayer, x: Tensor, out: Tensor | None) -> Tensor:
         if out is None:  # fused: one pass of the layer's own forward with W0 + ΔW (and b + Δb)

@@ -26,7 +26,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from ...engine.kinds import CONV1D, LINEAR, kaiming_uniform_
+from ...engine.kinds import LINEAR_KINDS, kaiming_uniform_
 from ...engine.layer import Delta, DeltaLayer
 from ...engine.registry import DeltaConfig, register
 from .lora import adapter_dtype, check_rank
@@ -74,7 +74,7 @@ class SiRA(Delta):
 
     def __init__(self, config: SiRAConfig, layer: DeltaLayer, initialize: bool = True):
         super().__init__(config, layer)
-        if layer.kind not in (LINEAR, CONV1D):
+        if layer.kind not in LINEAR_KINDS:
             raise ValueError(f"SiRA routes tokens and adapts Linear / GPT-2 Conv1D layers only, not "
                              f"'{type(layer.base_layer).__name__}'; exclude it")
         d_out, d_in = check_rank(config.r, layer, self.method, warn_for=config)

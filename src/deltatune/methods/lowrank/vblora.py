@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from ...engine.kinds import CONV1D, LINEAR
+from ...engine.kinds import CONV1D, LINEAR_KINDS
 from ...engine.layer import DeltaLayer
 from ...engine.peft_format import PeftCodec, layer_tensors, register_peft
 from ...engine.registry import DeltaConfig, make_config, register
@@ -126,7 +126,7 @@ def _export(dm: DeltaModel, adapter: Adapter) -> tuple[dict[str, Any], dict[str,
     cfg, tensors, conv1d = adapter.config, {}, False
     for p in adapter.paths:
         layer = dm.model.get_submodule(p)
-        if layer.kind not in (LINEAR, CONV1D):
+        if layer.kind not in LINEAR_KINDS:
             raise ValueError(f"PEFT's VB-LoRA adapts nn.Linear and Conv1D only; '{p}' is {layer.kind.name}")
         conv1d |= layer.kind is CONV1D
         delta = layer.deltas[adapter.name]

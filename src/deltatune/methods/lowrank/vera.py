@@ -25,7 +25,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from ...engine.fused import LowRank
-from ...engine.kinds import CONV1D, LINEAR, kind_of
+from ...engine.kinds import CONV1D, LINEAR_KINDS, matrix_shape
 from ...engine.layer import Delta, DeltaLayer
 from ...engine.peft_format import PeftCodec, layer_tensors, register_peft
 from ...engine.registry import DeltaConfig, make_config, register
@@ -108,7 +108,7 @@ def _export(dm: Any, adapter: Any) -> tuple[dict[str, Any], dict[str, Tensor]]:
     cfg, tensors, fan_in_fan_out = adapter.config, {}, False
     for p in adapter.paths:
         layer = dm.model.get_submodule(p)
-        if layer.kind not in (LINEAR, CONV1D):
+        if layer.kind not in LINEAR_KINDS:
             raise ValueError(f"PEFT's VeRA adapts only Linear and GPT-2 Conv1D layers; '{p}' is "
                              f"{type(layer.base_layer).__name__}. Save this adapter with DeltaModel.save instead")
         fan_in_fan_out |= layer.kind is CONV1D
@@ -125,7 +125,7 @@ def _export(dm: Any, adapter: Any) -> tuple[dict[str, Any], dict[str, Tensor]]:
 def _matrix_shape(module: nn.Module) -> torch.Size:
     if isinstance(module, DeltaLayer):
         return module.matrix().shape
-    return kind_of(module).to_matrix(module.weight).shape
+    return matrix_shape(module)
 
 
 def _load(dm: Any, pc: dict[str, Any], tensors: dict[str, Tensor], path: Any) -> tuple[DeltaConfig, dict[str, Tensor]]:

@@ -38,7 +38,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from ...engine.kinds import CONV, CONV1D, EMBEDDING, LINEAR, kaiming_uniform_
+from ...engine.kinds import CONV, EMBEDDING, LINEAR_KINDS, kaiming_uniform_
 from ...engine.layer import Delta, DeltaLayer
 from ...engine.peft_format import PeftCodec, layer_tensors, register_peft
 from ...engine.registry import DeltaConfig, make_config, register
@@ -136,7 +136,7 @@ class LoKr(Delta):
         tokens = x.numel() // x.shape[-1]
         # The Kronecker product applied to activations saves an (a2 x b1) map per token; from d_in tokens on,
         # forming ΔW (d_out x d_in, as PEFT does) is cheaper in time and in saved memory.
-        if layer.kind in (LINEAR, CONV1D) and layer.stock and tokens < x.shape[-1]:
+        if layer.kind in LINEAR_KINDS and layer.stock and tokens < x.shape[-1]:
             a1, a2, b1, b2 = self.shape
             A = self.factors()[0]
             X = x.reshape(*x.shape[:-1], a2, b2)  # x = vec(X), X (..., a2, b2)

@@ -31,7 +31,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from ...engine.kinds import CONV1D, LINEAR
+from ...engine.kinds import LINEAR_KINDS
 from ...engine.layer import Delta, DeltaLayer
 from ...engine.registry import DeltaConfig, register
 from ..lowrank.lora import adapter_dtype
@@ -77,7 +77,7 @@ class SURM(Delta):
         return self.config.alpha * blocks.permute(0, 2, 1, 3).reshape(self.p * self.n, self.q * self.n)
 
     def change(self, layer: DeltaLayer, h: Tensor) -> Tensor:
-        if not (layer.kind in (LINEAR, CONV1D) and layer.stock):
+        if not (layer.kind in LINEAR_KINDS and layer.stock):
             return super().change(layer, h)  # conv / embedding / custom forward: materialises ΔW
         L = self.fft_factor * self.n
         X = torch.fft.rfft(h.reshape(*h.shape[:-1], self.q, self.n), n=L)  # (..., q, L/2+1)
