@@ -1,6 +1,7 @@
-"""The benchmark's real models and data: MiniLM + Rotten Tomatoes, SmolLM2-135M-Instruct + Chatterbot Q/A.
+"""The benchmark's real models and data: MiniLM + Rotten Tomatoes, SmolLM2-135M-Instruct and
+Qwen2.5-Coder-0.5B-Instruct + Chatterbot Q/A.
 
-Each case gives a base model, one timing batch of the issue's shape (MiniLM 32 x 64, SmolLM2 4 x 128), a
+Each case gives a base model, one timing batch of the issue's shape (MiniLM 32 x 64, the LMs 4 x 128), a
 training stream and a held-out split for quality (accuracy, or perplexity of the chat-formatted answers).
 """
 
@@ -10,13 +11,16 @@ import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .. import assets
 
-CASES = ("minilm", "smollm2")
+CASES = ("minilm", "smollm2", "qwen_coder")
+# every linear layer of a Llama/Qwen2 block (PEFT's "all-linear" on them: lm_head is left out)
+LM_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
@@ -26,9 +30,11 @@ class Case:
     batch: dict[str, torch.Tensor]  # the timing batch
     train: list[dict[str, torch.Tensor]]  # quality: training batches
     held_out: list[dict[str, torch.Tensor]]  # quality: evaluation batches
-    targets: dict[str, list[str]]  # role -> module names: "attention" (q, v), "ia3" (k, v, FFN down), "ffn"
+    targets: dict[str, list[str]]  # role -> module names: "attention" (q, v), "ia3" (k, v, FFN down), "ffn",
+    # and for the LMs "all_linear"
     metric: str  # "accuracy" (higher is better) or "perplexity" (lower is better)
     head: list[str]  # new modules every classifier run trains in full (none for the LM)
+    path: Path | None = None  # the HF folder the base came from (PEFT's quantized peers load it themselves)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Case:
         move = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
@@ -67,10 +73,11 @@ def minilm(train_steps: int, eval_rows: int) -> Case:
                 "ia3": ["key", "value", ffn_down], "ffn": [ffn_down]}, "accuracy", ["classifier"])
 
 
-def smollm2(train_steps: int, eval_rows: int) -> Case:
+def _chat_lm(name: str, path: Path, train_steps: int, eval_rows: int) -> Case:
+    """A causal LM case: the timing batch is 4 x 128 tokens of Chatterbot text, quality the perplexity of
+    chat-formatted Q/A pairs (padding masked out of the labels)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = assets.smollm2_path()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(path)
     rows = assets.chatterbot()
@@ -90,14 +97,24 @@ def smollm2(train_steps: int, eval_rows: int) -> Case:
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     train = _batches(encode(rows[:4 * train_steps]), 4) if train_steps else []
     held = _batches(encode(rows[-eval_rows:]), 8) if eval_rows else []
-    return Case("smollm2", model, batch, train, held, {"attention": ["q_proj", "v_proj"],
-                "ia3": ["k_proj", "v_proj", "down_proj"], "ffn": ["down_proj"]}, "perplexity", [])
+    return Case(name, model, batch, train, held, {"attention": ["q_proj", "v_proj"],
+                "ia3": ["k_proj", "v_proj", "down_proj"], "ffn": ["down_proj"], "all_linear": list(LM_LINEAR)},
+                "perplexity", [], path)
+
+
+def smollm2(train_steps: int, eval_rows: int) -> Case:
+    return _chat_lm("smollm2", assets.smollm2_path(), train_steps, eval_rows)
+
+
+def qwen_coder(train_steps: int, eval_rows: int) -> Case:
+    """Qwen2.5-Coder-0.5B-Instruct (630M parameters as loaded): the case where a quantized base's memory shows."""
+    return _chat_lm("qwen_coder", assets.qwen_coder_path(), train_steps, eval_rows)
 
 
 def load(name: str, train_steps: int = 0, eval_rows: int = 0) -> Case:
     if name not in CASES:
         raise ValueError(f"unknown benchmark model '{name}'; choose from {list(CASES)}")
-    return {"minilm": minilm, "smollm2": smollm2}[name](train_steps, eval_rows)
+    return {"minilm": minilm, "smollm2": smollm2, "qwen_coder": qwen_coder}[name](train_steps, eval_rows)
 
 
 # --- steps ---------------------------------------------------------------------------------------------
