@@ -63,27 +63,46 @@ def main() -> None:
         results = suite.run(cfg, log=log, command="python benchmarks/quantized_bases.py")
     results["load_average_1min"] = {"min": min(load), "max": max(load), "samples": len(load)}
     results["wall_s"] = time.time() - started
+    results["runs"] = [{"models": args.models, "date": results["env"]["date"], "wall_s": results["wall_s"],
+                        "load_average_1min": results["load_average_1min"],
+                        "config": {k: results["config"][k] for k in ("rounds", "warmup", "memory_rounds", "bases",
+                                   "quantized_dtype", "resident_only", "quality_steps", "eval_rows")}}]
+    results = _keep_other_models(args.out / "quantized_bases.json", results)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "quantized_bases.json", json.dumps(results, indent=1) + "\n")
     atomic_write_text(args.out / "quantized_bases.md", "\n".join(report(results)) + "\n")
     print((args.out / "quantized_bases.md").read_text())
 
 
+def _keep_other_models(path: Path, results: dict) -> dict:
+    """A run of some models replaces those models' cells in earlier results and keeps the others' (and their
+    runs' notes), so the two LMs can be measured one after the other."""
+    if not path.exists():
+        return results
+    old = json.loads(path.read_text())
+    ran = {c["model"] for c in results["quantized"]}
+    results["quantized"] = [c for c in old.get("quantized", []) if c["model"] not in ran] + results["quantized"]
+    results["runs"] = [r for r in old.get("runs", []) if not set(r["models"]) <= ran] + results["runs"]
+    return results
+
+
 def report(results: dict) -> list[str]:
     from deltatune.bench import quantized
 
-    env, cfg, load = results["env"], results["config"], results["load_average_1min"]
+    env = results["env"]
+    runs = "; ".join(f"{', '.join(r['models'])} on {r['date']} ({r['wall_s'] / 60:.0f} min, 1-minute load average "
+                     f"{r['load_average_1min']['min']:.1f}-{r['load_average_1min']['max']:.1f}, "
+                     f"{r['config']['rounds']} timed rounds)" for r in results["runs"])
     return ["# Quantized bases: deltatune vs PEFT QLoRA", "",
-            "Command: `python benchmarks/quantized_bases.py`  ",
-            f"Machine: CPU ({env['machine']}, {env['cores']} cores, {env['threads']} threads), shared with other jobs: "
-            f"1-minute load average {load['min']:.1f}-{load['max']:.1f} during the run ({results['wall_s'] / 60:.0f} "
-            f"min); torch {env['torch']}, transformers {env['transformers']}, peft {env.get('peft')}; {env['date']}.",
+            "Command: `python benchmarks/quantized_bases.py` (options in the JSON's config)  ",
+            f"Machine: CPU ({env['machine']}, {env['cores']} cores, {env['threads']} threads), shared with other "
+            f"jobs; torch {env['torch']}, transformers {env['transformers']}, peft {env.get('peft')}. Runs: {runs}.",
             "",
-            f"Step: the LMs' timing batch (4 x 128 tokens of Chatterbot text), forward + backward + AdamW; "
-            f"{cfg['rounds']} interleaved rounds after {cfg['warmup']} warm-up, ratios the median (min-max) of "
-            f"per-round ratios. Memory: resident = RSS growth from before a contender is built to after its first "
-            f"step (weights, adapter, AdamW state; in brackets the bytes of its tensors, a cross-check); step peak = "
-            f"the step's peak RSS above the level before it, median of {cfg['memory_rounds']} rounds; training "
+            "Step: the LMs' timing batch (4 x 128 tokens of Chatterbot text), forward + backward + AdamW; "
+            "interleaved rounds after the build's own first step (and any warm-up), ratios the median (min-max) of "
+            "per-round ratios. Memory: resident = the RSS that deleting the contender at the end gives back "
+            "(weights, adapter, AdamW state; in brackets the bytes of its tensors, a cross-check); step peak = "
+            "the step's peak RSS above the level before it, median of the memory rounds; training "
             "peak = the two together. deltatune's quantized bases: `deltatune.quantize` of the loaded fp32 model "
             "(lm_head kept, as transformers does); PEFT's: `from_pretrained(..., quantization_config="
             "BitsAndBytesConfig(...))` then `get_peft_model`; no gradient checkpointing on either side.", "",
