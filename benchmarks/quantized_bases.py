@@ -39,9 +39,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs=2, default=[12, 6], metavar=("SMOLLM2", "QWEN"),
                     help="quality: training steps (batch 4) per model")
     ap.add_argument("--eval-rows", type=int, nargs=2, default=[48, 24], metavar=("SMOLLM2", "QWEN"))
+    ap.add_argument("--length", type=int, nargs=2, default=[128, 128], metavar=("SMOLLM2", "QWEN"),
+                    help="sequence length of the timing batch (4 rows) and of the quality batches")
     ap.add_argument("--step-bf16", action="store_true", help="step the bf16 base even where bf16 is emulated")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--report-only", action="store_true", help="rewrite the Markdown from the JSON in --out")
     args = ap.parse_args()
+    if args.report_only:
+        results = json.loads((args.out / "quantized_bases.json").read_text())
+        atomic_write_text(args.out / "quantized_bases.md", "\n".join(report(results)) + "\n")
+        return
 
     slowdown = quantized.bf16_matmul_slowdown()
     resident_only = [] if args.step_bf16 or slowdown < 3 else ["bf16"]
@@ -49,7 +56,8 @@ def main() -> None:
                             bases=args.bases, quantized_dtype=args.quantized_dtype, resident_only=resident_only,
                             rounds=args.rounds, warmup=args.warmup, memory_rounds=args.memory_rounds,
                             quality_steps=dict(zip(["smollm2", "qwen_coder"], args.steps)),
-                            eval_rows=dict(zip(["smollm2", "qwen_coder"], args.eval_rows)))
+                            eval_rows=dict(zip(["smollm2", "qwen_coder"], args.eval_rows)),
+                            lm_length=dict(zip(["smollm2", "qwen_coder"], args.length)))
     load = [os.getloadavg()[0]]
     started = time.time()
 
@@ -64,9 +72,11 @@ def main() -> None:
     results["load_average_1min"] = {"min": min(load), "max": max(load), "samples": len(load)}
     results["wall_s"] = time.time() - started
     results["runs"] = [{"models": args.models, "date": results["env"]["date"], "wall_s": results["wall_s"],
+                        "threads": results["env"]["threads"],
                         "load_average_1min": results["load_average_1min"],
                         "config": {k: results["config"][k] for k in ("rounds", "warmup", "memory_rounds", "bases",
-                                   "quantized_dtype", "resident_only", "quality_steps", "eval_rows")}}]
+                                   "quantized_dtype", "resident_only", "quality_steps", "eval_rows",
+                                   "lm_length")}}]
     results = _keep_other_models(args.out / "quantized_bases.json", results)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "quantized_bases.json", json.dumps(results, indent=1) + "\n")
@@ -92,13 +102,16 @@ def report(results: dict) -> list[str]:
     env = results["env"]
     runs = "; ".join(f"{', '.join(r['models'])} on {r['date']} ({r['wall_s'] / 60:.0f} min, 1-minute load average "
                      f"{r['load_average_1min']['min']:.1f}-{r['load_average_1min']['max']:.1f}, "
-                     f"{r['config']['rounds']} timed rounds)" for r in results["runs"])
+                     f"{r.get('threads', env['threads'])} threads, {r['config']['rounds']} timed rounds, "
+                     f"sequences of {r['config'].get('lm_length', {}).get(r['models'][0], 128)} tokens)"
+                     for r in results["runs"])
     return ["# Quantized bases: deltatune vs PEFT QLoRA", "",
             "Command: `python benchmarks/quantized_bases.py` (options in the JSON's config)  ",
-            f"Machine: CPU ({env['machine']}, {env['cores']} cores, {env['threads']} threads), shared with other "
+            f"Machine: CPU ({env['machine']}, {env['cores']} cores), shared with other "
             f"jobs; torch {env['torch']}, transformers {env['transformers']}, peft {env.get('peft')}. Runs: {runs}.",
             "",
-            "Step: the LMs' timing batch (4 x 128 tokens of Chatterbot text), forward + backward + AdamW; "
+            "Step: the LMs' timing batch (4 rows of Chatterbot text, the run's `lm_length` tokens each: 128 unless "
+            "the runs say otherwise), forward + backward + AdamW; "
             "interleaved rounds after the build's own first step (and any warm-up), ratios the median (min-max) of "
             "per-round ratios. Memory: resident = the RSS that deleting the contender at the end gives back "
             "(weights, adapter, AdamW state; in brackets the bytes of its tensors, a cross-check); step peak = "

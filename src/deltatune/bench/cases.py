@@ -73,9 +73,9 @@ def minilm(train_steps: int, eval_rows: int) -> Case:
                 "ia3": ["key", "value", ffn_down], "ffn": [ffn_down]}, "accuracy", ["classifier"])
 
 
-def _chat_lm(name: str, path: Path, train_steps: int, eval_rows: int) -> Case:
-    """A causal LM case: the timing batch is 4 x 128 tokens of Chatterbot text, quality the perplexity of
-    chat-formatted Q/A pairs (padding masked out of the labels)."""
+def _chat_lm(name: str, path: Path, train_steps: int, eval_rows: int, length: int) -> Case:
+    """A causal LM case: the timing batch is 4 x `length` tokens of Chatterbot text, quality the perplexity of
+    chat-formatted Q/A pairs padded or cut to `length` (padding masked out of the labels)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
@@ -83,7 +83,7 @@ def _chat_lm(name: str, path: Path, train_steps: int, eval_rows: int) -> Case:
     rows = assets.chatterbot()
     random.Random(0).shuffle(rows)
 
-    def encode(part: list[dict], length: int = 128) -> dict[str, torch.Tensor]:
+    def encode(part: list[dict]) -> dict[str, torch.Tensor]:
         texts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]},
                                           {"role": "assistant", "content": r["response"]}], tokenize=False)
                  for r in part]
@@ -91,9 +91,9 @@ def _chat_lm(name: str, path: Path, train_steps: int, eval_rows: int) -> Case:
         enc["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         return enc
 
-    # the timing batch is full (no padding), the issue's 4 x 128 tokens of real text
+    # the timing batch is full (no padding): by default the issue's 4 x 128 tokens of real text
     text = " ".join(f"{r['prompt']} {r['response']}" for r in rows[:400])
-    ids = tok(text, return_tensors="pt")["input_ids"][0, :4 * 128].view(4, 128)
+    ids = tok(text, return_tensors="pt")["input_ids"][0, :4 * length].view(4, length)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     train = _batches(encode(rows[:4 * train_steps]), 4) if train_steps else []
     held = _batches(encode(rows[-eval_rows:]), 8) if eval_rows else []
@@ -102,19 +102,22 @@ def _chat_lm(name: str, path: Path, train_steps: int, eval_rows: int) -> Case:
                 "perplexity", [], path)
 
 
-def smollm2(train_steps: int, eval_rows: int) -> Case:
-    return _chat_lm("smollm2", assets.smollm2_path(), train_steps, eval_rows)
+def smollm2(train_steps: int, eval_rows: int, length: int = 128) -> Case:
+    return _chat_lm("smollm2", assets.smollm2_path(), train_steps, eval_rows, length)
 
 
-def qwen_coder(train_steps: int, eval_rows: int) -> Case:
+def qwen_coder(train_steps: int, eval_rows: int, length: int = 128) -> Case:
     """Qwen2.5-Coder-0.5B-Instruct (630M parameters as loaded): the case where a quantized base's memory shows."""
-    return _chat_lm("qwen_coder", assets.qwen_coder_path(), train_steps, eval_rows)
+    return _chat_lm("qwen_coder", assets.qwen_coder_path(), train_steps, eval_rows, length)
 
 
-def load(name: str, train_steps: int = 0, eval_rows: int = 0) -> Case:
+def load(name: str, train_steps: int = 0, eval_rows: int = 0, length: int | None = None) -> Case:
+    """A case; `length`: the LMs' sequence length (default 128; MiniLM's batches are 32 x 64 always)."""
     if name not in CASES:
         raise ValueError(f"unknown benchmark model '{name}'; choose from {list(CASES)}")
-    return {"minilm": minilm, "smollm2": smollm2, "qwen_coder": qwen_coder}[name](train_steps, eval_rows)
+    if name == "minilm":
+        return minilm(train_steps, eval_rows)
+    return {"smollm2": smollm2, "qwen_coder": qwen_coder}[name](train_steps, eval_rows, length or 128)
 
 
 # --- steps ---------------------------------------------------------------------------------------------

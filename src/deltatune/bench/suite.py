@@ -59,6 +59,7 @@ class BenchConfig:
     bases: list[str] = field(default_factory=list)
     quantized_dtype: str = "float32"  # int8/NF4 bases: compute dtype and dtype of what is not quantized
     resident_only: list[str] = field(default_factory=list)  # bases built and weighed, not stepped
+    lm_length: dict[str, int] = field(default_factory=dict)  # LM -> sequence length of its batches (default 128)
 
 
 def quick_config(**overrides: Any) -> BenchConfig:
@@ -317,7 +318,7 @@ def run(cfg: BenchConfig, log: Any = print, command: str = "deltatune bench") ->
         results.setdefault("updates", []).append({"command": command, "date": environment(cfg)["date"],
                                                   "cells": [f"{m} {x}" for m in cfg.models for x in cfg.methods]})
     for name in cfg.models:
-        case = cases.load(name, cfg.quality_steps.get(name, 0), cfg.eval_rows.get(name, 0))
+        case = cases.load(name, cfg.quality_steps.get(name, 0), cfg.eval_rows.get(name, 0), cfg.lm_length.get(name))
         case.to(torch.device(cfg.device), dtype)
         case.model.train()
         floor = cases.floor_step(case.model, case.batch)
