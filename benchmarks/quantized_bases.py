@@ -113,10 +113,13 @@ def report(results: dict) -> list[str]:
             "Step: the LMs' timing batch (4 rows of Chatterbot text, the run's `lm_length` tokens each: 128 unless "
             "the runs say otherwise), forward + backward + AdamW; "
             "interleaved rounds after the build's own first step (and any warm-up), ratios the median (min-max) of "
-            "per-round ratios. Memory: resident = the RSS that deleting the contender at the end gives back "
-            "(weights, adapter, AdamW state; in brackets the bytes of its tensors, a cross-check); step peak = "
-            "the step's peak RSS above the level before it, median of the memory rounds; training "
-            "peak = the two together. deltatune's quantized bases: `deltatune.quantize` of the loaded fp32 model "
+            "per-round ratios. Memory: held = the bytes of the tensors a contender keeps between steps (weights "
+            "with bitsandbytes' packed bytes and scales, adapter, AdamW state; in brackets the process's RSS growth "
+            "over its build and first step, which also holds one-time set-up and heap pages left by the loading); "
+            "step peak = the step's peak RSS above the level before it, median of the memory rounds; training "
+            "peak = held + step peak. (The JSON's `resident_mib`, where present, is the RSS that deleting each "
+            "contender gave back: not used, freed pages return only at the next trim, to whichever deletion comes "
+            "first.) deltatune's quantized bases: `deltatune.quantize` of the loaded fp32 model "
             "(lm_head kept, as transformers does); PEFT's: `from_pretrained(..., quantization_config="
             "BitsAndBytesConfig(...))` then `get_peft_model`; no gradient checkpointing on either side.", "",
             *quantized.markdown(results["quantized"])]

@@ -54,8 +54,10 @@ def test_tensor_bytes_count_packed_weights_and_shared_storage_once(tmp_path):
 
 def test_targets_read_the_training_peaks_and_the_per_round_ratio():
     r = lambda v: {"min": v, "median": v, "max": v}  # noqa: E731
-    cell = {"model": "qwen_coder", "train_peak_mib": {"deltatune fp32": 4000, "deltatune nf4": 1500, "peft nf4": 1400},
-            "ratios": {"deltatune nf4/peft nf4 time": r(0.9)}}
+    held = {"deltatune fp32": 2500, "deltatune nf4": 700, "peft nf4": 700}
+    step = {"deltatune fp32": 1500, "deltatune nf4": 800, "peft nf4": 700}
+    cell = {"model": "qwen_coder", "contenders": {k: {"tensor_mib": v} for k, v in held.items()},
+            "step_peak_mib": step, "ratios": {"deltatune nf4/peft nf4 time": r(0.9)}}
     met = {t: (v, ok) for _, t, v, ok in quantized.targets(cell)}
     assert met["NF4 training peak <= 0.4x fp32 LoRA's"] == ("0.375 (1500 / 4000 MiB)", True)
     assert met["NF4 training peak <= PEFT QLoRA's"][1] is False
@@ -76,7 +78,7 @@ def test_a_tiny_real_cell_beside_peft_qlora(tmp_path):
     for b in ("int8", "nf4"):  # each quantized base is timed against PEFT on the same base, round by round
         assert cell["ratios"][f"deltatune {b}/peft {b} time"]["median"] > 0
     for k in stepped:
-        assert cell["train_peak_mib"][k] == pytest.approx(cell["contenders"][k]["resident_mib"] + cell["step_peak_mib"][k])
+        assert cell["train_peak_mib"][k] == cell["contenders"][k]["tensor_mib"] + cell["step_peak_mib"][k]
         assert 1.0 < cell["quality"][k] < 1e4  # a perplexity, finite
     # the same seed, data and schedule: deltatune and PEFT land close on the same base
     assert cell["quality"]["deltatune nf4"] == pytest.approx(cell["quality"]["peft nf4"], rel=0.05)

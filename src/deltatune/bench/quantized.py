@@ -5,12 +5,16 @@ in fp32) and PEFT 0.21 on the int8 / NF4 bases as its users build them (transfor
 loading, then `get_peft_model`). Steps are timed round-robin (measure.interleaved_times), so machine load hits
 every contender alike; ratios are per round. Memory has two parts, both measured:
 
-- resident: the process's RSS that deleting the contender at the end gives back (its weights, adapter, AdamW
-  state), so packed 4-bit bytes count as what they really take; the RSS growth over its build and first step is
-  kept too, but that also holds what the process sets up once (kernels, thread pools) for whichever comes first;
-- step peak: the step's peak above the level before it (measure.PeakRSS, as the rest of `deltatune bench`).
+- held: the bytes of the distinct tensor storages the contender keeps between steps (weights with bitsandbytes'
+  packed bytes and block scales, adapter, AdamW state), so packed 4-bit weights count as what they take. The
+  process's RSS growth over the build and first step is kept beside it, but in one process it cannot be pinned on
+  one contender: it also holds what the process sets up once (kernels, thread pools) and heap pages that freed
+  temporaries leave behind (PEFT's from_pretrained shows +400 MiB over its tensors on SmolLM2). The RSS given back
+  when a contender is deleted was tried too and was worse: freed pages return only at the next malloc_trim, to
+  whichever deletion comes first.
+- step peak: the step's peak RSS above the level before it (measure.PeakRSS, as the rest of `deltatune bench`).
 
-Training peak = resident + step peak. Quality: perplexity on held-out Chatterbot answers after the same short
+Training peak = held + step peak. Quality: perplexity on held-out Chatterbot answers after the same short
 training (same batches, seed, schedule) from each contender's freshly initialised adapter.
 
 Bases whose `steps` are off (`BenchConfig.resident_only`) are built and weighed but not stepped: on a CPU without
@@ -210,19 +214,20 @@ def quantized_cell(case: cases.Case, bases: list[str], quantized_dtype: torch.dt
                 _restore(built[c.label])
                 cell["quality"][c.label] = cases.train_and_evaluate(built[c.label].model, case, 3e-4)
                 log(f"{case.name:10s} {c.label:16s} perplexity {cell['quality'][c.label]:.3f}")
-    stepping.clear()  # its closures hold the models too
-    for label in list(built):
-        before = measure.rss()
-        del built[label]
-        _trim()
-        cell["contenders"][label]["resident_mib"] = (before - measure.rss()) / 2**20
-    cell["train_peak_mib"] = {k: cell["contenders"][k]["resident_mib"] + peaks[k] for k in peaks}
+    cell["train_peak_mib"] = training_peaks(cell)
     log(cell_line(cell))
+    del built, stepping
+    _trim()
     return cell
 
 
+def training_peaks(cell: dict[str, Any]) -> dict[str, float]:
+    """Per stepped contender: what it holds between steps (its tensors) plus its step's peak."""
+    return {k: cell["contenders"][k]["tensor_mib"] + v for k, v in cell["step_peak_mib"].items()}
+
+
 def cell_line(cell: dict[str, Any]) -> str:
-    peaks = cell["train_peak_mib"]
+    peaks = training_peaks(cell)
     return f"{cell['model']:10s} " + ", ".join(
         f"{k} {cell['time_s'][k]['median']:.2f} s {peaks[k]:.0f} MiB" for k in cell["time_s"])
 
@@ -234,7 +239,7 @@ def targets(cell: dict[str, Any]) -> list[tuple[str, str, str, bool]]:
     """(model, target, measured, met): NF4's training peak <= 0.4x fp32's (Qwen), and <= PEFT QLoRA's memory
     and time."""
     rows: list[tuple[str, str, str, bool]] = []
-    peak, model = cell["train_peak_mib"], cell["model"]
+    peak, model = training_peaks(cell), cell["model"]
     nf4, fp32, qlora = "deltatune nf4", "deltatune fp32", "peft nf4"
     if nf4 in peak and fp32 in peak:
         r = peak[nf4] / peak[fp32]
@@ -253,13 +258,15 @@ def _row(cell: dict[str, Any], k: str) -> str:
 
     c, q, peer = cell["contenders"][k], cell.get("quality", {}), k.replace("deltatune", "peft")
     cols = [k, f"{c['trainable']:,}"]
+    held = f"{c['tensor_mib']:.0f} ({c['build_rss_mib']:+.0f})"
     if k in cell["time_s"]:
-        total, fp32 = cell["train_peak_mib"][k], cell["train_peak_mib"].get("deltatune fp32")
+        peaks = training_peaks(cell)
+        total, fp32 = peaks[k], peaks.get("deltatune fp32")
         cols += [f"{cell['time_s'][k]['median']:.2f}", _fmt_ratio(cell["ratios"].get(f"{k}/deltatune fp32 time")),
-                 _fmt_ratio(cell["ratios"].get(f"{k}/{peer} time")), f"{c['resident_mib']:.0f} ({c['tensor_mib']:.0f})",
+                 _fmt_ratio(cell["ratios"].get(f"{k}/{peer} time")), held,
                  f"{cell['step_peak_mib'][k]:.0f}", f"{total:.0f}", f"{total / fp32:.3f}" if fp32 else ""]
     else:
-        cols += ["not run", "", "", f"{c['resident_mib']:.0f} ({c['tensor_mib']:.0f})", "", "", ""]
+        cols += ["not run", "", "", held, "", "", ""]
     cols.append(f"{q[k]:.3f}" if k in q else "")
     return "| " + " | ".join(cols) + " |"
 
@@ -274,8 +281,8 @@ def markdown(cells: list[dict[str, Any]]) -> list[str]:
         lines += [f"## Quantized bases: {cell['model']} (LoRA r={cell['lora']['r']}, alpha {cell['lora']['alpha']}, "
                   f"every linear layer of the blocks; quantized bases: {cell['quantized_dtype']} compute and "
                   "non-quantized parts)", "",
-                  "| contender | trainable | step s | vs deltatune fp32 | vs PEFT same base | resident MiB "
-                  "(tensors) | step peak MiB | training peak MiB | vs fp32 | perplexity |",
+                  "| contender | trainable | step s | vs deltatune fp32 | vs PEFT same base | held MiB "
+                  "(RSS growth at build) | step peak MiB | training peak MiB | vs fp32 | perplexity |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         lines += [_row(cell, k) for k in cell["contenders"]]
         if q:
