@@ -118,8 +118,8 @@ def report(results: dict) -> list[str]:
             "over its build and first step, which also holds one-time set-up and heap pages left by the loading); "
             "step peak = the step's peak RSS above the level before it, median of the memory rounds; training "
             "peak = held + step peak. (The JSON's `resident_mib`, where present, is the RSS that deleting each "
-            "contender gave back: not used, freed pages return only at the next trim, to whichever deletion comes "
-            "first.) deltatune's quantized bases: `deltatune.quantize` of the loaded fp32 model "
+            "contender gave back, and those cells' `train_peak_mib` is built on it: not used, freed pages return "
+            "only at the next trim, to whichever deletion comes first.) deltatune's quantized bases: `deltatune.quantize` of the loaded fp32 model "
             "(lm_head kept, as transformers does); PEFT's: `from_pretrained(..., quantization_config="
             "BitsAndBytesConfig(...))` then `get_peft_model`; no gradient checkpointing on either side.", "",
             *quantized.markdown(results["quantized"])]
