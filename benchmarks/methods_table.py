@@ -88,6 +88,9 @@ SPECS: dict[str, tuple[dict, float]] = {
     "scaled_parallel_adapter": ({"name": "scaled_parallel_adapter"}, 1e-3),
     "compacter": ({"name": "compacter"}, 1e-2),
     "compacter++": ({"name": "compacter++"}, 1e-2),
+    # MAM (He et al.): AdapterHub's MAMConfig, prefix l = 30 through an MLP of width 800, and the scaled parallel
+    # adapter's rate
+    "mam_adapter": ({"name": "mam_adapter"}, 1e-3),
 }
 # Claims from the papers that this setting can test: (label, a, b, what "held" means)
 ETHER_RATES = (3e-3, 1e-2, 3e-2)  # ETHER's claim: stable across learning rates (LoRA run at the same rates)
