@@ -88,6 +88,9 @@ SPECS: dict[str, tuple[dict, float]] = {
     "scaled_parallel_adapter": ({"name": "scaled_parallel_adapter"}, 1e-3),
     "compacter": ({"name": "compacter"}, 1e-2),
     "compacter++": ({"name": "compacter++"}, 1e-2),
+    # MAM (He et al.): AdapterHub's MAMConfig, prefix l = 30 through an MLP of width 800, and the scaled parallel
+    # adapter's rate
+    "mam_adapter": ({"name": "mam_adapter"}, 1e-3),
     # Prompt methods: model-level deltas (20 virtual tokens before the 64 real ones, or 20 keys/values in every
     # layer), the body frozen and the head trained at the same rate. Prompt tuning's paper trains its l·d
     # parameters at 0.3 (Adafactor); on seed 0 both 0.3 and 3e-2 stay near the majority class (the sweep table).

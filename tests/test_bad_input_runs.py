@@ -102,6 +102,21 @@ def test_what_a_killed_atomic_write_leaves_is_deltatunes(finished, tmp_path):
     assert resumed.step == 6 and not (out / ".metrics.jsonl.k2x_9q.tmp").exists()
 
 
+def test_a_run_killed_while_writing_its_first_marker_starts_again(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".deltatune_run.json.x7k2.tmp").write_text('{"recipe": ')  # killed inside the marker's first write
+    t = trainer(out, "train.steps=1", resume=True)
+    t.train()
+    assert not list(out.glob(".*.tmp")) and (out / rundir.MARKER).is_file()
+    (out / "notes.txt").write_text("mine")  # anything else is still the user's, and refused
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a deltatune run"):
+        trainer(other, "train.steps=1")
+
+
 def test_an_unreadable_run_marker_needs_overwrite(finished, tmp_path):
     out = copy_of(finished, tmp_path)
     (out / rundir.MARKER).write_text("{")

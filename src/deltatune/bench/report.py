@@ -117,6 +117,10 @@ def markdown(results: dict[str, Any], command: str) -> str:
         lines += ["", "| ratio | median (min-max) |", "|---|---|"]
         lines += [f"| {k} | {_fmt_ratio(v)} |" for k, v in cell["ratios"].items()]
         lines.append("")
+    if results.get("quantized"):
+        from .quantized import markdown as quantized_markdown
+
+        lines += quantized_markdown(results["quantized"])
     for cell in results["compile"]:
         lines += [f"## torch.compile: {cell['model']} LoRA train step", "",
                   f"Graph breaks (dynamo explain): {cell['graph_breaks']}; first steps (compilation) "

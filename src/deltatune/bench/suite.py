@@ -27,6 +27,7 @@ import deltatune as dt
 
 from . import cases, measure
 from .peers import PEERS, PROMPT_METHODS, our_config, peer
+from .quantized import quantized_cell
 
 DEFAULT_METHODS = [m for m in PEERS if m not in PROMPT_METHODS]  # prompt methods: by --methods
 LM_METHODS = ["lora", "lora_dropout", "dora", "ia3", "vera", "full"]  # SmolLM2: the targets' methods and more
@@ -34,14 +35,14 @@ LM_METHODS = ["lora", "lora_dropout", "dora", "ia3", "vera", "full"]  # SmolLM2:
 
 @dataclass
 class BenchConfig:
-    models: list[str] = field(default_factory=lambda: list(cases.CASES))
+    models: list[str] = field(default_factory=lambda: ["minilm", "smollm2"])  # qwen_coder: an extra 478 MB asset
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
     lm_methods: list[str] | None = field(default_factory=lambda: list(LM_METHODS))  # None: same as methods
     rounds: int = 10
     warmup: int = 2
     memory_rounds: int = 3
-    quality_steps: dict[str, int] = field(default_factory=lambda: {"minilm": 63, "smollm2": 20})
-    eval_rows: dict[str, int] = field(default_factory=lambda: {"minilm": 1000, "smollm2": 64})
+    quality_steps: dict[str, int] = field(default_factory=lambda: {"minilm": 63, "smollm2": 20, "qwen_coder": 10})
+    eval_rows: dict[str, int] = field(default_factory=lambda: {"minilm": 1000, "smollm2": 64, "qwen_coder": 32})
     infer_rounds: int = 10
     mixed: list[int] = field(default_factory=lambda: [8, 16])
     mixed_rank: int = 8
@@ -53,13 +54,19 @@ class BenchConfig:
     out: str = "bench_results"
     quick: bool = False
     update: bool = False  # rerun these train cells into the results in `out`, keep the rest, fill missing models
+    inference: bool = True  # the per-model inference cell
+    # quantized bases (bench/quantized.py), on the causal LMs only: LoRA r=16 on all linear layers over these
+    bases: list[str] = field(default_factory=list)
+    quantized_dtype: str = "float32"  # int8/NF4 bases: compute dtype and dtype of what is not quantized
+    resident_only: list[str] = field(default_factory=list)  # bases built and weighed, not stepped
+    lm_length: dict[str, int] = field(default_factory=dict)  # LM -> sequence length of its batches (default 128)
 
 
 def quick_config(**overrides: Any) -> BenchConfig:
     """Minutes on 2 CPU cores: MiniLM, the three target methods, few rounds, a short quality run."""
     base = BenchConfig(models=["minilm"], methods=["lora", "lora_dropout", "dora"], lm_methods=None, rounds=4,
-                       warmup=1, memory_rounds=2, quality_steps={"minilm": 40, "smollm2": 8},
-                       eval_rows={"minilm": 300, "smollm2": 32}, infer_rounds=4, quick=True)
+                       warmup=1, memory_rounds=2, quality_steps={"minilm": 40, "smollm2": 8, "qwen_coder": 4},
+                       eval_rows={"minilm": 300, "smollm2": 32, "qwen_coder": 16}, infer_rounds=4, quick=True)
     for k, v in overrides.items():
         setattr(base, k, v)
     return base
@@ -307,13 +314,13 @@ def run(cfg: BenchConfig, log: Any = print, command: str = "deltatune bench") ->
     out.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, cfg.dtype)
     results: dict[str, Any] = {"command": command, "config": asdict(cfg), "env": environment(cfg), "train": [],
-                               "inference": [], "compile": []}
+                               "inference": [], "compile": [], "quantized": []}
     if cfg.update:
         results = _previous(out)
         results.setdefault("updates", []).append({"command": command, "date": environment(cfg)["date"],
                                                   "cells": [f"{m} {x}" for m in cfg.models for x in cfg.methods]})
     for name in cfg.models:
-        case = cases.load(name, cfg.quality_steps.get(name, 0), cfg.eval_rows.get(name, 0))
+        case = cases.load(name, cfg.quality_steps.get(name, 0), cfg.eval_rows.get(name, 0), cfg.lm_length.get(name))
         case.to(torch.device(cfg.device), dtype)
         case.model.train()
         floor = cases.floor_step(case.model, case.batch)
@@ -330,8 +337,13 @@ def run(cfg: BenchConfig, log: Any = print, command: str = "deltatune bench") ->
             else:
                 results["train"].append(cell)
             _save(out, results)
+        if cfg.bases and case.metric == "perplexity":
+            results.setdefault("quantized", []).append(quantized_cell(
+                case, cfg.bases, getattr(torch, cfg.quantized_dtype), cfg.rounds, cfg.warmup, cfg.memory_rounds,
+                cfg.peft, cfg.resident_only, log))
+            _save(out, results)
         have = lambda kind, name=name: any(c["model"] == name for c in results[kind])  # noqa: E731  (update: fill gaps)
-        if not have("inference"):
+        if cfg.inference and not have("inference"):
             results["inference"].append(inference_cell(case, cfg, log))
         if cfg.compile and name in cfg.compile_models and not have("compile"):
             results["compile"].append(compile_cell(case, cfg, log))

@@ -8,7 +8,7 @@ import shlex
 import torch
 from rich.console import Console
 
-from ..bench import cases, suite
+from ..bench import cases, quantized, suite
 from ..bench.peers import peer
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -24,6 +24,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for m in args.methods:
             if not (args.update and m in ("inference", "compile")):
                 peer(m)  # unknown method: fails now, with the close names, not after an hour
+    implied = {}  # settings that follow from the flags, not written back into the command line
+    if args.bases:
+        quantized.contenders(args.bases, torch.float32, False, [])  # an unknown base fails now, with the choices
+        overrides["bases"] = args.bases
+        for key in ("quantized_dtype", "resident_only"):
+            if getattr(args, key) is not None:
+                overrides[key] = getattr(args, key)
+        if args.methods is None:  # the quantized cells alone, on both LMs unless --models says otherwise
+            implied = {"methods": [], "lm_methods": None, "inference": False, "models": ["smollm2", "qwen_coder"]}
     if args.dtype is not None and args.dtype not in DTYPES:
         raise ValueError(f"unknown --dtype '{args.dtype}'; choose from {list(DTYPES)}")
     if args.device is not None:
@@ -34,7 +43,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for m in args.models or []:
         if m not in cases.CASES:
             raise ValueError(f"unknown benchmark model '{m}'; choose from {list(cases.CASES)}")
-    cfg = suite.quick_config(**overrides) if args.quick else suite.BenchConfig(**overrides)
+    settings = implied | overrides
+    cfg = suite.quick_config(**settings) if args.quick else suite.BenchConfig(**settings)
     cfg.compile = args.compile if args.compile is not None else not args.quick
     cfg.peft = not args.no_peft
     if args.no_quality:
@@ -52,7 +62,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
              ("--update", args.update)]
     if args.compile is not None:
         flags.append(("--compile" if args.compile else "--no-compile", True))
-    options = [f"--{k} " + " ".join(shlex.quote(str(x)) for x in (v if isinstance(v, list) else [v]))
+    options = [f"--{k.replace('_', '-')} " + " ".join(shlex.quote(str(x)) for x in (v if isinstance(v, list) else [v]))
                for k, v in overrides.items() if k != "lm_methods"]
     command = " ".join(["deltatune bench"] + [f for f, on in flags if on] + options)
     suite.run(cfg, log=lambda line: console.print(line, highlight=False), command=command)
@@ -75,6 +85,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cpu (default) or cuda")
     p.add_argument("--dtype", help="float32 (default), bfloat16 or float16")
     p.add_argument("--out", help="output folder (default bench_results)")
+    p.add_argument("--bases", nargs="+", metavar="BASE",
+                   help=f"LoRA r=16 on all linear layers of the LMs over these bases, from {list(quantized.BASES)}, "
+                        "beside PEFT's QLoRA on int8/nf4 (alone unless --methods is given too)")
+    p.add_argument("--quantized-dtype", choices=["float32", "bfloat16"],
+                   help="int8/nf4 bases: compute dtype and dtype of the parts not quantized (default float32; "
+                        "bfloat16 is QLoRA's recipe, fast only with native bf16)")
+    p.add_argument("--resident-only", nargs="+", metavar="BASE",
+                   help="bases built and weighed but not stepped (bf16 on a CPU without native bf16)")
     p.add_argument("--update", action="store_true",
                    help="rerun only the --methods cells into the results already in --out (after a fix), keep the rest; "
                         "'inference' and 'compile' name those cells")

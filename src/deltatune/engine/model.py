@@ -25,6 +25,7 @@ from .prompt import (
     method_loss,
     prepared_inputs,
     prompt_site,
+    read_only_cache,
 )
 from .prompt import generate as prompt_generate
 from .quantized import RoundingError, dequantize, dequantized_linear, logical_numel
@@ -160,7 +161,8 @@ class DeltaModel(nn.Module):
         with self._routed(adapter_names), self._masked_tokens(token_mask), self._embedded(deltas, kwargs):
             if deltas is not None:  # the real tokens' embeddings are taken in here: routed, through `embed`
                 kwargs = prepared_inputs(self.model, self.prompt_site, assemble(deltas), kwargs)
-            output = self.model(*args, **kwargs)
+            with read_only_cache(self.model, kwargs):
+                output = self.model(*args, **kwargs)
         return output if own_loss is None else own_loss(output)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:

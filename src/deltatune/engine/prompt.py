@@ -13,6 +13,7 @@ equals itself alone on its first p + T output positions.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -197,10 +198,53 @@ def cache_argument(model: nn.Module) -> str:
     return "past_key_values" if "past_key_values" in params and "cache" not in params else "cache"
 
 
-def make_cache(prefix: list[tuple[Tensor, Tensor]]) -> Any:
+@functools.cache
+def _prefix_cache_class() -> type:
     from transformers import DynamicCache
 
-    return DynamicCache(prefix)
+    class PrefixCache(DynamicCache):
+        """A DynamicCache holding the prefix. `grow=False` (a training forward): update() returns [prefix; new]
+        without storing the new keys/values, so a layer run again on the same call (gradient checkpointing's
+        recompute) sees the prefix alone again instead of its own first pass appended to it."""
+
+        def __init__(self, prefix: list[tuple[Tensor, Tensor]], grow: bool):
+            super().__init__(prefix)
+            self.grow = grow
+
+        def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
+                   ) -> tuple[Tensor, Tensor]:
+            if self.grow:
+                return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+            layer = self.layers[layer_idx]
+            return torch.cat([layer.keys, key_states], -2), torch.cat([layer.values, value_states], -2)
+
+    return PrefixCache
+
+
+def make_cache(prefix: list[tuple[Tensor, Tensor]], grow: bool = True) -> Any:
+    return _prefix_cache_class()(prefix, grow)
+
+
+@contextlib.contextmanager
+def read_only_cache(model: nn.Module, kwargs: dict[str, Any]) -> Iterator[None]:
+    """Within the block, transformers' checkpointed layers keep a prefix cache that is only read (a training
+    forward): they drop any cache under gradient checkpointing, as a written one would be written twice, which
+    would silently train without the prefix."""
+    if not any(getattr(v, "grow", True) is False for v in kwargs.values()):
+        yield
+        return
+    layers = [m for m in model.modules() if hasattr(type(m), "_can_checkpoint_with_cache")]
+    before = [m.__dict__.get("_can_checkpoint_with_cache") for m in layers]
+    for m in layers:
+        m._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for m, old in zip(layers, before):
+            if old is None:
+                del m._can_checkpoint_with_cache
+            else:
+                m._can_checkpoint_with_cache = old
 
 
 def prepared_inputs(model: nn.Module, site: PromptSite, rows: _Rows, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -235,7 +279,10 @@ def prepared_inputs(model: nn.Module, site: PromptSite, rows: _Rows, kwargs: dic
                 kwargs[key] = extend(t, torch.full((B, P), fill, device=t.device))
     if K:
         mask = torch.cat([_slots(rows.prefix_len, K, dev).to(mask.dtype), mask], 1)
-        kwargs[cache_argument(model)] = make_cache(rows.prefix)
+        # a training forward only reads the cache (checkpointed layers run twice on it: read_only_cache); eval
+        # forwards and generate() grow it as transformers' own cache does
+        grow = not (model.training and torch.is_grad_enabled())
+        kwargs[cache_argument(model)] = make_cache(rows.prefix, grow)
     kwargs["attention_mask"] = mask
     positions = kwargs.get("position_ids")
     if positions is not None or not rows.uniform:  # a row's tokens where they are alone: after k + p virtual ones

@@ -96,8 +96,8 @@ class RunLock:
 def foreign_entries(folder: Path) -> list[str]:
     """Entries of `folder` that deltatune did not write (all of them when it holds no run marker)."""
     entries = sorted(p.name for p in folder.iterdir() if p.name != LOCK) if folder.is_dir() else []
-    if MARKER not in entries:
-        return entries
+    if MARKER not in entries:  # a run killed while writing its first marker left only that write's temporary
+        return [name for name in entries if not _leftover(name, (MARKER,))]
     foreign = [name for name in entries if name not in OWN and not _leftover(name, (MARKER, METRICS))]
     for name, ours in _OWN_INSIDE.items():
         sub = folder / name
@@ -111,8 +111,9 @@ def foreign_entries(folder: Path) -> list[str]:
 
 
 def unused(folder: Path) -> bool:
-    """Whether `folder` holds nothing but (perhaps) the lock and the run marker."""
-    return not folder.is_dir() or all(p.name in (LOCK, MARKER) for p in folder.iterdir())
+    """Whether `folder` holds nothing but (perhaps) the lock and the run marker, or a killed write of it."""
+    return not folder.is_dir() or all(p.name in (LOCK, MARKER) or _leftover(p.name, (MARKER,))
+                                      for p in folder.iterdir())
 
 
 def discard_if_unused(folder: Path, created: bool) -> None:
