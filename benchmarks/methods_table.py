@@ -91,6 +91,18 @@ SPECS: dict[str, tuple[dict, float]] = {
     # MAM (He et al.): AdapterHub's MAMConfig, prefix l = 30 through an MLP of width 800, and the scaled parallel
     # adapter's rate
     "mam_adapter": ({"name": "mam_adapter"}, 1e-3),
+    # Prompt methods: model-level deltas (20 virtual tokens before the 64 real ones, or 20 keys/values in every
+    # layer), the body frozen and the head trained at the same rate. Prompt tuning's paper trains its l·d
+    # parameters at 0.3 (Adafactor); on seed 0 both 0.3 and 3e-2 stay near the majority class (the sweep table).
+    "prompt_tuning": ({"name": "prompt_tuning", "num_virtual_tokens": 20}, 3e-2),
+    # P-tuning's MLP encoder trains at the rates of a small network (PEFT's examples: 1e-3 to 1e-2)
+    "p_tuning": ({"name": "p_tuning", "num_virtual_tokens": 20}, 3e-3),
+    # P-tuning v2's paper: 5e-3 to 1e-2 for BERT-size encoders; at 1e-2 it stayed at the majority class on seed 0,
+    # 3e-2 learns (the sweep table); prefix tuning (its MLP) at the paper's rate
+    "p_tuning_v2": ({"name": "p_tuning_v2", "num_virtual_tokens": 20}, 3e-2),
+    "prefix_tuning": ({"name": "prefix_tuning", "num_virtual_tokens": 20}, 1e-2),
+    # DePT: the prompt at prompt tuning's rate, the embedding pair at the paper's smaller one
+    "dept": ({"name": "dept", "num_virtual_tokens": 20, "rank": 8, "pair_lr": 5e-3}, 3e-2),
 }
 # Claims from the papers that this setting can test: (label, a, b, what "held" means)
 ETHER_RATES = (3e-3, 1e-2, 3e-2)  # ETHER's claim: stable across learning rates (LoRA run at the same rates)

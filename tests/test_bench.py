@@ -25,10 +25,16 @@ def _case() -> cases.Case:
 def test_every_paired_method_builds_on_both_sides(method):
     p, case = PEERS[method], _case()
     ours = our_config(p, case)
-    assert ours.targets == (["bert"] if method == "full" else case.targets[p.role])
+    if p.role == "model":  # prompt methods: model-level, or their own default placement (adaption prompt)
+        assert ours.targets is None
+    else:
+        assert ours.targets == (["bert"] if method == "full" else case.targets[p.role])
     if p.peft is not None:
-        theirs = p.peft(case.targets[p.role], case)
+        theirs = p.peft(case.targets.get(p.role, []), case)
         assert isinstance(theirs, peft.PeftConfig)
+        if p.role == "model":  # the same prompt size on both sides
+            size = "adapter_len" if method == "adaption_prompt" else "num_virtual_tokens"
+            assert getattr(theirs, size) == getattr(ours, size)
 
 
 def test_regex_targets_become_one_peft_regex():

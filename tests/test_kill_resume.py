@@ -34,6 +34,10 @@ SRC = Path(deltatune.__file__).resolve().parents[1]
 RECIPE = ["data.max_train=16", "data.max_eval=8", "train.batch_size=4", "train.grad_accum=2",
           "train.max_length=16", "train.steps=20", "train.save_every=2", "train.keep_checkpoints=2",
           "train.eval_every=5", "method.dropout=0.1", "optimizer.lr=1e-2"]
+# a prompt adapter: P-tuning's LSTM encoder with dropout between its layers (the RNG state matters again),
+# folded into its output when the run saves it
+PROMPT_RECIPE = [*RECIPE[:-2], "method={name: p_tuning, num_virtual_tokens: 4, encoder_reparameterization_type: "
+                 "LSTM, encoder_hidden_size: 16, encoder_dropout: 0.1}", "optimizer.lr=1e-2"]
 
 # A fork server: imports deltatune once, then forks one child per `deltatune train` (its stdout and stderr
 # go to a log file that the test reads), so each run costs its own work and not the ~6 s of imports.
@@ -110,11 +114,11 @@ for line in sys.stdin:
 class Runs:
     """`deltatune train` runs forked from one server process."""
 
-    def __init__(self, tmp_path: Path):
+    def __init__(self, tmp_path: Path, recipe: list[str]):
         env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
         self.server = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                        text=True, env=env)
-        self.tmp, self.count = tmp_path, 0
+        self.tmp, self.count, self.recipe = tmp_path, 0, recipe
 
     def ask(self, cmd: dict):
         self.server.stdin.write(json.dumps(cmd) + "\n")
@@ -125,7 +129,7 @@ class Runs:
         self.count += 1
         log = self.tmp / f"run{self.count}.log"
         log.write_text("")  # before the child starts, so that following it never finds no file
-        argv = ["train", *RECIPE, f"train.output_dir={out}", *(["--resume"] if resume else [])]
+        argv = ["train", *self.recipe, f"train.output_dir={out}", *(["--resume"] if resume else [])]
         pid = self.ask({"argv": argv, "log": str(log), "stop_at": stop_at, "snapshots": snapshots and str(snapshots)})
         return pid, log
 
@@ -188,12 +192,12 @@ def metric_rows(out: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ("time", "samples_per_s")} for r in rows]
 
 
-def check_kill_resume(tmp_path: Path, kills: int) -> None:
+def check_kill_resume(tmp_path: Path, kills: int, recipe: list[str] = RECIPE) -> None:
     seed = int(os.environ.get("DELTATUNE_KILL_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
     whole, parts, snapshots = tmp_path / "whole", tmp_path / "parts", tmp_path / "snapshots"
     snapshots.mkdir()
-    runs = Runs(tmp_path)
+    runs = Runs(tmp_path, recipe)
     try:
         reference, reference_log = runs.start(whole, resume=False, snapshots=snapshots)  # beside the killed ones
         seen_checkpoints, log = [], []
@@ -233,3 +237,8 @@ def test_killed_and_resumed_runs_end_bitwise_equal_to_an_uninterrupted_one(tmp_p
 @pytest.mark.slow
 def test_many_kills_end_bitwise_equal_to_an_uninterrupted_one(tmp_path):
     check_kill_resume(tmp_path, kills=10)
+
+
+@pytest.mark.slow
+def test_a_killed_and_resumed_prompt_adapter_run_ends_bitwise_equal(tmp_path):
+    check_kill_resume(tmp_path, kills=3, recipe=PROMPT_RECIPE)

@@ -48,6 +48,16 @@ def _ia3(targets: list[str], case: Case) -> Any:
     return peft.IA3Config(target_modules=peft_targets(targets), feedforward_modules=peft_targets(case.targets["ffn"]))
 
 
+def _prompt(cls: str, **kw: Any) -> Callable[[list[str], Case], Any]:
+    """A PEFT prompt-learning config: model-level, so no targets; the task type from the case's model."""
+    def make(targets: list[str], case: Case) -> Any:
+        import peft
+
+        task = "SEQ_CLS" if case.metric == "accuracy" else "CAUSAL_LM"
+        return getattr(peft, cls)(task_type=task, **kw)
+    return make
+
+
 def peft_targets(targets: list[str]) -> list[str] | str:
     """deltatune's 're:' regex targets as PEFT's regex string (PEFT full-matches a str target)."""
     regex = [t[3:] for t in targets if t.startswith("re:")]
@@ -69,7 +79,20 @@ PEERS: dict[str, Peer] = {
     "boft": Peer({"name": "boft"}, _peft("BOFTConfig", boft_block_size=4), lr=3e-2),
     "vblora": Peer({"name": "vblora", "vector_length": 64}, _peft("VBLoRAConfig", vector_length=64), lr=1e-2),
     "full": Peer({"name": "full"}, None, lr=2e-4),
+    # prompt methods (role "model": no targets), 20 virtual tokens; each library's defaults otherwise agree
+    # (P-tuning's MLP width = d, prefix tuning's reparameterisation on; PEFT's prefix default is off)
+    "prompt_tuning": Peer({"name": "prompt_tuning", "num_virtual_tokens": 20},
+                          _prompt("PromptTuningConfig", num_virtual_tokens=20), lr=3e-1, role="model"),
+    "p_tuning": Peer({"name": "p_tuning", "num_virtual_tokens": 20},
+                     _prompt("PromptEncoderConfig", num_virtual_tokens=20), lr=3e-3, role="model"),
+    "prefix_tuning": Peer({"name": "prefix_tuning", "num_virtual_tokens": 20},
+                          _prompt("PrefixTuningConfig", num_virtual_tokens=20, prefix_projection=True), lr=1e-2,
+                          role="model"),
+    "adaption_prompt": Peer({"name": "adaption_prompt", "adapter_len": 10, "adapter_layers": 8},
+                            _prompt("AdaptionPromptConfig", adapter_len=10, adapter_layers=8), lr=9e-3, role="model",
+                            notes="llama-style decoders only (SmolLM2)"),
 }
+PROMPT_METHODS = ["prompt_tuning", "p_tuning", "prefix_tuning", "adaption_prompt"]
 
 
 def peer(method: str) -> Peer:
@@ -83,6 +106,8 @@ def peer(method: str) -> Peer:
 def our_config(p: Peer, case: Case) -> Any:
     options = dict(p.ours)
     name = options.pop("name")
+    if p.role == "model":  # a model-level delta (or its own default placement): no targets
+        return dt.make_config(name, **options)
     targets = [case.model.base_model_prefix] if name == "full" else case.targets[p.role]
     extra = {"feedforward": case.targets["ffn"]} if name == "ia3" else {}
     return dt.make_config(name, targets=targets, **extra, **options)

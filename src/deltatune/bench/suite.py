@@ -26,10 +26,10 @@ from torch import nn
 import deltatune as dt
 
 from . import cases, measure
-from .peers import PEERS, our_config, peer
+from .peers import PEERS, PROMPT_METHODS, our_config, peer
 from .quantized import quantized_cell
 
-DEFAULT_METHODS = list(PEERS)
+DEFAULT_METHODS = [m for m in PEERS if m not in PROMPT_METHODS]  # prompt methods: by --methods
 LM_METHODS = ["lora", "lora_dropout", "dora", "ia3", "vera", "full"]  # SmolLM2: the targets' methods and more
 
 
@@ -111,7 +111,8 @@ def _contenders(case: cases.Case, method: str, head: bool, with_peft: bool = Tru
     """
     p = peer(method)
     torch.manual_seed(0)
-    train_modules = case.head if head else None
+    # PEFT's prompt learning on sequence classification always trains the head: so does ours, to time the same work
+    train_modules = case.head if head or (p.role == "model" and p.peft is not None and with_peft) else None
     ours = dt.inject(copy.deepcopy(case.model), our_config(p, case), train_modules=train_modules)
     torch.manual_seed(0)
     if method == "full":
@@ -119,7 +120,8 @@ def _contenders(case: cases.Case, method: str, head: bool, with_peft: bool = Tru
         return ours, theirs, "torch"
     if p.peft is None or not with_peft:
         return ours, None, ""
-    return ours, _peft_model(case.model, p.peft(case.targets[p.role], case), case.head if head else []), "peft"
+    peer_config = p.peft(case.targets.get(p.role, []), case)  # role "model": prompt methods take no targets
+    return ours, _peft_model(case.model, peer_config, case.head if head else []), "peft"
 
 
 def adapter_bytes(ours: dt.DeltaModel, theirs: nn.Module | None, label: str) -> tuple[int, int | None]:

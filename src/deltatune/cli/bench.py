@@ -47,6 +47,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = suite.quick_config(**settings) if args.quick else suite.BenchConfig(**settings)
     cfg.compile = args.compile if args.compile is not None else not args.quick
     cfg.peft = not args.no_peft
+    if args.no_quality:
+        cfg.quality_steps = {name: 0 for name in cases.CASES}
     cfg.update = args.update
     if args.update and args.methods is None:
         raise ValueError("--update reruns the cells of the methods you name: add --methods METHOD ...")
@@ -56,7 +58,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         except ImportError as e:
             raise ValueError("the side-by-side needs PEFT: pip install 'deltatune[bench]', or pass --no-peft") from e
     console = Console(stderr=True)
-    flags = [("--quick", args.quick), ("--no-peft", args.no_peft), ("--update", args.update)]
+    flags = [("--quick", args.quick), ("--no-peft", args.no_peft), ("--no-quality", args.no_quality),
+             ("--update", args.update)]
     if args.compile is not None:
         flags.append(("--compile" if args.compile else "--no-compile", True))
     options = [f"--{k.replace('_', '-')} " + " ".join(shlex.quote(str(x)) for x in (v if isinstance(v, list) else [v]))
@@ -78,6 +81,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time torch.compile'd LoRA steps (default: on, off with --quick)")
     p.add_argument("--no-peft", action="store_true", help="deltatune only (PEFT not installed)")
+    p.add_argument("--no-quality", action="store_true", help="time and memory only: skip the short training runs")
     p.add_argument("--device", help="cpu (default) or cuda")
     p.add_argument("--dtype", help="float32 (default), bfloat16 or float16")
     p.add_argument("--out", help="output folder (default bench_results)")

@@ -66,8 +66,11 @@ def build_model(recipe: Recipe, task: Task, adapter_dir: Path | None = None) -> 
         # modules trained in full (a new head) stay in full precision, and so does lm_head, as transformers does
         dt.quantize(base, recipe.model.quantize, compute_dtype=dtype, skip=[*(train_modules or []), "lm_head"])
     if adapter_dir is not None:
-        return dt.load(base, adapter_dir)
-    return dt.inject(base, recipe.method.config(), train_modules=train_modules or None)
+        model = dt.load(base, adapter_dir)
+    else:
+        model = dt.inject(base, recipe.method.config(), train_modules=train_modules or None)
+    task.fit_prompt(model)  # a prompt adapter's virtual tokens take positions and shift the counted labels
+    return model
 
 
 def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
@@ -354,11 +357,12 @@ class Trainer:
         progress.close()
         final = self.evaluate()
         self._log({"step": self.step, **_prefixed(final)}, start)
+        trainable = self.model.trainable_parameters()  # as trained: saving folds a prompt's reparameterisation
         adapter_dir = self.save_adapter()
         return TrainResult(
             before=self.initial_eval,
             after=final,
-            trainable=self.model.trainable_parameters(),
+            trainable=trainable,
             total=self.model.total_parameters(),
             seconds=time.perf_counter() - start,
             steps=self.step,
@@ -422,8 +426,11 @@ class Trainer:
         ))
 
     def save_adapter(self) -> Path:
-        """The trained adapter, with the resolved recipe that rebuilds its base model beside it."""
+        """The trained adapter, with the resolved recipe that rebuilds its base model beside it. A prompt adapter's
+        reparameterisation (prefix MLP, P-tuning encoder) serves training only: it is folded into its output first."""
         path = self.output_dir / ADAPTER
+        for name in self.model.prompts:  # on every rank, so that all keep the same model
+            self.model.fold_prompt(name)
 
         def write() -> Path:
             self.model.save(path)

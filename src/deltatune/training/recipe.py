@@ -168,6 +168,25 @@ class Recipe(Section):
     train: TrainSection = TrainSection()
     eval: EvalSection = EvalSection()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _method_options_from_the_run(cls, data: Any) -> Any:
+        """Fill method options that the run already knows where the method section leaves them out: DePT's S
+        (`max_length`) is train.max_length, and prompt tuning's `init_text` is split by the model's tokenizer."""
+        method = data.get("method") if isinstance(data, dict) else None
+        if not isinstance(method, dict):
+            return data
+        spec = next((s for s in dt.list_methods() if s.name == method.get("name", "lora")), None)
+        fields = spec.config.model_fields if spec is not None else {}
+        known = {}
+        if "max_length" in fields:
+            known["max_length"] = (data.get("train") or {}).get("max_length", TrainSection.model_fields["max_length"].default)
+        if "tokenizer" in fields and method.get("init_text") is not None:
+            from .tasks import resolve_model_path  # transformers loads only for recipes that need a tokenizer
+
+            known["tokenizer"] = str(resolve_model_path((data.get("model") or {}).get("path", "minilm")))
+        return {**data, "method": {**known, **method}} if known.keys() - method.keys() else data
+
     @property
     def output_dir(self) -> Path:
         """The run's output directory."""

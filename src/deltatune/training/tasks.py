@@ -14,6 +14,8 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from deltatune import assets
+from deltatune.engine.model import DeltaModel
+from deltatune.engine.prompt import assemble
 
 logger = logging.getLogger(__name__)
 
@@ -51,18 +53,43 @@ class Task(ABC):
 
     def __init__(self, model_path: Path, max_length: int, label_names: list[str] | None = None,
                  length_key: str = "train.max_length"):
-        # checked up front: longer inputs would fail deep in the position embeddings mid-run
-        limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
-        if limit is not None and max_length > limit:
-            raise ValueError(f"{length_key}={max_length} exceeds the model's {limit} positions "
-                             f"(max_position_embeddings in {model_path / 'config.json'}): "
-                             f"set {length_key}={limit} or less")
         self.model_path = model_path
         self.max_length = max_length
+        self.length_key = length_key
         self.label_names = label_names
+        # a prompt adapter's virtual tokens before the real ones: p in the inputs, k in the attention cache
+        self.prompt_tokens = self.prefix_tokens = 0
+        self.check_length()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         # padding is masked out of attention and loss, so any token serves when none is declared
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+
+    def check_length(self, virtual: int = 0, method: str = "") -> None:
+        """Raise a ValueError when max_length real tokens after `virtual` ones (a prompt adapter's) need more
+        positions than the model has; checked up front, as they would fail deep in the position embeddings mid-run."""
+        limit = getattr(AutoConfig.from_pretrained(self.model_path), "max_position_embeddings", None)
+        needed = self.max_length + virtual
+        if limit is None or needed <= limit:
+            return
+        where = f"the model's {limit} positions (max_position_embeddings in {self.model_path / 'config.json'})"
+        if not virtual:
+            raise ValueError(f"{self.length_key}={self.max_length} exceeds {where}: set {self.length_key}={limit} "
+                             "or less")
+        raise ValueError(f"{self.length_key}={self.max_length} real tokens after {method}'s {virtual} virtual tokens "
+                         f"need {needed} positions, more than {where}: set {self.length_key}={limit - virtual} or "
+                         "less, or lower method.num_virtual_tokens")
+
+    def fit_prompt(self, model: DeltaModel) -> None:
+        """Account for the active prompt adapter of `model` (if any): its virtual tokens take positions before the
+        real ones (checked against the model's), and its input prompt shifts the labels the loss counts."""
+        name = next((n for n in model.active if n in model.prompts), None)
+        if name is None:
+            self.prompt_tokens = self.prefix_tokens = 0
+            return
+        with torch.no_grad():  # one row's parts, as the engine assembles them for a batch
+            rows = assemble([model.prompts[name]])
+        self.prompt_tokens, self.prefix_tokens = rows.prompt_len[0], rows.prefix_len[0]
+        self.check_length(self.prompt_tokens + self.prefix_tokens, model.prompts[name].method)
 
     def model_kwargs(self) -> dict:
         """Config options the task sets on the pretrained model (a head's labels), beyond its config.json."""
@@ -201,16 +228,21 @@ class CausalLMTask(Task):
             "labels": pad([e["labels"] for e in examples], IGNORE_INDEX),
         }
 
+    @property
+    def first_counted(self) -> int:
+        """The first label a loss counts: the model shifts labels by one, so an example's first label counts
+        only when virtual tokens in the inputs (labelled IGNORE_INDEX) come before it."""
+        return 0 if self.prompt_tokens else 1
+
     def loss_terms(self, examples: list[dict]) -> int:
-        """One term per labelled token; the model shifts labels by one, so the first label never counts."""
-        return sum(sum(y != IGNORE_INDEX for y in e["labels"][1:]) for e in examples)
+        """One term per labelled token the model's shifted loss sees."""
+        return sum(sum(y != IGNORE_INDEX for y in e["labels"][self.first_counted:]) for e in examples)
 
     def evaluate(self, model: nn.Module, batches: Iterable[dict[str, Tensor]]) -> dict[str, float]:
         """Mean loss per response token, and its perplexity."""
         loss_sum, tokens = 0.0, 0
         for batch in batches:
-            # the model shifts labels by one, so the first label never counts
-            n = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().item()
+            n = (batch["labels"][:, self.first_counted:] != IGNORE_INDEX).sum().item()
             loss_sum += model(**batch).loss.item() * n
             tokens += n
         loss = loss_sum / tokens
