@@ -127,8 +127,9 @@ CASES: dict[str, Case] = {
 }
 SKIPPED = {"full"}  # module copies, not deltas (see the module docstring)
 # activation deltas (family "adapters") act on whole sublayers and cannot merge: tests/test_activation_adapters.py walks
-# them; model-level deltas (family "prompt") change the inputs, not layers: tests/test_prompt.py; adaption prompts in tests/methods/test_adaption_prompt.py
-METHODS = [s.name for s in list_methods() if s.name not in SKIPPED and s.family not in ("adapters", "prompt")]
+# them; model-level deltas (family "prompt") change the inputs, not layers: tests/test_prompt.py; adaption prompts in tests/methods/test_adaption_prompt.py;
+# selections of existing parameters (family "selective") target parameters: tests/test_selection.py
+METHODS = [s.name for s in list_methods() if s.name not in SKIPPED and s.family not in ("adapters", "prompt", "selective")]
 
 
 def test_the_table_covers_every_registered_method():

@@ -30,6 +30,7 @@ from .prompt import (
 from .prompt import generate as prompt_generate
 from .quantized import RoundingError, dequantize, dequantized_linear, logical_numel
 from .registry import DeltaConfig, UnionConfig, did_you_mean, get_method, method_of
+from .selection import resolve_parameters
 from .targeting import delta_layers, get_parent, resolve
 
 SHARED = "__shared__"  # state-dict prefix of an adapter's tensors shared by all its layers
@@ -278,6 +279,9 @@ class DeltaModel(nn.Module):
                                state: dict[str, Tensor]) -> Adapter:
         """Add adapter `name` holding saved tensors (a native or imported checkpoint) instead of an init."""
         adapter, built, shared = self._build(name, config, train_modules, initialize=False)
+        for path, _, delta in built:  # a selection's entry counts are the file's (chosen from data, per layer)
+            if hasattr(delta, "fit_state"):
+                delta.fit_state({k[len(path) + 1:]: t for k, t in state.items() if k.startswith(f"{path}.")})
         own = {f"{path}.{k}": t for path, _, delta in built for k, t in delta.state_dict().items()}
         if shared is not None:
             own.update({f"{SHARED}.{k}": t for k, t in shared.state_dict().items()})
@@ -304,7 +308,12 @@ class DeltaModel(nn.Module):
                 raise ValueError(f"no targets given and {spec.name} has no default for model type {model_type!r} "
                                  f"(defaults for: {', '.join(config.default_targets)}); set targets=[...]")
             targets = config.default_targets[model_type]
-        paths = [] if model_level else resolve(self.model, targets, config.exclude, need_kind=not spec.delta.any_module)
+        if getattr(spec.delta, "parameter_level", False):  # a selection: targets name parameters (engine/selection.py)
+            targets = targets if targets is not None else config.default_parameter_targets()
+            paths = list(resolve_parameters(self.model, targets, config.exclude))
+        else:
+            paths = [] if model_level else resolve(self.model, targets, config.exclude,
+                                                   need_kind=not spec.delta.any_module)
         head_paths = resolve(self.model, train_modules, need_kind=False) if train_modules else []
         if overlap := set(paths) & set(head_paths):
             raise ValueError(f"modules both adapted and fully trained: {sorted(overlap)}; remove them from one list")
