@@ -137,9 +137,9 @@ def test_the_table_covers_every_registered_method():
 
 
 class Block(nn.Module):
-    def __init__(self):
+    def __init__(self, width: int = 16):
         super().__init__()
-        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+        self.up, self.down = nn.Linear(width, 2 * width), nn.Linear(2 * width, width)
 
     def forward(self, x):
         return x + self.down(torch.tanh(self.up(x)))
@@ -148,10 +148,10 @@ class Block(nn.Module):
 class Net(nn.Module):
     """Two residual blocks of rectangular Linears: layers of one type repeat (ShareLoRA, MoS pools, VeRA bases)."""
 
-    def __init__(self, dtype=torch.float32):
+    def __init__(self, dtype=torch.float32, width: int = 16):
         super().__init__()
         torch.manual_seed(0)
-        self.blocks = nn.ModuleList([Block(), Block()])
+        self.blocks = nn.ModuleList([Block(width), Block(width)])
         self.to(dtype)
 
     def forward(self, x):

@@ -14,15 +14,35 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.engine.kinds import LINEAR, QLINEAR4, QLINEAR8, kind_of
+from deltatune.engine.quantized import pin_4bit_format
 
 bnb = pytest.importorskip("bitsandbytes")
 
 SCHEMES = ["nf4", "fp4", "int8"]
-X = torch.randn(4, 3, 16, generator=torch.Generator().manual_seed(1))
+WIDTH = 64  # layer width: 4-bit blocks of 64 stay within rows (engine/quantized.py keeps unaligned layers in float)
+X = torch.randn(4, 3, WIDTH, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def wide_llama():
+    """conftest's tiny Llama at width 64: 4-bit blocks within rows."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=WIDTH, intermediate_size=2 * WIDTH, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_quantize_keeps_layers_with_unaligned_in_features_in_float():
+    with pytest.warns(UserWarning, match="kept 2 layer.*not a multiple of 64.*blocks.0.up, blocks.1.up"):
+        net = dt.quantize(Net(width=32), "nf4", skip=())
+    assert type(net.blocks[0].up) is nn.Linear and kind_of(net.blocks[0].down) is QLINEAR4
+    assert kind_of(dt.quantize(Net(width=32), "int8", skip=()).blocks[0].up) is QLINEAR8  # int8 has no blocks
 
 
 def quantized_net(scheme: str, dtype: torch.dtype | None = None) -> Net:
-    return dt.quantize(Net(), scheme, compute_dtype=dtype, skip=())
+    return dt.quantize(Net(width=WIDTH), scheme, compute_dtype=dtype, skip=())
 
 
 def packed(layer: nn.Module) -> list[torch.Tensor]:
@@ -54,24 +74,25 @@ def test_bnb_layers_are_a_kind_of_their_own_not_linear():
     nf4, int8 = quantized_net("nf4"), quantized_net("int8")
     assert isinstance(nf4.blocks[0].up, nn.Linear) and kind_of(nf4.blocks[0].up) is QLINEAR4
     assert isinstance(int8.blocks[0].up, nn.Linear) and kind_of(int8.blocks[0].up) is QLINEAR8
-    assert kind_of(Net().blocks[0].up) is LINEAR
+    assert kind_of(Net(width=WIDTH).blocks[0].up) is LINEAR
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_dequantised_view_is_w0_within_the_scheme_step(scheme):
     """DeltaLayer.matrix() of a quantized layer is the d_out x d_in W0, close to the float weight it came from."""
-    float_net, net = Net(), quantized_net(scheme)
+    float_net, net = Net(width=WIDTH), quantized_net(scheme)
     dm = dt.inject(net, dt.LoRAConfig(r=2, targets=["up"]))
     layer = dm.model.blocks[0].up
     W = float_net.blocks[0].up.weight
     # half the widest gap between codes, of a block's (row's) max |W|: NF4 (1 - 0.696) / 2, FP4 (1 - 2/3) / 2, 1/254
-    step = {"nf4": 0.153, "fp4": 0.167, "int8": 0.004}[scheme]
+    # (int8 quantizes W in fp16 first: plus its rounding, 2^-11 relative)
+    step = {"nf4": 0.153, "fp4": 0.167, "int8": 1 / 254 + 2 ** -11}[scheme]
     assert layer.matrix().shape == W.shape and layer.matrix().dtype == torch.float32
     assert_close(layer.matrix(), W, rtol=step, atol=0)
 
 
-def test_quantize_swaps_stock_linears_in_place_and_skips_lm_head(tiny_llama):
-    model = tiny_llama
+def test_quantize_swaps_stock_linears_in_place_and_skips_lm_head(wide_llama):
+    model = wide_llama
     out = dt.quantize(model, "nf4")
     assert out is model
     assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
@@ -84,7 +105,7 @@ def test_quantize_refuses_a_linear_subclass_with_its_own_forward():
         def forward(self, x):
             return 2 * super().forward(x)
 
-    model = nn.Sequential(nn.Linear(8, 8), Scaled(8, 8))
+    model = nn.Sequential(nn.Linear(WIDTH, WIDTH), Scaled(WIDTH, WIDTH))
     with pytest.raises(ValueError, match=r"'1' is a Scaled with its own forward.*skip=\['1'"):
         dt.quantize(model, "nf4")
     assert type(model[0]) is nn.Linear  # nothing swapped before the refusal
@@ -94,8 +115,8 @@ def test_quantize_refuses_a_linear_subclass_with_its_own_forward():
 
 def test_quantize_bad_scheme_and_adapted_model():
     with pytest.raises(ValueError, match="unknown quantization scheme 'nf3': use one of nf4, fp4, int8"):
-        dt.quantize(Net(), "nf3")
-    dm = dt.inject(Net(), dt.LoRAConfig(r=2, targets=["up"]))
+        dt.quantize(Net(width=WIDTH), "nf3")
+    dm = dt.inject(Net(width=WIDTH), dt.LoRAConfig(r=2, targets=["up"]))
     with pytest.raises(ValueError, match="quantize the model before injecting"):
         dt.quantize(dm.model, "nf4")
 
@@ -118,7 +139,7 @@ def test_lora_on_a_quantized_base(scheme):
     assert layer.deltas["default"].lora_A.dtype == torch.float32
     # the unmerged forward is the bnb layer's own output plus s B A x
     d = layer.deltas["default"]
-    h = torch.randn(5, 16)
+    h = torch.randn(5, WIDTH)
     assert_close(layer(h), layer.base_layer(h) + d.scale * h @ d.lora_A.t() @ d.lora_B.t())
     for path, tensors in before.items():  # training never touched the packed weights
         mod = dm.model.get_submodule(path)
@@ -141,7 +162,7 @@ def test_merge_requantises_reports_the_rounding_and_unmerge_restores_the_bytes(s
     assert err.relative == pytest.approx(err.max_abs / expected.abs().max().item(), rel=1e-6)
     assert 0 < err.max_abs and err.of_delta < 1  # rounded, yet most of the change kept
     assert torch.equal(got, requantized(expected, scheme))  # W0 + ΔW quantized as bitsandbytes does it
-    h = torch.randn(5, 16)
+    h = torch.randn(5, WIDTH)
     assert_close(layer(h), h @ got.t() + layer.base_layer.bias)  # forward skips the merged adapter
     dm.unmerge()
     assert all(torch.equal(a, b) for a, b in zip(packed(layer.base_layer), original))
@@ -240,12 +261,12 @@ def test_mixed_batch_rows_match_each_adapter_alone():
         assert_close(mixed[row], alone[row])
 
 
-def test_quantize_equals_transformers_bitsandbytes_config(tiny_llama):
+def test_quantize_equals_transformers_bitsandbytes_config(wide_llama):
     """quantize() on a loaded model and from_pretrained(quantization_config=...) give the same bytes, and the
     same outputs with a LoRA injected into either."""
     transformers = pytest.importorskip("transformers")
     ids = torch.tensor([[1, 5, 9, 33, 2, 7]])
-    src = copy.deepcopy(tiny_llama)
+    src = copy.deepcopy(wide_llama)
     for scheme, cfg in [("nf4", dict(load_in_4bit=True, bnb_4bit_quant_type="nf4")),
                         ("int8", dict(load_in_8bit=True))]:
         import tempfile
@@ -317,8 +338,12 @@ def _smollm2(scheme: str) -> nn.Module:
 
     cfg = (dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
            if scheme == "nf4" else dict(load_in_8bit=True))
-    return transformers.AutoModelForCausalLM.from_pretrained(
+    model = transformers.AutoModelForCausalLM.from_pretrained(
         assets.smollm2_path(), quantization_config=transformers.BitsAndBytesConfig(**cfg), device_map="cpu").eval()
+    for m in model.modules():  # PEFT's side too keeps bitsandbytes' packed format (no bf16 repack on AVX512-BF16)
+        if isinstance(m, bnb.nn.Linear4bit):
+            pin_4bit_format(m)
+    return model
 
 
 @pytest.mark.parametrize("scheme", ["nf4", "int8"])
@@ -353,7 +378,7 @@ def test_peft_qlora_adapter_loads_onto_deltatune_and_back(scheme, tmp_path):
 
 
 def test_an_adapter_from_the_float_model_needs_check_base_off_on_its_quantized_copy(tmp_path):
-    dm = dt.inject(Net(), dt.LoRAConfig(r=2, targets=["up"]))
+    dm = dt.inject(Net(width=WIDTH), dt.LoRAConfig(r=2, targets=["up"]))
     perturb(dm)
     dm.save(tmp_path / "a")
     with pytest.raises(ValueError, match="saved for another base model.*quantized base"):
@@ -376,24 +401,24 @@ def test_pruning_and_laser_refuse_a_quantized_layer():
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_parameter_accounting_counts_weights_not_packed_bytes(scheme):
-    float_dm = dt.inject(Net(), dt.LoRAConfig(r=2, targets=["up"]))
+    float_dm = dt.inject(Net(width=WIDTH), dt.LoRAConfig(r=2, targets=["up"]))
     dm = dt.inject(quantized_net(scheme), dt.LoRAConfig(r=2, targets=["up"]))
     assert dm.total_parameters() == float_dm.total_parameters()
-    assert dm.trainable_parameters() == float_dm.trainable_parameters() == 2 * 2 * (16 + 32)
-    assert {r["base_shape"] for r in dm.parameter_table()} == {(32, 16)}
+    assert dm.trainable_parameters() == float_dm.trainable_parameters() == 2 * 2 * (WIDTH + 2 * WIDTH)
+    assert {r["base_shape"] for r in dm.parameter_table()} == {(2 * WIDTH, WIDTH)}
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_bf16_quantized_base_trains_fp32_adapters(scheme):
     """A bf16 model quantized with compute_dtype=bf16: W0 dequantises to bf16, the adapters are fp32 (their
     gradients too), and the output stays bf16 and matches the fp32 arithmetic to bf16 rounding."""
-    net = dt.quantize(Net(torch.bfloat16), scheme, compute_dtype=torch.bfloat16, skip=())
+    net = dt.quantize(Net(torch.bfloat16, width=WIDTH), scheme, compute_dtype=torch.bfloat16, skip=())
     dm = dt.inject(net, dt.LoRAConfig(r=2, targets=["up", "down"]))
     layer = dm.model.blocks[0].up
     d = layer.deltas["default"]
     assert layer.matrix().dtype == torch.bfloat16 and d.lora_A.dtype == torch.float32
     perturb(dm)
-    h = torch.randn(5, 16).to(torch.bfloat16)
+    h = torch.randn(5, WIDTH).to(torch.bfloat16)
     y = layer(h)
     assert y.dtype == torch.bfloat16
     expected = layer.base_layer(h).float() + d.scale * h.float() @ d.lora_A.t() @ d.lora_B.t()
@@ -408,7 +433,7 @@ def test_quantize_releases_each_float_weight(scheme):
     import gc
     import weakref
 
-    net = Net()
+    net = Net(width=WIDTH)
     refs = [weakref.ref(m.weight) for m in net.modules() if isinstance(m, nn.Linear)]
     dt.quantize(net, scheme, skip=())
     gc.collect()

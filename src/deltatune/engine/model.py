@@ -28,7 +28,7 @@ from .prompt import (
     read_only_cache,
 )
 from .prompt import generate as prompt_generate
-from .quantized import RoundingError, dequantize, dequantized_linear, logical_numel
+from .quantized import RoundingError, dequantize, dequantized_linear, logical_numel, pin_4bit_format
 from .registry import DeltaConfig, UnionConfig, did_you_mean, get_method, method_of
 from .selection import resolve_parameters
 from .targeting import delta_layers, get_parent, resolve
@@ -126,6 +126,9 @@ class DeltaModel(nn.Module):
         super().__init__()
         if any(isinstance(m, DeltaLayer) for m in model.modules()):
             raise ValueError("this model already carries deltas; use the DeltaModel that inject() returned")
+        for m in model.modules():  # every 4-bit layer, adapted or not: the same arithmetic on every CPU
+            if getattr(m, "support_avx512bf16_for_cpu", False):
+                pin_4bit_format(m)
         self.model = model
         self.adapters: dict[str, Adapter] = {}
         self.active: tuple[str, ...] = ()

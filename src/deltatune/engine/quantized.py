@@ -16,6 +16,7 @@ ones, in place, one layer at a time, as transformers' `BitsAndBytesConfig` loadi
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 SCHEMES = ("nf4", "fp4", "int8")
+BLOCK_4BIT = 64  # NF4/FP4 block size (transformers' and bitsandbytes' default)
 
 
 def _bnb() -> Any:
@@ -58,6 +60,13 @@ def dequantized_dtype(module: nn.Module) -> torch.dtype:
 
 
 # --- 4-bit (NF4 / FP4) ----------------------------------------------------------------------------------
+def pin_4bit_format(module: nn.Module) -> None:
+    """Keep a bitsandbytes 4-bit layer in its packed format. On AVX512-BF16 CPUs its first eval-mode forward
+    otherwise repacks it in place with bf16 block scales: lossy, and only on those CPUs, so the bytes merges
+    requantise and unmerges restore would depend on the machine."""
+    module.support_avx512bf16_for_cpu = False
+
+
 def _quant_state(module: nn.Module) -> Any:
     state = getattr(module.weight, "quant_state", None) or getattr(module, "quant_state", None)
     if state is None:
@@ -71,7 +80,11 @@ def _dequantize_4bit(module: nn.Module) -> Tensor:
     data, state = module.weight.data, _quant_state(module)
     if getattr(state, "packing_format_for_cpu", False):  # repacked for AVX512-BF16 inference: undo on copies
         data, state = F._convert_weight_packed_for_cpu_inverse(data.clone(), copy.deepcopy(state))
-    return F.dequantize_4bit(data, state).to(dequantized_dtype(module))
+    # As one flat row: bitsandbytes 0.50's AVX512 CPU kernel misplaces blocks that span rows (in_features not a
+    # multiple of the block size); the flat call is exact on every CPU and the blocks are the same.
+    flat = copy.copy(state)
+    flat.shape = torch.Size([state.shape.numel()])
+    return F.dequantize_4bit(data, flat).reshape(state.shape).to(dequantized_dtype(module))
 
 
 def _requantize_4bit(module: nn.Module, W: Tensor) -> None:
@@ -181,12 +194,13 @@ def _quantized_linear(linear: nn.Linear, scheme: str, dtype: torch.dtype | None,
         else:
             q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, has_bias, compute_dtype=dtype,
                                   compress_statistics=double_quant, quant_type=scheme)
+            pin_4bit_format(q)
     if scheme == "int8":
         q.weight = bnb.nn.Int8Params(W, requires_grad=False, has_fp16_weights=False)._quantize(W.device)
         if dtype is not None:
             q.compute_dtype = dtype  # read by dequantized_dtype(): what W0 dequantises to
     else:
-        q.weight = bnb.nn.Params4bit(W, requires_grad=False, blocksize=64, compress_statistics=double_quant,
+        q.weight = bnb.nn.Params4bit(W, requires_grad=False, blocksize=BLOCK_4BIT, compress_statistics=double_quant,
                                      quant_type=scheme, module=q)._quantize(W.device)
     if has_bias:
         q.bias = nn.Parameter(linear.bias.detach().to(dtype or linear.bias.dtype), requires_grad=False)
@@ -217,16 +231,25 @@ def quantize(model: nn.Module, scheme: str = "nf4", compute_dtype: torch.dtype |
     if any(type(m).__name__ == "DeltaLayer" for m in model.modules()):
         raise ValueError("quantize the model before injecting adapters: it already carries deltas")
     _bnb()
-    swaps = []
+    swaps, unaligned = [], []
     for path, module in model.named_modules():
         if not isinstance(module, nn.Linear) or bnb_class(module) or _matches(path, skip):
             continue
         if type(module).forward is not nn.Linear.forward:
             raise ValueError(f"'{path}' is a {type(module).__name__} with its own forward, which a bitsandbytes "
                              f"layer would drop: pass skip=[{path!r}, ...] to keep it in full precision")
+        if scheme in ("nf4", "fp4") and module.in_features % BLOCK_4BIT and module.weight.device.type == "cpu":
+            unaligned.append(path)
+            continue
         if module.weight.device.type == "meta":
             raise ValueError(f"'{path}' has no weights yet (meta device): load the model's weights first")
         swaps.append(path)
+    if unaligned:
+        # bitsandbytes 0.50's AVX512 CPU kernel dequantises such layers wrongly (blocks spanning rows are misplaced),
+        # so its own forward would be wrong on those CPUs: kept in float on every CPU, for the same model everywhere
+        warnings.warn(f"kept {len(unaligned)} layer(s) in full precision: their in_features is not a multiple of "
+                      f"{BLOCK_4BIT}, which bitsandbytes' CPU 4-bit kernels mishandle on AVX512 machines: "
+                      f"{', '.join(unaligned[:5])}{' ...' if len(unaligned) > 5 else ''}", stacklevel=2)
     for path in swaps:  # one layer at a time: its packed copy is made, then its float weight released
         parent, _, child = path.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
