@@ -68,7 +68,8 @@ def build_optimizer(name: str, params: Iterable[Any], device: torch.device, extr
     extra = extra or {}
     if cuda and device.type != "cuda":
         raise ValueError(f"optimizer.name={name} pages its state between GPU and CPU memory, so it needs a CUDA "
-                         f"device, and this run is on {device.type}: use one of {', '.join(usable_here(device))}")
+                         f"device, and this run is on {device.type}: use one of "
+                         f"{', '.join(n for n in usable_here(device) if 'adamw' in n)}")  # its unpaged kin
     if name == "galore":
         return GaLoreAdamW(params, **options, **extra)
     if name == "mezo":
