@@ -1,4 +1,5 @@
-"""Memory-lean training on SmolLM2-135M (Chatterbot text, 4 x 64 tokens), in one interleaved run:
+"""Memory-lean training on MiniLM-L6 (Rotten Tomatoes, 8 x 64 tokens; `--model smollm2`: SmolLM2-135M on
+Chatterbot text, 4 x 64, too slow for this loaded 2-core machine), in one interleaved run:
 full fine-tuning with AdamW vs GaLore, an inference forward vs a MeZO step (full-parameter), LoRA vs PaCA
 (when `paca` is registered; otherwise that pair is skipped with a note).
 
@@ -10,7 +11,7 @@ median (min-max) over rounds of per-round ratios. AdamW, GaLore, MeZO and the in
 (their updates drift the same weights; the numbers measured do not depend on their values). GaLore's projection
 is refreshed (an SVD per matrix) in the untimed first step only; `refresh_s` times one refresh step apart.
 
-    OMP_NUM_THREADS=2 PYTHONPATH=src python benchmarks/memory_lean.py     # about 10 min on 2 loaded cores
+    OMP_NUM_THREADS=2 PYTHONPATH=src python benchmarks/memory_lean.py     # about 10-20 min on 2 loaded cores
 """
 
 from __future__ import annotations
@@ -45,15 +46,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--memory-rounds", type=int, default=3)
-    ap.add_argument("--length", type=int, default=64)
-    ap.add_argument("--rank", type=int, default=128, help="GaLore's r (LoRA's and PaCA's r is 16)")
+    ap.add_argument("--model", default="minilm", choices=["minilm", "smollm2"])
+    ap.add_argument("--rows", type=int, default=8, help="rows of the timing batch (at most the case's)")
+    ap.add_argument("--length", type=int, default=64, help="SmolLM2's sequence length (MiniLM's is 64)")
+    ap.add_argument("--rank", type=int, default=64, help="GaLore's r (LoRA's and PaCA's r is 16)")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--report-only", action="store_true", help="rewrite the Markdown from the JSON in --out")
     args = ap.parse_args()
+    if args.report_only:
+        results = json.loads((args.out / "memory_lean.json").read_text())
+        atomic_write_text(args.out / "memory_lean.md", "\n".join(report(results)) + "\n")
+        return
     started, load = time.time(), [os.getloadavg()[0]]
     device = torch.device("cpu")
 
-    case = cases.load("smollm2", length=args.length)
-    batch = case.batch
+    def log(line: str) -> None:
+        load.append(os.getloadavg()[0])
+        print(f"[{time.time() - started:5.0f} s, load {load[-1]:.1f}] {line}", flush=True)
+
+    case = cases.load(args.model, length=args.length if args.model != "minilm" else None)
+    batch = {k: v[:args.rows] for k, v in case.batch.items()}
+    rows, length = batch["input_ids"].shape
+    targets = case.targets.get("all_linear") or case.targets["attention"] + case.targets["ffn"]
     full = copy.deepcopy(case.model).train()
     full.requires_grad_(True)
     params = [p for p in full.parameters()]
@@ -89,9 +103,9 @@ def main() -> None:
                          "skipped (rerun after it is merged)")
             continue
         fields = dt.get_method(method).config.model_fields
-        options = {k: v for k, v in {"r": 16, "targets": case.targets["all_linear"]}.items() if k in fields}
+        options = {k: v for k, v in {"r": 16, "targets": targets}.items() if k in fields}
         torch.manual_seed(0)
-        model = dt.inject(copy.deepcopy(case.model), dt.make_config(method, **options))
+        model = dt.inject(copy.deepcopy(case.model), dt.make_config(method, **options), train_modules=case.head or None)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         def adapter_step(model=model, opt=opt) -> None:
@@ -103,6 +117,7 @@ def main() -> None:
         fns[label], optimizers[label] = adapter_step, opt
     del case  # the pretrained copy is no longer needed: its memory is not any contender's
 
+    log(f"built {', '.join(fns)}")
     t0 = time.perf_counter()
     for fn in fns.values():  # the first steps build the optimizer states and GaLore's projections
         fn()
@@ -112,9 +127,9 @@ def main() -> None:
         s["step"] = 0
     fns["galore"]()
     refresh_s = time.perf_counter() - t0
-    load.append(os.getloadavg()[0])
+    log(f"first steps {first_s:.1f} s, a GaLore refresh step {refresh_s:.1f} s")
     times = interleaved_times(fns, rounds=args.rounds, warmup=1, device=device)
-    load.append(os.getloadavg()[0])
+    log("timed")
     meter = peak_meter(device)
     peaks: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(args.memory_rounds):
@@ -122,7 +137,7 @@ def main() -> None:
             with meter() as m:
                 fn()
             peaks[key].append(m.excess / 2**20)
-    load.append(os.getloadavg()[0])
+    log("memory measured")
 
     state = {k: state_mib(optimizers[k]) if k in optimizers else 0.0 for k in fns}
     # AdamW and GaLore step the same tensors: each one's own state only (GaLore's keys are apart from AdamW's)
@@ -136,7 +151,9 @@ def main() -> None:
         train_b = [state[ref] + p for p in peaks[ref]]
         pairs.append({"candidate": cand, "reference": ref, "time": ratio(times[cand], times[ref]),
                       "step_peak": ratio(peaks[cand], peaks[ref]), "training_memory": ratio(train_a, train_b)})
-    results = {"model": "smollm2 (SmolLM2-135M, fp32)", "batch": f"4 x {args.length} tokens of Chatterbot text",
+    what = {"minilm": ("MiniLM-L6 (all-MiniLM-L6-v2, 22.7M parameters, fp32, new 2-class head)", "Rotten Tomatoes"),
+            "smollm2": ("SmolLM2-135M (fp32)", "Chatterbot text")}[args.model]
+    results = {"model": what[0], "batch": f"{rows} x {length} tokens of {what[1]}", "lora_targets": targets,
                "galore": {"rank": args.rank, "scale": 0.25, "refresh_s": refresh_s}, "lora_r": 16,
                "rounds": args.rounds, "memory_rounds": args.memory_rounds, "first_steps_s": first_s,
                "threads": torch.get_num_threads(), "load_average_1min": spread(load),
@@ -167,7 +184,7 @@ def report(results: dict) -> list[str]:
         lines.append(f"| {p['candidate']} / {p['reference']} | {_r(p['time'])} | {_r(p['step_peak'])} | "
                      f"{_r(p['training_memory'])} |")
     g = results["galore"]
-    lines += ["", f"GaLore r={g['rank']}, scale {g['scale']}, on every 2-D matrix (the tied embedding included); a "
+    lines += ["", f"GaLore r={g['rank']}, scale {g['scale']}, on every 2-D matrix wider than r (embeddings included); a "
               f"step that refreshes every projection (one SVD per matrix, every update_proj_gap steps) took "
               f"{g['refresh_s']:.1f} s. Training memory = optimizer state + step-local peak (gradients, "
               "activations, temporaries), beyond the weights. GaLore still materialises each full gradient "
