@@ -127,7 +127,7 @@ def test_a_damaged_8bit_optimizer_state_is_skipped_with_a_warning(tmp_path, capl
     ("model.dtype=float16", "unknown value 'model.dtype=float16' (one of float32, bfloat16); did you mean 'bfloat16'?"),
     ("model.quantize=nf5", "unknown value 'model.quantize=nf5' (one of none, nf4, fp4, int8); did you mean 'nf4'?"),
     ("optimizer.name=adamw8bit",
-     "unknown value 'optimizer.name=adamw8bit' (one of adamw, adamw_8bit, paged_adamw, paged_adamw_8bit); "
+     "unknown value 'optimizer.name=adamw8bit' (one of adamw, adamw_8bit, paged_adamw, paged_adamw_8bit, galore, mezo, lora_fa, adafactor); "
      "did you mean 'adamw_8bit'?"),
 ])
 def test_bad_precision_and_optimizer_values_get_the_choices_and_the_closest(override, message):

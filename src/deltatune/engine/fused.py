@@ -68,7 +68,8 @@ class _LowRankLinear(torch.autograd.Function):
         lead, d_in = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, d_in)
         out = F.linear(x2, weight, bias)
-        need_x = ctx.needs_input_grad[1] or any(ctx.needs_input_grad[4:])
+        # x serves the base weight's and the A factors' gradients (B's needs only h): frozen A's (LoRA-FA) free it
+        need_x = ctx.needs_input_grad[1] or any(ctx.needs_input_grad[4::2])
         hs, masks = [], []
         for i, (scale, p) in enumerate(specs):
             A, B = factors[2 * i], factors[2 * i + 1]

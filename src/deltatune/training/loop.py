@@ -29,7 +29,8 @@ from deltatune.engine.atomic import atomic_write_text
 
 from . import checkpoint, distributed, rundir
 from .data import Splits, load_splits
-from .optimizers import build_optimizer, moment_tensors
+from .mezo import MeZO
+from .optimizers import build_optimizer, freeze_lora_a, moment_tensors
 from .param_groups import param_groups
 from .recipe import Recipe
 from .rundir import ADAPTER, CHECKPOINTS, METRICS, RECIPE
@@ -181,11 +182,18 @@ class Trainer:
         return step
 
     def _optimizer(self) -> Optimizer:
-        """optimizer.name (AdamW, or bitsandbytes' 8-bit / paged AdamW) over the trainable parameters only, in the
-        groups methods declare (DePT) and LoRA+'s."""
+        """optimizer.name (AdamW, bitsandbytes' 8-bit / paged AdamW, GaLore, MeZO, LoRA-FA, Adafactor) over the
+        trainable parameters only, in the groups methods declare (DePT) and LoRA+'s."""
         o = self.recipe.optimizer
+        if o.name == "mezo" and self.group.parallel:
+            raise ValueError("optimizer.name=mezo runs in one process: its two probe losses would need summing "
+                             "over the processes, which is not done yet; use train.distributed=none")
+        if o.name == "lora_fa":
+            freeze_lora_a(self.model)  # before the groups are formed: A gets no gradient and no moments
         groups = param_groups(self.model, o.lr, o.weight_decay, o.loraplus_ratio)
-        return build_optimizer(o.name, groups, self.device, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        extra = {**o.extra_options(), **({"seed": self.recipe.train.seed} if o.name == "mezo" else {})}
+        return build_optimizer(o.name, groups, self.device, extra=extra, lr=o.lr, betas=o.betas,
+                               weight_decay=o.weight_decay)
 
     def _batches_per_epoch(self) -> int:
         return math.ceil(len(self.train_set) / self.recipe.train.batch_size)
@@ -300,6 +308,8 @@ class Trainer:
 
     def train_step(self) -> tuple[float, int]:
         """One optimizer step over `grad_accum` micro-batches; returns (mean loss, samples)."""
+        if isinstance(self.optimizer, MeZO):
+            return self._zeroth_order_step()
         self.model.train()
         accum = self.recipe.train.grad_accum
         loss_sum, samples = 0.0, 0
@@ -324,6 +334,29 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum, samples
+
+    def _zeroth_order_step(self) -> tuple[float, int]:
+        """MeZO's step: the `grad_accum` micro-batches' loss at theta + eps z and at theta - eps z, forward passes
+        only (no backward, no gradients, no dropout: eval mode, as the paper's code). grad_clip does not apply."""
+        self.model.eval()
+        self.model.on_train_step(self.step)
+        batches = [self._next_batch() for _ in range(self.recipe.train.grad_accum)]
+        accum = len(batches)
+        task_losses: list[float] = []
+
+        def objective() -> float:
+            total_sum, loss_sum = 0.0, 0.0
+            for batch, weight, _ in batches:
+                loss, total = self.step_module(batch, weight, accum)
+                total_sum += total.item()
+                loss_sum += (loss * weight / accum).item()
+            task_losses.append(loss_sum)
+            return total_sum
+
+        with torch.no_grad():
+            self.optimizer.step(objective)
+        self.scheduler.step()
+        return sum(task_losses) / len(task_losses), sum(n for _, _, n in batches)
 
     def train(self) -> TrainResult:
         """Evaluate, run the remaining steps (evaluating and checkpointing as asked), evaluate, save;

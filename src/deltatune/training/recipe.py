@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import types
 import typing
 from importlib import resources
 from pathlib import Path
@@ -18,7 +19,8 @@ DEFAULT_RECIPE = "lora_minilm_rotten_tomatoes"
 T = TypeVar("T", bound=BaseModel)
 DTYPES = ("float32", "bfloat16")  # float16 trains without loss scaling here: its gradients under- and overflow
 QUANTIZE = ("none", "nf4", "fp4", "int8")
-OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit")  # training/optimizers.py builds them
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "galore", "mezo", "lora_fa",
+              "adafactor")  # training/optimizers.py builds them
 
 
 class Section(BaseModel):
@@ -106,9 +108,37 @@ class MethodSection(Section):
         return dt.make_config(self.name, **self.model_extra)
 
 
+class GaLoreOptions(Section):
+    rank: int = Field(128, ge=1, description="r: rank of the gradient projection (matrices with min(m, n) <= r "
+                      "take plain AdamW steps)")
+    update_proj_gap: int = Field(200, ge=1, description="T: recompute the projection (an SVD of the gradient) "
+                                 "every T steps")
+    scale: float = Field(0.25, gt=0, description="alpha: the projected-back update is scaled by it")
+
+
+class MeZOOptions(Section):
+    eps: float = Field(1e-3, gt=0, description="SPSA perturbation size: the probes are theta +- eps z")
+
+
+class AdafactorOptions(Section):
+    scale_parameter: bool = Field(False, description="scale the learning rate by the RMS of each parameter")
+    clip_threshold: float = Field(1.0, gt=0, description="clip the RMS of each update to this")
+    decay_rate: float = Field(-0.8, lt=0, description="second-moment decay beta2_t = 1 - t^decay_rate")
+    beta1: float | None = Field(None, ge=0, lt=1, description="first-moment decay; null = no first moment "
+                                "(the memory-lean default)")
+    eps: tuple[float, float] = Field((1e-30, 1e-3), description="regularizers of the squared gradient and of "
+                                     "the parameter scale")
+
+
+# optimizer.name -> its own options section
+OPTION_SECTIONS = {"galore": GaLoreOptions, "mezo": MeZOOptions, "adafactor": AdafactorOptions}
+
+
 class OptimizerSection(Section):
     name: str = Field("adamw", description="adamw (torch); adamw_8bit (bitsandbytes: moments in 8 bits, a quarter "
-                      "of the state memory); paged_adamw, paged_adamw_8bit (state paged to CPU memory; CUDA only)")
+                      "of the state memory); paged_adamw, paged_adamw_8bit (state paged to CPU memory; CUDA only); "
+                      "galore (low-rank projected gradients, for full fine-tuning); mezo (zeroth-order, forward "
+                      "passes only); lora_fa (LoRA's A frozen, B trained); adafactor (factored second moments)")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate (peak, after warmup)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW decoupled weight decay")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW moment decay rates")
@@ -116,11 +146,26 @@ class OptimizerSection(Section):
     loraplus_ratio: float | None = Field(
         None, gt=0, description="LoRA+ (arXiv:2402.12354): lora_B learns at lr * ratio (16 is typical); null = off"
     )
+    galore: GaLoreOptions | None = Field(None, description="options of optimizer.name=galore; null = defaults")
+    mezo: MeZOOptions | None = Field(None, description="options of optimizer.name=mezo; null = defaults")
+    adafactor: AdafactorOptions | None = Field(None, description="options of optimizer.name=adafactor; "
+                                               "null = defaults")
 
     @model_validator(mode="after")
     def _known_optimizer(self) -> OptimizerSection:
         one_of("optimizer.name", self.name, OPTIMIZERS)
+        for key in OPTION_SECTIONS:
+            if getattr(self, key) is not None and key != self.name:
+                raise ValueError(f"optimizer.{key} holds the options of optimizer.name={key}, and this recipe has "
+                                 f"optimizer.name={self.name}: set optimizer.name={key}, or remove optimizer.{key}")
         return self
+
+    def extra_options(self) -> dict:
+        """The chosen optimizer's own options (its section, or its defaults) as keyword arguments."""
+        cls = OPTION_SECTIONS.get(self.name)
+        if cls is None:
+            return {}
+        return (getattr(self, self.name) or cls()).model_dump()
 
 
 class ScheduleSection(Section):
@@ -210,8 +255,8 @@ def _fields_at(model: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
         if key.isdigit():
             continue
         annotation = annotation.model_fields[key].annotation
-        while typing.get_origin(annotation) is list:
-            annotation = typing.get_args(annotation)[0]
+        while typing.get_origin(annotation) in (list, typing.Union, types.UnionType):  # list[X], X | None
+            annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
     is_model = isinstance(annotation, type) and issubclass(annotation, BaseModel)
     return list(annotation.model_fields) if is_model else []
 
