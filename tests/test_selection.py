@@ -71,6 +71,9 @@ def ceil_density(params: Params, c: Any) -> int:
 CASES: dict[str, Case] = {
     "bitfit": Case({}, lambda ps, c: sum(s.numel() for s in ps.values()), targets=None),
     "random_sparse": Case({"density": 0.2}, ceil_density),
+    "ln_tuning": Case({}, lambda ps, c: sum(s.numel() for s in ps.values()), targets=None),  # the LayerNorm
+    "trainable_tokens": Case({"token_indices": [7, 2, 11]}, lambda ps, c: len(c.token_indices) * ps["emb.weight"][1],
+                             targets=("emb.weight",)),
 }
 METHODS = [s.name for s in list_methods() if s.family == "selective" and s.name != "full"]
 
