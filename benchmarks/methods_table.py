@@ -106,6 +106,7 @@ SPECS: dict[str, tuple[dict, float]] = {
     # Selections: the body's biases (the classifier is trained whole by the recipe, so it is left out) and its
     # 13 LayerNorms' weights and biases (every norm module, LN tuning's default)
     "bitfit": ({"name": "bitfit", "targets": ["bert.*.bias"]}, 1e-2),
+    "ln_tuning": ({"name": "ln_tuning"}, 1e-2),
 }
 # Claims from the papers that this setting can test: (label, a, b, what "held" means)
 ETHER_RATES = (3e-3, 1e-2, 3e-2)  # ETHER's claim: stable across learning rates (LoRA run at the same rates)

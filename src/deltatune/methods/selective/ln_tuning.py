@@ -39,6 +39,10 @@ class LNTuningConfig(SelectionConfig):
     def default_parameter_targets(self) -> Any:
         return [NormModule]
 
+    def no_match_hint(self) -> str:
+        return ("LN tuning trains norm layers (LayerNorm, RMSNorm, GroupNorm or classes named so) and found none "
+                "with parameters: name the model's norm modules in targets")
+
 
 @register("ln_tuning", config=LNTuningConfig, family="selective", formula="d (RMSNorm) or 2 d (LayerNorm)",
           paper="2312.11420", summary="train only the norm layers' weights and biases")
