@@ -178,8 +178,9 @@ class SelectionDelta(Delta):
         super().__init__(config, layer, shared=shared)
         ties = shared.first if isinstance(shared, Ties) else {}
         self.names = _matched(config, layer)
+        tied = set(ties) | set(ties.values())  # a first owner holds the values even where no target named it
         self.names += [n for n in dict(layer.base_layer.named_parameters(recurse=False))
-                       if (layer.path, n) in ties and n not in self.names]
+                       if (layer.path, n) in tied and n not in self.names]
         if not self.names:
             targets = config.targets if config.targets is not None else config.default_parameter_targets()
             raise ValueError(f"{self.method}: no parameter of '{layer.path}' is selected by targets {targets!r}")
