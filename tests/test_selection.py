@@ -71,6 +71,9 @@ def ceil_density(params: Params, c: Any) -> int:
 CASES: dict[str, Case] = {
     "bitfit": Case({}, lambda ps, c: sum(s.numel() for s in ps.values()), targets=None),
     "random_sparse": Case({"density": 0.2}, ceil_density),
+    "ln_tuning": Case({}, lambda ps, c: sum(s.numel() for s in ps.values()), targets=None),  # the LayerNorm
+    "trainable_tokens": Case({"token_indices": [7, 2, 11]}, lambda ps, c: len(c.token_indices) * ps["emb.weight"][1],
+                             targets=("emb.weight",)),
 }
 METHODS = [s.name for s in list_methods() if s.family == "selective" and s.name != "full"]
 
@@ -294,3 +297,38 @@ def test_selection_on_a_quantized_base_merges_and_unmerges_the_packed_bytes():
     assert not torch.equal(dm.model.a.base_layer.weight.data, packed)
     dm.unmerge()
     assert torch.equal(dm.model.a.base_layer.weight.data, packed)
+
+
+class TiedLM(nn.Module):
+    """An embedding and an output head that share one weight tensor (tie_word_embeddings)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(20, 12)
+        self.head = nn.Linear(12, 20, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+def test_a_tied_parameter_is_updated_on_every_owner_held_once_and_merged_once(tmp_path):
+    model = TiedLM()
+    dm = dt.inject(model, dt.make_config("random_sparse", density=0.1, targets=["emb.weight"]))
+    assert sorted(dm.adapters["default"].paths) == ["emb", "head"]
+    assert dm.trainable_parameters() == math.ceil(0.1 * 240)  # one set of values for the one tensor
+    perturb(dm, std=0.5)
+    x = ids()
+    with torch.no_grad():
+        out = dm(x)
+        plain = TiedLM()
+        delta = dict(dm.layers())["emb"].deltas["default"]
+        plain.emb.weight.view(-1)[delta.index("weight")] += delta.value("weight")  # the definition, p + Δp
+        assert_close(out, plain(x))
+        w0 = model.emb.base_layer.weight.clone()
+        dm.merge()
+        assert_close(dm(x), out)
+        dm.unmerge()
+        assert torch.equal(model.emb.base_layer.weight, w0)
+    assert_round_trip(dm, TiedLM().eval(), x, tmp_path / "tied")

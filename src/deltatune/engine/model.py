@@ -313,7 +313,7 @@ class DeltaModel(nn.Module):
             targets = config.default_targets[model_type]
         if getattr(spec.delta, "parameter_level", False):  # a selection: targets name parameters (engine/selection.py)
             targets = targets if targets is not None else config.default_parameter_targets()
-            paths = list(resolve_parameters(self.model, targets, config.exclude))
+            paths = list(resolve_parameters(self.model, targets, config.exclude, hint=config.no_match_hint()))
         else:
             paths = [] if model_level else resolve(self.model, targets, config.exclude,
                                                    need_kind=not spec.delta.any_module)

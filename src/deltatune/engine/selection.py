@@ -16,12 +16,16 @@ How it runs, written once here:
   dense ΔW otherwise. It stacks with LoRA on the same layer, runs in mixed batches and on quantized bases.
 - any other module (LayerNorm, RMSNorm, a custom one) reruns its own forward with p + Δp (functional_call).
 - merge adds the update into the chosen entries and keeps their old values, so unmerge restores them bit for bit.
+- a tied parameter (an lm_head sharing the input embedding's tensor) is one parameter under several modules: the
+  update goes on each owner (else a merge, into the one tensor, would change the others' outputs), held once by
+  the first owner's delta; the others read it (`Ties`) and merge nothing.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -47,6 +51,10 @@ class SelectionConfig(DeltaConfig):
     def default_parameter_targets(self) -> Any:
         """The method's targets when none are given (BitFit: every bias)."""
         return None
+
+    def no_match_hint(self) -> str:
+        """What to do instead when a target matches no parameter of the model (BitFit on a bias-free model)."""
+        return ""
 
 
 def _key(name: str) -> str:
@@ -91,8 +99,9 @@ def _own_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.
             yield path, module, name, p
 
 
-def resolve_parameters(model: nn.Module, targets: Any, exclude: Any = None) -> dict[str, list[str]]:
-    """module path -> names of its own parameters chosen by `targets` minus `exclude`; a clear error for a miss."""
+def resolve_parameters(model: nn.Module, targets: Any, exclude: Any = None, hint: str = "") -> dict[str, list[str]]:
+    """module path -> names of its own parameters chosen by `targets` minus `exclude`, plus every other owner of a
+    chosen tensor (tied weights); a clear error for a miss (`hint`: the method's advice, appended)."""
     specs = targets if isinstance(targets, (list, tuple, set)) else [targets]
     excluded = [parameter_matcher(s) for s in (exclude if isinstance(exclude, (list, tuple, set)) else [exclude])
                 ] if exclude is not None else []
@@ -104,9 +113,10 @@ def resolve_parameters(model: nn.Module, targets: Any, exclude: Any = None) -> d
         if not hits:
             names = [f"{path}.{n}" if path else n for path, _, n, _ in entries]
             leaves = sorted({".".join(x.rsplit(".", 2)[-2:]) for x in names})
-            hint = did_you_mean(str(spec).lstrip("*."), leaves) if isinstance(spec, str) else ""
-            raise ValueError(f"target {spec!r} matches no parameter of the model{hint} (parameters look like "
-                             f"{', '.join(names[:3])}; use '*.bias', 're:<regex>' or a module name)")
+            close = did_you_mean(str(spec).lstrip("*."), leaves) if isinstance(spec, str) else ""
+            raise ValueError(f"target {spec!r} matches no parameter of the model{close} (parameters look like "
+                             f"{', '.join(names[:3])}; use '*.bias', 're:<regex>' or a module name)"
+                             + (f". {hint}" if hint else ""))
         for path, n in hits:
             if not path:
                 raise ValueError(f"target {spec!r} selects '{n}', a parameter of the model's root module; "
@@ -118,11 +128,37 @@ def resolve_parameters(model: nn.Module, targets: Any, exclude: Any = None) -> d
                 chosen[path].append(n)
     if not chosen:
         raise ValueError(f"targets {targets!r} minus exclude {exclude!r} leave no parameter to update")
+    picked = {id(p) for path, _, n, p in entries if n in chosen.get(path, ())}
+    for path, _, n, p in entries:  # the other owners of a tied tensor, after its first (the one holding values)
+        if id(p) in picked and path and n not in chosen.get(path, ()):
+            chosen.setdefault(path, []).append(n)
     return chosen
+
+
+class Ties(nn.Module):
+    """An adapter's tied parameters: (path, name) of each later owner -> that of the first, and the first owners'
+    deltas as they are built (plain attributes: no tensors of its own, so nothing is saved or counted here)."""
+
+    def __init__(self, first: dict[tuple[str, str], tuple[str, str]]):
+        super().__init__()
+        self.first = first
+        self.deltas: dict[tuple[str, str], SelectionDelta] = {}
 
 
 def _base(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, DeltaLayer) else module
+
+
+def _matched(config: SelectionConfig, layer: DeltaLayer) -> list[str]:
+    """Names of the layer's own parameters that the config's targets (or the method's default) choose."""
+    module = layer.base_layer
+    targets = config.targets if config.targets is not None else config.default_parameter_targets()
+    matchers = [parameter_matcher(s) for s in (targets if isinstance(targets, (list, tuple, set)) else [targets])]
+    excluded = [parameter_matcher(s) for s in (
+        config.exclude if isinstance(config.exclude, (list, tuple, set)) else [config.exclude])
+    ] if config.exclude is not None else []
+    return [n for n, p in module.named_parameters(recurse=False) if any(m(layer.path, n, module, p) for m in matchers)
+            and not any(ex(layer.path, n, module, p) for ex in excluded)]
 
 
 # --- the delta -----------------------------------------------------------------------------------
@@ -140,23 +176,27 @@ class SelectionDelta(Delta):
     def __init__(self, config: SelectionConfig, layer: DeltaLayer, initialize: bool = True,
                  shared: nn.Module | None = None):
         super().__init__(config, layer, shared=shared)
-        module = layer.base_layer
-        targets = config.targets if config.targets is not None else config.default_parameter_targets()
-        matchers = [parameter_matcher(s) for s in (targets if isinstance(targets, (list, tuple, set)) else [targets])]
-        excluded = [parameter_matcher(s) for s in (
-            config.exclude if isinstance(config.exclude, (list, tuple, set)) else [config.exclude])
-        ] if config.exclude is not None else []
-        own = dict(module.named_parameters(recurse=False))
-        self.names = [n for n, p in own.items() if any(m(layer.path, n, module, p) for m in matchers)
-                      and not any(ex(layer.path, n, module, p) for ex in excluded)]
+        ties = shared.first if isinstance(shared, Ties) else {}
+        self.names = _matched(config, layer)
+        tied = set(ties) | set(ties.values())  # a first owner holds the values even where no target named it
+        self.names += [n for n in dict(layer.base_layer.named_parameters(recurse=False))
+                       if (layer.path, n) in tied and n not in self.names]
         if not self.names:
+            targets = config.targets if config.targets is not None else config.default_parameter_targets()
             raise ValueError(f"{self.method}: no parameter of '{layer.path}' is selected by targets {targets!r}")
+        # a tied parameter's later owners read the first owner's values and index (built before them)
+        self.__dict__["_alias"] = {n: (shared.deltas[ties[(layer.path, n)]], ties[(layer.path, n)][1])
+                                   for n in self.names if (layer.path, n) in ties}
         kind = layer.kind
         self.__dict__["_kind"] = kind  # bias_delta() is asked without the layer; a kind is a constant singleton
         self.__dict__["_layer"] = layer  # not a submodule: the layer holds this delta
         self._set_path(layer)
         self.values = nn.ParameterDict()
         for n in self.names:
+            if n in self._alias:
+                continue
+            if isinstance(shared, Ties):
+                shared.deltas[(layer.path, n)] = self
             p = self._base_param(layer, n)
             index = self.select(layer, n, p) if initialize else None
             if index is not None:
@@ -170,6 +210,19 @@ class SelectionDelta(Delta):
             if initialize:
                 self.init_values(layer, n, p)
 
+    @classmethod
+    def build_shared(cls, config: SelectionConfig, layers: Any) -> nn.Module | None:
+        """`Ties` when a chosen tensor has several owners among the adapter's layers (tied weights), else None."""
+        owners: dict[int, list[tuple[str, str]]] = defaultdict(list)
+        chosen: set[int] = set()
+        for layer in layers:
+            mine = _matched(config, layer)
+            for n, p in layer.base_layer.named_parameters(recurse=False):
+                owners[id(p)].append((layer.path, n))
+                chosen |= {id(p)} if n in mine else set()
+        first = {o: group[0] for t, group in owners.items() if t in chosen for o in group[1:]}
+        return Ties(first) if first else None
+
     # --- what a method says ------------------------------------------------------------------
     def select(self, layer: DeltaLayer, name: str, param: Tensor) -> Tensor | None:
         """Flat indices (in `param`'s own layout) of the entries to update, or None for all of them."""
@@ -180,9 +233,15 @@ class SelectionDelta(Delta):
 
     # --- views -------------------------------------------------------------------------------
     def index(self, name: str) -> Tensor | None:
+        if name in self._alias:
+            delta, first = self._alias[name]
+            return delta.index(first)
         return getattr(self, f"index_{_key(name)}", None)
 
     def value(self, name: str) -> Tensor:
+        if name in self._alias:
+            delta, first = self._alias[name]
+            return delta.value(first)
         return self.values[_key(name)]
 
     @staticmethod
@@ -291,6 +350,8 @@ class SelectionDelta(Delta):
     def merge(self, layer: DeltaLayer) -> dict[str, Tensor]:
         undo = {}
         for n in self.names:
+            if n in self._alias:
+                continue  # the first owner merges the one tensor
             p, idx, v = self._base_param(layer, n), self.index(n), self.value(n)
             flat = p.view(-1)
             if idx is None:
@@ -304,6 +365,8 @@ class SelectionDelta(Delta):
     @torch.no_grad()
     def unmerge(self, layer: DeltaLayer, undo: dict[str, Tensor]) -> None:
         for n in self.names:
+            if n in self._alias:
+                continue
             flat, idx = self._base_param(layer, n).view(-1), self.index(n)
             if idx is None:
                 flat.copy_(undo[n])
@@ -316,11 +379,11 @@ class SelectionDelta(Delta):
         parameters it updates, and how many entries of each, the file says: data-chosen counts vary per layer)."""
         saved = [n for n in self.names if f"values.{_key(n)}" in state]
         if not saved:
-            return  # nothing of this layer in the file: the state check names what is missing
-        for n in set(self.names) - set(saved):
+            return  # nothing of this layer in the file (or only tied aliases): the state check names what is missing
+        for n in set(self.names) - set(saved) - set(self._alias):
             del self.values[_key(n)]
             delattr(self, f"index_{_key(n)}")
-        self.names = saved
+        self.names = saved + [n for n in self.names if n in self._alias]
         self._set_path(self.__dict__["_layer"])
         for n in saved:
             k = _key(n)

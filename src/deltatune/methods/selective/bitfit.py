@@ -12,6 +12,11 @@ class BitFitConfig(SelectionConfig):
     def default_parameter_targets(self) -> Any:
         return ["*.bias"]
 
+    def no_match_hint(self) -> str:
+        return ("BitFit trains biases only, and a model without them (Llama, SmolLM2, Qwen and most recent decoders "
+                "build their layers with bias=False) would train nothing: use ln_tuning (the norm layers' weights), "
+                "or a method with parameters of its own, e.g. ssf (a learned per-channel scale and shift) or lora")
+
 
 @register("bitfit", config=BitFitConfig, family="selective", formula="d_out (the bias)",
           paper="2106.10199", summary="train only the biases")
