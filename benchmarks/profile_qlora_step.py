@@ -118,7 +118,6 @@ def profile(case, who, log, operators: bool = True) -> list[str]:
               f"{e.self_cpu_time_total / 1e6 / step_s:.0%} |" for e in busy]
     log(f"{who.label}: held {held:.0f}, peak fwd/bwd/opt {after_fwd:.0f}/{after_bwd:.0f}/{after_opt:.0f} MiB, "
         f"saved {total:.0f} MiB, fwd {t_fwd:.1f} s bwd {t_bwd:.1f} s")
-    del model, opt, params
     quantized._trim()
     measure.rss()
     return lines + [""]
