@@ -95,6 +95,8 @@ def profile(case, who, log, operators: bool = True) -> list[str]:
     for shape, dtype, nbytes in saved.values():
         groups[(shape, str(dtype).removeprefix("torch."))].append(nbytes)
     total = sum(sum(v) for v in groups.values()) / 2**20
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    activations = sum(n for ptr, (_, _, n) in saved.items() if ptr not in weights) / 2**20  # what the step adds
     top = sorted(groups.items(), key=lambda kv: -sum(kv[1]))[:8]
 
     busy, step_s = [], 0.0
@@ -108,8 +110,8 @@ def profile(case, who, log, operators: bool = True) -> list[str]:
              f"held {held:.0f} MiB; step peak RSS above its start: after forward {after_fwd:.0f}, after backward "
              f"{after_bwd:.0f}, after AdamW {after_opt:.0f} MiB; forward {t_fwd:.1f} s, backward {t_bwd:.1f} s, "
              f"AdamW {t_opt:.2f} s", "",
-             f"Saved for backward (forward under saved-tensor hooks): {total:.0f} MiB in {len(saved)} storages; "
-             "largest groups:", "", "| shape | dtype | count | MiB |", "|---|---|---|---|"]
+             f"Saved for backward (forward under saved-tensor hooks): {total:.0f} MiB in {len(saved)} storages, "
+             f"{activations:.0f} MiB of them not the model's own parameters or buffers; largest groups:", "", "| shape | dtype | count | MiB |", "|---|---|---|---|"]
     lines += [f"| {list(shape)} | {dtype} | {len(v)} | {sum(v) / 2**20:.0f} |" for (shape, dtype), v in top]
     if busy:
         lines += ["", f"Profiled step: operators' self CPU time {step_s:.1f} s; top operators:", "",
@@ -117,7 +119,7 @@ def profile(case, who, log, operators: bool = True) -> list[str]:
     lines += [f"| {e.key} | {e.count} | {e.self_cpu_time_total / 1e6:.2f} | "
               f"{e.self_cpu_time_total / 1e6 / step_s:.0%} |" for e in busy]
     log(f"{who.label}: held {held:.0f}, peak fwd/bwd/opt {after_fwd:.0f}/{after_bwd:.0f}/{after_opt:.0f} MiB, "
-        f"saved {total:.0f} MiB, fwd {t_fwd:.1f} s bwd {t_bwd:.1f} s")
+        f"saved {total:.0f} MiB ({activations:.0f} not parameters), fwd {t_fwd:.1f} s bwd {t_bwd:.1f} s")
     quantized._trim()
     measure.rss()
     return lines + [""]

@@ -111,7 +111,10 @@ def report(results: dict) -> list[str]:
                      f"{r.get('threads', env['threads'])} threads, {r['config']['rounds']} timed rounds, "
                      f"sequences of {r['config'].get('lm_length', {}).get(r['models'][0], 128)} tokens"
                      + (f", a bf16 matmul {r['bf16_matmul_slowdown']:.2f}x the fp32 time" if "bf16_matmul_slowdown" in r
-                        else "") + ")"
+                        else "")
+                     + f"; quantized bases and their non-quantized parts in {r['config']['quantized_dtype']}, "
+                     + ("gradient checkpointing on all but the fp32 reference" if r['config'].get('checkpointing')
+                        else "no gradient checkpointing") + ")"
                      for r in results["runs"])
     return ["# Quantized bases: deltatune vs PEFT QLoRA", "",
             "Command: `python benchmarks/quantized_bases.py` (options in the JSON's config)  ",
