@@ -125,3 +125,6 @@ def test_cli_bases_alone_run_the_quantized_cells(tmp_path, monkeypatch, capsys):
     assert cfg.bases == ["fp32", "nf4"] and cfg.resident_only == ["bf16"] and cfg.quantized_dtype == "float32"
     assert seen["command"] == f"deltatune bench --out {tmp_path} --bases fp32 nf4 --resident-only bf16"
     json.dumps(suite.asdict(cfg))  # the config is written into the results
+    assert not cfg.checkpointing
+    assert main(["bench", "--bases", "nf4", "--checkpointing", "--out", str(tmp_path)]) == 0
+    assert seen["cfg"].checkpointing and seen["command"] == f"deltatune bench --checkpointing --out {tmp_path} --bases nf4"
