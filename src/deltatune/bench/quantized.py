@@ -304,7 +304,7 @@ def markdown(cells: list[dict[str, Any]]) -> list[str]:
         ckpt = [k for k, c in cell["contenders"].items() if c.get("checkpointing")]
         if ckpt:
             lines += ["", f"Gradient checkpointing of the blocks (deltatune's `enable_gradient_checkpointing`, PEFT's "
-                      f"model through `gradient_checkpointing_enable`, both non-reentrant): {', '.join(ckpt)}. "
+                      f"model through `activation_checkpointing_enable`, both non-reentrant): {', '.join(ckpt)}. "
                       "`deltatune fp32` is the plain fp32 LoRA (no checkpointing), the reference of the ratios."]
         if q:
             lines += ["", f"Perplexity on held-out Chatterbot answers after {q['steps']} steps (batch 4, lr {q['lr']})."]
