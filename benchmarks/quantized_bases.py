@@ -32,7 +32,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=["smollm2", "qwen_coder"])
     ap.add_argument("--bases", nargs="+", default=list(quantized.BASES))
-    ap.add_argument("--quantized-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--quantized-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="int8/NF4 bases: compute dtype and dtype of the parts not quantized (embeddings, norms, "
+                         "lm_head); auto: bfloat16 (QLoRA's recipe) where this CPU's bf16 matmul is fast, else float32")
+    ap.add_argument("--no-checkpointing", action="store_true",
+                    help="no gradient checkpointing (default: on for every contender but the plain fp32 reference)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--memory-rounds", type=int, default=2)
@@ -52,8 +56,10 @@ def main() -> None:
 
     slowdown = quantized.bf16_matmul_slowdown()
     resident_only = [] if args.step_bf16 or slowdown < 3 else ["bf16"]
+    qdtype = args.quantized_dtype if args.quantized_dtype != "auto" else "bfloat16" if slowdown < 3 else "float32"
     cfg = suite.BenchConfig(models=args.models, methods=[], lm_methods=None, inference=False, compile=False,
-                            bases=args.bases, quantized_dtype=args.quantized_dtype, resident_only=resident_only,
+                            bases=args.bases, quantized_dtype=qdtype, resident_only=resident_only,
+                            checkpointing=not args.no_checkpointing,
                             rounds=args.rounds, warmup=args.warmup, memory_rounds=args.memory_rounds,
                             quality_steps=dict(zip(["smollm2", "qwen_coder"], args.steps)),
                             eval_rows=dict(zip(["smollm2", "qwen_coder"], args.eval_rows)),
@@ -72,11 +78,11 @@ def main() -> None:
     results["load_average_1min"] = {"min": min(load), "max": max(load), "samples": len(load)}
     results["wall_s"] = time.time() - started
     results["runs"] = [{"models": args.models, "date": results["env"]["date"], "wall_s": results["wall_s"],
-                        "threads": results["env"]["threads"],
+                        "threads": results["env"]["threads"], "bf16_matmul_slowdown": slowdown,
                         "load_average_1min": results["load_average_1min"],
                         "config": {k: results["config"][k] for k in ("rounds", "warmup", "memory_rounds", "bases",
-                                   "quantized_dtype", "resident_only", "quality_steps", "eval_rows",
-                                   "lm_length")}}]
+                                   "quantized_dtype", "resident_only", "checkpointing", "quality_steps",
+                                   "eval_rows", "lm_length")}}]
     results = _keep_other_models(args.out / "quantized_bases.json", results)
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / "quantized_bases.json", json.dumps(results, indent=1) + "\n")
@@ -103,7 +109,12 @@ def report(results: dict) -> list[str]:
     runs = "; ".join(f"{', '.join(r['models'])} on {r['date']} ({r['wall_s'] / 60:.0f} min, 1-minute load average "
                      f"{r['load_average_1min']['min']:.1f}-{r['load_average_1min']['max']:.1f}, "
                      f"{r.get('threads', env['threads'])} threads, {r['config']['rounds']} timed rounds, "
-                     f"sequences of {r['config'].get('lm_length', {}).get(r['models'][0], 128)} tokens)"
+                     f"sequences of {r['config'].get('lm_length', {}).get(r['models'][0], 128)} tokens"
+                     + (f", a bf16 matmul {r['bf16_matmul_slowdown']:.2f}x the fp32 time" if "bf16_matmul_slowdown" in r
+                        else "")
+                     + f"; quantized bases and their non-quantized parts in {r['config']['quantized_dtype']}, "
+                     + ("gradient checkpointing on all but the fp32 reference" if r['config'].get('checkpointing')
+                        else "no gradient checkpointing") + ")"
                      for r in results["runs"])
     return ["# Quantized bases: deltatune vs PEFT QLoRA", "",
             "Command: `python benchmarks/quantized_bases.py` (options in the JSON's config)  ",
@@ -120,8 +131,10 @@ def report(results: dict) -> list[str]:
             "peak = held + step peak. (The JSON's `resident_mib`, where present, is the RSS that deleting each "
             "contender gave back, and those cells' `train_peak_mib` is built on it: not used, freed pages return "
             "only at the next trim, to whichever deletion comes first.) deltatune's quantized bases: `deltatune.quantize` of the loaded fp32 model "
-            "(lm_head kept, as transformers does); PEFT's: `from_pretrained(..., quantization_config="
-            "BitsAndBytesConfig(...))` then `get_peft_model`; no gradient checkpointing on either side.", "",
+            "(lm_head kept, as transformers does) in the run's quantized dtype (also that of the embeddings, norms and "
+            "lm_head); PEFT's: `from_pretrained(..., dtype=..., quantization_config=BitsAndBytesConfig(...))` then "
+            "`get_peft_model`; LoRA weights in fp32 on both sides. Gradient checkpointing: as each table says "
+            "(the same on both sides).", "",
             *quantized.markdown(results["quantized"])]
 
 

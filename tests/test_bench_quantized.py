@@ -36,6 +36,33 @@ def test_peft_stands_beside_the_quantized_bases_only():
         quantized.contenders(["fp8"], torch.float32, True, [])
 
 
+def test_checkpointing_covers_every_contender_but_the_fp32_reference():
+    who = quantized.contenders(["fp32", "bf16", "nf4"], torch.bfloat16, True, [], checkpointing=True)
+    assert [(c.label, c.checkpointing) for c in who] == [
+        ("deltatune fp32", False), ("deltatune fp32 ckpt", True), ("deltatune bf16", True),
+        ("deltatune nf4", True), ("peft nf4", True)]
+    assert {c.dtype for c in who if c.base != "fp32"} == {torch.bfloat16}
+
+
+def test_both_sides_build_checkpointed_and_get_the_same_lora_gradients(tmp_path):
+    """The QLoRA setup the cells time: an NF4 base in bf16 with checkpointing, deltatune's and PEFT's alike; the
+    recompute changes no gradient."""
+    case = _tiny_case(tmp_path)
+    case.batch = {k: v[:, :8] for k, v in case.batch.items()}
+    grads = {}
+    for side in ("deltatune", "peft"):
+        for ckpt in (False, True):
+            model = quantized.build(case, quantized.Contender(side, side, "nf4", torch.bfloat16, True, ckpt)).train()
+            hf = model.base_model.model if side == "peft" else model.model
+            assert [block.gradient_checkpointing for block in hf.model.layers] == [ckpt, ckpt]
+            model(**case.batch).loss.backward()
+            grads[side, ckpt] = [p.grad.clone() for n, p in model.named_parameters() if p.requires_grad]
+            assert grads[side, ckpt][0].dtype == torch.float32  # fp32 LoRA weights on the bf16 base
+    for side in ("deltatune", "peft"):
+        for a, b in zip(grads[side, False], grads[side, True]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)  # the recompute redoes the same bf16 arithmetic
+
+
 def test_tensor_bytes_count_packed_weights_and_shared_storage_once(tmp_path):
     case = _tiny_case(tmp_path)
     fp32 = quantized.build(case, quantized.Contender("deltatune fp32", "deltatune", "fp32", torch.float32))
@@ -98,3 +125,6 @@ def test_cli_bases_alone_run_the_quantized_cells(tmp_path, monkeypatch, capsys):
     assert cfg.bases == ["fp32", "nf4"] and cfg.resident_only == ["bf16"] and cfg.quantized_dtype == "float32"
     assert seen["command"] == f"deltatune bench --out {tmp_path} --bases fp32 nf4 --resident-only bf16"
     json.dumps(suite.asdict(cfg))  # the config is written into the results
+    assert not cfg.checkpointing
+    assert main(["bench", "--bases", "nf4", "--checkpointing", "--out", str(tmp_path)]) == 0
+    assert seen["cfg"].checkpointing and seen["command"] == f"deltatune bench --checkpointing --out {tmp_path} --bases nf4"

@@ -52,11 +52,15 @@ class Contender:
     base: str  # one of BASES
     dtype: torch.dtype  # the float dtype of everything not quantized, and the 4-bit compute dtype
     steps: bool = True  # False: built and weighed only (see the module docstring)
+    checkpointing: bool = False  # gradient checkpointing of the blocks (both sides alike)
 
 
-def contenders(bases: list[str], quantized_dtype: torch.dtype, peft: bool, resident_only: list[str]
-               ) -> list[Contender]:
-    """deltatune on every base, PEFT beside it on the quantized ones."""
+def contenders(bases: list[str], quantized_dtype: torch.dtype, peft: bool, resident_only: list[str],
+               checkpointing: bool = False) -> list[Contender]:
+    """deltatune on every base, PEFT beside it on the quantized ones.
+
+    With `checkpointing`, every contender but the plain fp32 LoRA (the reference) checkpoints its blocks, and a
+    "deltatune fp32 ckpt" row shows what checkpointing alone buys."""
     unknown = [b for b in bases if b not in BASES]
     if unknown:
         raise ValueError(f"unknown base {unknown[0]!r}: choose from {list(BASES)}")
@@ -64,7 +68,13 @@ def contenders(bases: list[str], quantized_dtype: torch.dtype, peft: bool, resid
     for base in bases:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(base, quantized_dtype)
         sides = ("deltatune", "peft") if peft and base in SCHEMES else ("deltatune",)
-        out += [Contender(f"{side} {base}", side, base, dtype, base not in resident_only) for side in sides]
+        steps = base not in resident_only
+        if base == "fp32":
+            out.append(Contender("deltatune fp32", "deltatune", base, dtype, steps))
+            if checkpointing:
+                out.append(Contender("deltatune fp32 ckpt", "deltatune", base, dtype, steps, True))
+            continue
+        out += [Contender(f"{side} {base}", side, base, dtype, steps, checkpointing) for side in sides]
     return out
 
 
@@ -86,13 +96,19 @@ def build(case: cases.Case, who: Contender) -> nn.Module:
 
         model = AutoModelForCausalLM.from_pretrained(case.path, dtype=who.dtype, device_map="cpu",
                                                      quantization_config=_bnb_config(who.base, who.dtype))
+        if who.checkpointing:  # non-reentrant, as deltatune's (positional: the keyword's name changed in v5)
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable({"use_reentrant": False})
         config = peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules=targets)
         return peft.get_peft_model(model, config)
     model = copy.deepcopy(case.model).to(who.dtype)
     if who.base in SCHEMES:
         # one layer at a time: each float weight is freed as its packed copy is made
         dt.quantize(model, SCHEMES[who.base], compute_dtype=who.dtype)
-    return dt.inject(model, dt.LoRAConfig(targets=targets, **LORA))
+    dm = dt.inject(model, dt.LoRAConfig(targets=targets, **LORA))
+    if who.checkpointing:
+        dt.enable_gradient_checkpointing(dm)
+    return dm
 
 
 def _trim() -> None:
@@ -176,10 +192,10 @@ def _restore(built: Built) -> None:
 
 
 def quantized_cell(case: cases.Case, bases: list[str], quantized_dtype: torch.dtype, rounds: int, warmup: int,
-                   memory_rounds: int, peft: bool, resident_only: list[str], log: Callable[[str], None]
-                   ) -> dict[str, Any]:
+                   memory_rounds: int, peft: bool, resident_only: list[str], log: Callable[[str], None],
+                   checkpointing: bool = False) -> dict[str, Any]:
     """Build every contender, time and weigh their steps interleaved, then train each alike and score it."""
-    who = contenders(bases, quantized_dtype, peft, resident_only)
+    who = contenders(bases, quantized_dtype, peft, resident_only, checkpointing)
     built: dict[str, Built] = {}
     for c in who:
         built[c.label] = build_and_weigh(case, c)
@@ -194,7 +210,7 @@ def quantized_cell(case: cases.Case, bases: list[str], quantized_dtype: torch.dt
         "model": case.name, "lora": {**LORA, "targets": case.targets["all_linear"]},
         "quantized_dtype": str(quantized_dtype).removeprefix("torch."),
         "contenders": {c.label: {"side": c.side, "base": c.base, "dtype": str(c.dtype).removeprefix("torch."),
-                                 "stepped": c.steps, "trainable": built[c.label].trainable,
+                                 "stepped": c.steps, "checkpointing": c.checkpointing, "trainable": built[c.label].trainable,
                                  "build_s": built[c.label].build_s, "build_rss_mib": built[c.label].build_rss_mib,
                                  "tensor_mib": built[c.label].tensor_mib} for c in who},
         "time_s": {k: measure.spread(v) for k, v in times.items()}, "step_peak_mib": peaks, "ratios": {}}
@@ -285,6 +301,11 @@ def markdown(cells: list[dict[str, Any]]) -> list[str]:
                   "(RSS growth at build) | step peak MiB | training peak MiB | vs fp32 | perplexity |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         lines += [_row(cell, k) for k in cell["contenders"]]
+        ckpt = [k for k, c in cell["contenders"].items() if c.get("checkpointing")]
+        if ckpt:
+            lines += ["", f"Gradient checkpointing of the blocks (deltatune's `enable_gradient_checkpointing`, PEFT's "
+                      f"model through `activation_checkpointing_enable`, both non-reentrant): {', '.join(ckpt)}. "
+                      "`deltatune fp32` is the plain fp32 LoRA (no checkpointing), the reference of the ratios."]
         if q:
             lines += ["", f"Perplexity on held-out Chatterbot answers after {q['steps']} steps (batch 4, lr {q['lr']})."]
         if "bf16_matmul_slowdown" in cell:

@@ -47,6 +47,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = suite.quick_config(**settings) if args.quick else suite.BenchConfig(**settings)
     cfg.compile = args.compile if args.compile is not None else not args.quick
     cfg.peft = not args.no_peft
+    cfg.checkpointing = args.checkpointing
     if args.no_quality:
         cfg.quality_steps = {name: 0 for name in cases.CASES}
     cfg.update = args.update
@@ -59,7 +60,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError("the side-by-side needs PEFT: pip install 'deltatune[bench]', or pass --no-peft") from e
     console = Console(stderr=True)
     flags = [("--quick", args.quick), ("--no-peft", args.no_peft), ("--no-quality", args.no_quality),
-             ("--update", args.update)]
+             ("--update", args.update), ("--checkpointing", args.checkpointing)]
     if args.compile is not None:
         flags.append(("--compile" if args.compile else "--no-compile", True))
     options = [f"--{k.replace('_', '-')} " + " ".join(shlex.quote(str(x)) for x in (v if isinstance(v, list) else [v]))
@@ -93,6 +94,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "bfloat16 is QLoRA's recipe, fast only with native bf16)")
     p.add_argument("--resident-only", nargs="+", metavar="BASE",
                    help="bases built and weighed but not stepped (bf16 on a CPU without native bf16)")
+    p.add_argument("--checkpointing", action="store_true",
+                   help="quantized bases: gradient checkpointing on every contender (PEFT's too) but the plain fp32 "
+                        "LoRA reference, plus an fp32 + checkpointing row")
     p.add_argument("--update", action="store_true",
                    help="rerun only the --methods cells into the results already in --out (after a fix), keep the rest; "
                         "'inference' and 'compile' name those cells")
