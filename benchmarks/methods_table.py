@@ -69,6 +69,9 @@ SPECS: dict[str, tuple[dict, float]] = {
     "capaboost": ({"name": "capaboost", "r": 8, "targets": QV}, 3e-3),
     "sira": ({"name": "sira", "targets": QV}, 3e-3),
     "dylora": ({"name": "dylora", "r": 8, "targets": QV}, 3e-3),
+    # rank budgets: 12 -> 8 per layer (LoRA r=8's final size), pruned from step 6 to 51 of 63
+    "adalora": ({"name": "adalora", "init_r": 12, "target_r": 8, "alpha": 16, "tinit": 6, "tfinal": 12,
+                 "targets": QV}, 3e-3),
     "ia3": ({"name": "ia3", "targets": ["key", "value", FFN_DOWN], "feedforward": [FFN_DOWN]}, 3e-2),
     "ssf": ({"name": "ssf", "targets": QV}, 1e-2),
     "ether": ({"name": "ether", "targets": QV}, 3e-2),
