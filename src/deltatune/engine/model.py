@@ -654,7 +654,7 @@ class DeltaModel(nn.Module):
         for name in self.active:
             if name not in self.adapters or name in self.prompts:
                 continue
-            deltas = [self.model.get_submodule(p).deltas[name] for p in self.adapters[name].paths]
+            deltas = [d for p in self.adapters[name].paths for d in _members(self.model.get_submodule(p).deltas[name])]
             if deltas and any(p.requires_grad for d in deltas for p in d.parameters()):
                 type(deltas[0]).after_update(deltas, self.shared[name] if name in self.shared else None,
                                              step, total_steps)
@@ -786,6 +786,11 @@ class DeltaModel(nn.Module):
         from .hotswap import hotswap_adapter
 
         return hotswap_adapter(self, source, name, check_base, check_integrity)
+
+
+def _members(delta: Delta) -> list[Delta]:
+    """A delta, or each part of a Parts delta (MultiheadAttention's in_proj and out_proj)."""
+    return [d for _, _, d in delta.members(None)] if isinstance(delta, Parts) else [delta]
 
 
 def _fusions(block: Block) -> list[Any]:
