@@ -86,6 +86,16 @@ def test_bad_schedule_is_refused_with_the_fix():
         dt.make_config("adalora", targets=TARGETS, init_r=6, target_r=9)
 
 
+def test_the_schedule_needs_its_length():
+    dm = dt.inject(Net(), dt.make_config("adalora", targets=TARGETS, **{**OPTIONS, "total_step": None}))
+    with pytest.raises(ValueError, match="set total_step, or pass total_steps"):
+        dm.after_update(0)
+    dm.after_update(0, total_steps=16)  # the trainer passes its own
+    assert int(dm.shared["default"].total_step) == 16
+    with pytest.raises(ValueError, match="tinit < total_step - tfinal"):
+        dm.after_update(0, total_steps=5)
+
+
 def _peft_and_ours(**kw):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -19,7 +19,7 @@ quirks are kept: the step index is the 0-based count of earlier steps, so with t
 allocation never happens (set tfinal >= 1 for a fixed final mask); Λ_i = 0 triplets stay allocated, so
 the parameter count is r(d_in + d_out + 1) throughout. Departure: the allocator's state (Ī, Ū per entry,
 the last mask) lives in persistent buffers, so checkpoints resume exactly; they are saved with the adapter
-(three times its size in parameters, plus a mask). PEFT files hold only the kept triplets (rank_pattern).
+(Ī and Ū: twice its parameters, plus a mask). PEFT files hold only the kept triplets (rank_pattern).
 """
 
 from __future__ import annotations
