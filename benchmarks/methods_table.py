@@ -69,6 +69,14 @@ SPECS: dict[str, tuple[dict, float]] = {
     "capaboost": ({"name": "capaboost", "r": 8, "targets": QV}, 3e-3),
     "sira": ({"name": "sira", "targets": QV}, 3e-3),
     "dylora": ({"name": "dylora", "r": 8, "targets": QV}, 3e-3),
+    # rank budgets: 12 -> 8 per layer (LoRA r=8's final size), pruned from step 6 to 51 of 63. Λ starts at 0 and
+    # P, Q at N(0, 0.02): at 3e-3 AdaLoRA stayed at the majority class on seed 0 (in the runs file), so both
+    # SVD-form methods run at 3e-2
+    "adalora": ({"name": "adalora", "init_r": 12, "target_r": 8, "alpha": 16, "tinit": 6, "tfinal": 12,
+                 "targets": QV}, 3e-2),
+    # from 2 per layer, 4 layers of 12 gain 4 every 5 steps until 8 per layer are in use (step 30); 16 allocated
+    "increlora": ({"name": "increlora", "r": 2, "target_r": 8, "max_r": 16, "add_r": 4, "top_h": 4, "tinit": 5,
+                   "delta_t": 5, "targets": QV}, 3e-2),
     "ia3": ({"name": "ia3", "targets": ["key", "value", FFN_DOWN], "feedforward": [FFN_DOWN]}, 3e-2),
     "ssf": ({"name": "ssf", "targets": QV}, 1e-2),
     "ether": ({"name": "ether", "targets": QV}, 3e-2),

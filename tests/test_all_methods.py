@@ -78,6 +78,8 @@ class Case:
 
 SOLVED = 4e-6  # measured up to 1.3e-6 (ETHER+ on the conv, whose H+ is not orthogonal)
 CASES: dict[str, Case] = {
+    "adalora": Case({"init_r": 3, "target_r": 2}, each(lambda o, i, c: c.init_r * (i + o + 1))),
+    "increlora": Case({"r": 1, "target_r": 2}, each(lambda o, i, c: c.capacity * (i + o + 1))),
     "capaboost": Case({"r": 2}, each(lambda o, i, c: c.r * (i + o))),
     "dora": Case({"r": 2}, each(lambda o, i, c: c.r * (i + o) + o), kinds=("conv",), unmerge_rtol=SOLVED),
     "dylora": Case({"r": 2}, each(lambda o, i, c: c.r * (i + o))),

@@ -50,6 +50,12 @@ class SharedScale(Delta):
     def on_step(self, step: int) -> None:
         self.steps.append(step)
 
+    @classmethod
+    def after_update(cls, deltas, shared, step, total_steps):
+        # what the hook sees: every delta of the adapter, its gradients (not zeroed yet), the trainer's total
+        cls.calls.append((step, total_steps, [d.shared is shared for d in deltas],
+                          [d.v.grad is not None and bool(d.v.grad.abs().sum() > 0) for d in deltas]))
+
 
 @pytest.fixture
 def shared_scale():
@@ -120,6 +126,20 @@ def test_trainer_calls_on_train_step_with_the_step_counter(shared_scale):
     for step in (0, 1, 2):
         dm.on_train_step(step)
     assert dm.model.a.deltas["default"].steps == [0, 1, 2]
+
+
+def test_after_update_gets_the_whole_adapter_after_the_optimizer_step(shared_scale, monkeypatch):
+    monkeypatch.setattr(SharedScale, "calls", [], raising=False)
+    dm = dt.inject(TwoLayers(), SharedScaleConfig(targets=["a", "b"]))
+    dm.add_adapter("frozen", SharedScaleConfig(targets=["a"]))
+    perturb(dm, std=0.3)
+    opt = torch.optim.SGD([p for p in dm.parameters() if p.requires_grad], lr=0.1)
+    before = dm.model.a.deltas["default"].v.detach().clone()
+    (dm(torch.randn(3, 6)).square().sum() + dm.regularization_loss()).backward()
+    opt.step()
+    dm.after_update(0, 7)
+    assert SharedScale.calls == [(0, 7, [True, True], [True, True])]  # once, for the trained adapter only
+    assert not torch.equal(dm.model.a.deltas["default"].v, before)  # after the step
 
 
 # --- token masks --------------------------------------------------------------------------------

@@ -74,6 +74,16 @@ class Delta(nn.Module):
     def on_step(self, step: int) -> None:
         """Called before each training step's forward by DeltaModel.on_train_step (DyLoRA, LaMDA)."""
 
+    @classmethod
+    def after_update(cls, deltas: Sequence[Delta], shared: nn.Module | None, step: int,
+                     total_steps: int | None) -> None:
+        """Called once per trained adapter after the optimizer step of training step `step` (0-based), before the
+        gradients are zeroed, with all the adapter's deltas in model order (AdaLoRA's budget, IncreLoRA's ranks).
+
+        Gradients and the updated weights are both there (PEFT's update_and_allocate runs at this point);
+        `total_steps` is the trainer's step count, for schedules. State it keeps must be buffers, so a
+        checkpoint holds it and a resumed run continues exactly."""
+
     def extra_repr(self) -> str:
         options = self.config.model_dump(exclude={"targets", "exclude"}, exclude_defaults=True)
         return ", ".join(f"{k}={v}" for k, v in options.items())

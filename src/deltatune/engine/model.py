@@ -651,6 +651,17 @@ class DeltaModel(nn.Module):
         for prompt in self.prompts.values():
             prompt.on_step(step)
 
+    def after_update(self, step: int, total_steps: int | None = None) -> None:
+        """Tell every trained adapter that the optimizer step of training step `step` is done (gradients still
+        there): one Delta.after_update call per adapter, with its deltas in model order (AdaLoRA, IncreLoRA)."""
+        for name in self.active:
+            if name not in self.adapters or name in self.prompts:
+                continue
+            deltas = [d for p in self.adapters[name].paths for d in _members(self.model.get_submodule(p).deltas[name])]
+            if deltas and any(p.requires_grad for d in deltas for p in d.parameters()):
+                type(deltas[0]).after_update(deltas, self.shared[name] if name in self.shared else None,
+                                             step, total_steps)
+
     def parameter_table(self) -> list[dict[str, Any]]:
         """One row per (layer, adapter): method, base shape, its parameters and how many train."""
         rows = []
@@ -778,6 +789,11 @@ class DeltaModel(nn.Module):
         from .hotswap import hotswap_adapter
 
         return hotswap_adapter(self, source, name, check_base, check_integrity)
+
+
+def _members(delta: Delta) -> list[Delta]:
+    """A delta, or each part of a Parts delta (MultiheadAttention's in_proj and out_proj)."""
+    return [d for _, _, d in delta.members(None)] if isinstance(delta, Parts) else [delta]
 
 
 def _fusions(block: Block) -> list[Any]:

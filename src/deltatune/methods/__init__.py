@@ -1,6 +1,7 @@
 """Methods by family; importing this package registers them all (and their PEFT codecs)."""
 
 from .adapters import bottleneck, compacter, fusion, mam  # noqa: F401
+from .allocation import adalora, increlora  # noqa: F401
 from .lowrank import (  # noqa: F401
     capaboost,
     dylora,

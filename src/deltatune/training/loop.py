@@ -331,6 +331,7 @@ class Trainer:
         if self.recipe.optimizer.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, self.recipe.optimizer.grad_clip)
         self.optimizer.step()
+        self.model.after_update(self.step, self.total_steps)  # AdaLoRA's budget: the step's gradients are still there
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss_sum, samples
