@@ -39,6 +39,7 @@ RESULTS = Path(__file__).parent / "results"
 RUNS = RESULTS / "methods_table_runs.jsonl"
 QUICK: list[str] = []  # --quick: recipe overrides for a smoke run (its results go to a temporary folder)
 QV = ["query", "value"]
+QVW = ["re:.*\\.(query|value)\\.weight"]  # selection methods: the weights only (a module name takes its bias too)
 FFN_DOWN = "re:.*layer\\.\\d+\\.output\\.dense"  # the FFN's second linear (its input is the FFN hidden)
 # label -> (method options, peak learning rate). Every method on query/value (IA3 where its paper puts it, full on
 # every weight layer); one rate per method, from its paper's regime for encoders (methods with few parameters
@@ -103,6 +104,9 @@ SPECS: dict[str, tuple[dict, float]] = {
     "prefix_tuning": ({"name": "prefix_tuning", "num_virtual_tokens": 20}, 1e-2),
     # DePT: the prompt at prompt tuning's rate, the embedding pair at the paper's smaller one
     "dept": ({"name": "dept", "num_virtual_tokens": 20, "rank": 8, "pair_lr": 5e-3}, 3e-2),
+    # Sparse fine-tuning on the query/value weights at LoRA r=8's count: 8·(384 + 384) = 6,144 entries of each
+    # 384x384 weight (density 1/24, written so that ceil(density·n) is 6,144)
+    "random_sparse": ({"name": "random_sparse", "density": 0.0416666, "targets": QVW}, 3e-3),
 }
 # Claims from the papers that this setting can test: (label, a, b, what "held" means)
 ETHER_RATES = (3e-3, 1e-2, 3e-2)  # ETHER's claim: stable across learning rates (LoRA run at the same rates)
