@@ -107,6 +107,7 @@ SPECS: dict[str, tuple[dict, float]] = {
     # Sparse fine-tuning on the query/value weights at LoRA r=8's count: 8·(384 + 384) = 6,144 entries of each
     # 384x384 weight (density 1/24, written so that ceil(density·n) is 6,144)
     "random_sparse": ({"name": "random_sparse", "density": 0.0416666, "targets": QVW}, 3e-3),
+    "shira": ({"name": "shira", "r": 8, "targets": QV}, 3e-3),  # r(d_in + d_out) entries of each weight
 }
 # Claims from the papers that this setting can test: (label, a, b, what "held" means)
 ETHER_RATES = (3e-3, 1e-2, 3e-2)  # ETHER's claim: stable across learning rates (LoRA run at the same rates)

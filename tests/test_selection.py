@@ -71,6 +71,7 @@ def ceil_density(params: Params, c: Any) -> int:
 CASES: dict[str, Case] = {
     "bitfit": Case({}, lambda ps, c: sum(s.numel() for s in ps.values()), targets=None),
     "random_sparse": Case({"density": 0.2}, ceil_density),
+    "shira": Case({"r": 1}, lambda ps, c: sum(c.r * (s[0] + s[1]) for s in ps.values()), targets=("up", "custom")),
 }
 METHODS = [s.name for s in list_methods() if s.family == "selective" and s.name != "full"]
 
