@@ -108,6 +108,8 @@ SPECS: dict[str, tuple[dict, float]] = {
     # 384x384 weight (density 1/24, written so that ceil(density·n) is 6,144)
     "random_sparse": ({"name": "random_sparse", "density": 0.0416666, "targets": QVW}, 3e-3),
     "shira": ({"name": "shira", "r": 8, "targets": QV}, 3e-3),  # r(d_in + d_out) entries of each weight
+    # the same total chosen globally by Fisher on the first 8 training batches (256 snippets)
+    "fish_mask": ({"name": "fish_mask", "density": 0.0416666, "calibration_batches": 8, "targets": QVW}, 3e-3),
 }
 # Claims from the papers that this setting can test: (label, a, b, what "held" means)
 ETHER_RATES = (3e-3, 1e-2, 3e-2)  # ETHER's claim: stable across learning rates (LoRA run at the same rates)
