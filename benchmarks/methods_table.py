@@ -108,6 +108,9 @@ SPECS: dict[str, tuple[dict, float]] = {
     # 384x384 weight (density 1/24, written so that ceil(density·n) is 6,144)
     "random_sparse": ({"name": "random_sparse", "density": 0.0416666, "targets": QVW}, 3e-3),
     "shira": ({"name": "shira", "r": 8, "targets": QV}, 3e-3),  # r(d_in + d_out) entries of each weight
+    # SaRA at the same count: the smallest |W0|, a light nuclear-norm penalty, one re-selection halfway (step 32)
+    "sara": ({"name": "sara", "density": 0.0416666, "nuclear_lambda": 1e-4, "reselect_every": 32, "targets": QVW},
+             3e-3),
     # the same total chosen globally by Fisher on the first 8 training batches (256 snippets)
     "fish_mask": ({"name": "fish_mask", "density": 0.0416666, "calibration_batches": 8, "targets": QVW}, 3e-3),
 }

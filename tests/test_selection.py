@@ -80,6 +80,7 @@ CASES: dict[str, Case] = {
     "random_sparse": Case({"density": 0.2}, ceil_density),
     "fish_mask": Case({"density": 0.2, "scores": owners_fisher()},
                       lambda ps, c: math.ceil(c.density * sum(s.numel() for s in ps.values()))),
+    "sara": Case({"density": 0.2, "nuclear_lambda": 1e-2, "reselect_every": 5}, ceil_density),
     "shira": Case({"r": 1}, lambda ps, c: sum(c.r * (s[0] + s[1]) for s in ps.values()), targets=("up", "custom")),
 }
 METHODS = [s.name for s in list_methods() if s.family == "selective" and s.name != "full"]
