@@ -111,6 +111,9 @@ SPECS: dict[str, tuple[dict, float]] = {
     # SaRA at the same count: the smallest |W0|, a light nuclear-norm penalty, one re-selection halfway (step 32)
     "sara": ({"name": "sara", "density": 0.0416666, "nuclear_lambda": 1e-4, "reselect_every": 32, "targets": QVW},
              3e-3),
+    # diff pruning trains w and log α on every query/value entry (3.5M), then projects to the same 73,728 entries
+    # after the last step (no fine-tuning after the projection in this budget); trainable is the projected count
+    "diff_pruning": ({"name": "diff_pruning", "density": 0.0416666, "targets": QVW}, 3e-3),
     # the same total chosen globally by Fisher on the first 8 training batches (256 snippets)
     "fish_mask": ({"name": "fish_mask", "density": 0.0416666, "calibration_batches": 8, "targets": QVW}, 3e-3),
 }

@@ -78,6 +78,7 @@ def owners_fisher() -> dict[str, torch.Tensor]:
 CASES: dict[str, Case] = {
     "bitfit": Case({}, lambda ps, c: sum(s.numel() for s in ps.values()), targets=None),
     "random_sparse": Case({"density": 0.2}, ceil_density),
+    "diff_pruning": Case({"l0_lambda": 1e-3}, lambda ps, c: 2 * sum(s.numel() for s in ps.values())),  # w, log α
     "fish_mask": Case({"density": 0.2, "scores": owners_fisher()},
                       lambda ps, c: math.ceil(c.density * sum(s.numel() for s in ps.values()))),
     "sara": Case({"density": 0.2, "nuclear_lambda": 1e-2, "reselect_every": 5}, ceil_density),

@@ -374,6 +374,9 @@ class Trainer:
             if t.save_every and self.step % t.save_every == 0:
                 self.save_checkpoint(time.perf_counter() - start)
         progress.close()
+        for name, adapter in self.model.adapters.items():  # diff pruning projects to its sparsity
+            if hasattr(adapter.config, "finish_training"):
+                adapter.config.finish_training(self.model, name)
         final = self.evaluate()
         self._log({"step": self.step, **_prefixed(final)}, start)
         trainable = self.model.trainable_parameters()  # as trained: saving folds a prompt's reparameterisation
