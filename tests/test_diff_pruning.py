@@ -124,3 +124,21 @@ def test_loss_goes_down_then_the_projected_entries_train_on():
     project(dm)
     after = train_losses(dm, {"x": X, "y": y}, steps=10, lr=1e-2)  # a new optimizer over the kept entries
     assert after[-1] < after[0], after
+
+
+@pytest.mark.slow
+def test_deltatune_train_projects_after_the_last_step_on_minilm(tmp_path):
+    from deltatune.training.loop import Trainer
+    from deltatune.training.recipe import load_recipe
+
+    method = "{name: diff_pruning, density: 0.01, targets: ['re:.*\\.(query|value)\\.weight']}"
+    trainer = Trainer(load_recipe(None, [f"method={method}", "data.max_train=40", "data.max_eval=16",
+                                         "train.batch_size=4", "train.max_length=24", "train.steps=3",
+                                         f"train.output_dir={tmp_path}"]))
+    trainer.setup()
+    assert trainer.model.trainable_parameters() == 2 * 12 * 384 * 384 + 770  # w and log α, + the new head
+    result = trainer.train()
+    k = math.ceil(0.01 * 12 * 384 * 384)
+    assert result.trainable == k + 770 and math.isfinite(result.after["loss"])
+    loaded = dt.load(trainer.task.build_model(torch.float32), result.adapter_dir)
+    assert loaded.trainable_parameters() == k + 770
