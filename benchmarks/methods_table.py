@@ -108,9 +108,9 @@ SPECS: dict[str, tuple[dict, float]] = {
     # 384x384 weight (density 1/24, written so that ceil(density·n) is 6,144)
     "random_sparse": ({"name": "random_sparse", "density": 0.0416666, "targets": QVW}, 3e-3),
     "shira": ({"name": "shira", "r": 8, "targets": QV}, 3e-3),  # r(d_in + d_out) entries of each weight
-    # SaRA at the same count: the smallest |W0|, a light nuclear-norm penalty, one re-selection halfway (step 32)
-    "sara": ({"name": "sara", "density": 0.0416666, "nuclear_lambda": 1e-4, "reselect_every": 32, "targets": QVW},
-             3e-3),
+    # SaRA at the same count: the smallest |W0| and a light nuclear-norm penalty. No re-selection: trained entries
+    # soon outgrow the bottom 4%, so re-selecting the smallest |W0 + ΔW| would drop most updates (sara.py's rule)
+    "sara": ({"name": "sara", "density": 0.0416666, "nuclear_lambda": 1e-4, "targets": QVW}, 3e-3),
     # diff pruning trains w and log α on every query/value entry (3.5M), then projects to the same 73,728 entries
     # after the last step (no fine-tuning after the projection in this budget); trainable is the projected count
     "diff_pruning": ({"name": "diff_pruning", "density": 0.0416666, "targets": QVW}, 3e-3),

@@ -11,7 +11,8 @@ Rule implemented here, and where it departs from the official code (sjtuplayer/S
   |W0 + ΔW| become the selection; entries that stay keep their update, new ones start at 0. The count is fixed
   (set_selection), so an entry that leaves loses its update (the code keeps it in the weight, as full-model
   training can): the model changes at a re-selection. The code re-selects once (`progressive_iter`). The
-  optimizer's moments of moved entries are not reset.
+  optimizer's moments of moved entries are not reset. At small densities trained entries soon outgrow the
+  selection's |W0| range, so a re-selection replaces most of them: it is off (0) by default.
 """
 
 from __future__ import annotations
