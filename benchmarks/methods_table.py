@@ -39,6 +39,7 @@ RESULTS = Path(__file__).parent / "results"
 RUNS = RESULTS / "methods_table_runs.jsonl"
 QUICK: list[str] = []  # --quick: recipe overrides for a smoke run (its results go to a temporary folder)
 QV = ["query", "value"]
+QVW = ["re:.*\\.(query|value)\\.weight"]  # selection methods: the weights only (a module name takes its bias too)
 FFN_DOWN = "re:.*layer\\.\\d+\\.output\\.dense"  # the FFN's second linear (its input is the FFN hidden)
 # label -> (method options, peak learning rate). Every method on query/value (IA3 where its paper puts it, full on
 # every weight layer); one rate per method, from its paper's regime for encoders (methods with few parameters
@@ -116,6 +117,18 @@ SPECS: dict[str, tuple[dict, float]] = {
     # class at 1e-2 on seed 0 and learns at 3e-3
     "bitfit": ({"name": "bitfit", "targets": ["bert.*.bias"]}, 3e-3),
     "ln_tuning": ({"name": "ln_tuning"}, 1e-2),
+    # Sparse fine-tuning on the query/value weights at LoRA r=8's count: 8·(384 + 384) = 6,144 entries of each
+    # 384x384 weight (density 1/24, written so that ceil(density·n) is 6,144)
+    "random_sparse": ({"name": "random_sparse", "density": 0.0416666, "targets": QVW}, 3e-3),
+    "shira": ({"name": "shira", "r": 8, "targets": QV}, 3e-3),  # r(d_in + d_out) entries of each weight
+    # SaRA at the same count: the smallest |W0| and a light nuclear-norm penalty. No re-selection: trained entries
+    # soon outgrow the bottom 4%, so re-selecting the smallest |W0 + ΔW| would drop most updates (sara.py's rule)
+    "sara": ({"name": "sara", "density": 0.0416666, "nuclear_lambda": 1e-4, "targets": QVW}, 3e-3),
+    # diff pruning trains w and log α on every query/value entry (3.5M), then projects to the same 73,728 entries
+    # after the last step (no fine-tuning after the projection in this budget); trainable is the projected count
+    "diff_pruning": ({"name": "diff_pruning", "density": 0.0416666, "targets": QVW}, 3e-3),
+    # the same total chosen globally by Fisher on the first 8 training batches (256 snippets)
+    "fish_mask": ({"name": "fish_mask", "density": 0.0416666, "calibration_batches": 8, "targets": QVW}, 3e-3),
 }
 # Claims from the papers that this setting can test: (label, a, b, what "held" means)
 ETHER_RATES = (3e-3, 1e-2, 3e-2)  # ETHER's claim: stable across learning rates (LoRA run at the same rates)

@@ -25,7 +25,8 @@ from .engine import (  # noqa: E402
 )
 from .engine.quantized import dequantize, quantize  # noqa: E402
 from .methods import DoRAConfig, FullConfig, LoRAConfig  # noqa: E402
+from .methods.selective.fish_mask import fisher_scores  # noqa: E402
 
 __all__ = ["BASE", "Average", "BatchSplit", "Fuse", "Parallel", "Split", "Stack", "DeltaConfig", "DeltaModel", "DoRAConfig", "FullConfig", "LoRAConfig", "__version__",
-           "dequantize", "enable_gradient_checkpointing", "get_method", "inject", "list_methods", "load", "load_adapterhub",
+           "dequantize", "enable_gradient_checkpointing", "fisher_scores", "get_method", "inject", "list_methods", "load", "load_adapterhub",
            "load_adapters", "load_peft", "make_config", "quantize", "register"]

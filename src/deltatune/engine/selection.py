@@ -403,3 +403,23 @@ class SelectionDelta(Delta):
                              and set(self.names) <= {kind.weight, kind.bias})
         self.uses_base_output = self.additive
         self.needs_inputs = not self.additive
+
+
+# --- data-chosen selections (FISH, diff pruning's projection) -------------------------------------
+def global_top_k(scores: dict[str, Tensor], k: int) -> dict[str, Tensor]:
+    """The k entries with the largest scores over all the named tensors together: name -> flat indices.
+
+    Names are taken in sorted order and ties go to the earlier position of that concatenation, so every
+    caller (one per layer) computes the same split."""
+    names = sorted(scores)
+    flat = torch.cat([scores[n].detach().reshape(-1).float().cpu() for n in names])
+    if not 0 < k <= flat.numel():
+        raise ValueError(f"cannot keep {k} of {flat.numel()} entries: choose between 1 and {flat.numel()}")
+    # a stable sort: equal scores keep their order, so the choice among ties is deterministic
+    order = torch.sort(-flat, stable=True).indices[:k]
+    out, start = {}, 0
+    for n in names:
+        size = scores[n].numel()
+        out[n] = order[(order >= start) & (order < start + size)] - start
+        start += size
+    return out

@@ -14,6 +14,7 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,9 +57,11 @@ def make_task(recipe: Recipe, label_names: list[str] | None) -> Task:
     return TASKS[recipe.model.task](path, recipe.train.max_length, label_names)
 
 
-def build_model(recipe: Recipe, task: Task, adapter_dir: Path | None = None) -> dt.DeltaModel:
+def build_model(recipe: Recipe, task: Task, adapter_dir: Path | None = None,
+                calibration: Callable[[int], list[dict[str, Tensor]]] | None = None) -> dt.DeltaModel:
     """The base model (in model.dtype, quantized as model.quantize says) with the recipe's fresh adapter,
-    or with the adapter saved in `adapter_dir`."""
+    or with the adapter saved in `adapter_dir`. A method that chooses its entries from data (FISH: a config
+    with `calibrate(model, batches)`) gets `calibration(n)`: n training batches, on the base before injection."""
     torch.manual_seed(recipe.train.seed)  # a new head and LoRA's A start identically in every run
     dtype = getattr(torch, recipe.model.dtype)
     base = task.build_model(dtype)
@@ -69,7 +72,16 @@ def build_model(recipe: Recipe, task: Task, adapter_dir: Path | None = None) -> 
     if adapter_dir is not None:
         model = dt.load(base, adapter_dir)
     else:
-        model = dt.inject(base, recipe.method.config(), train_modules=train_modules or None)
+        config = recipe.method.config()
+        if hasattr(config, "calibrate"):
+            if calibration is None:
+                raise ValueError(f"{recipe.method.name} chooses its entries from training data: build it through "
+                                 "`deltatune train` (or Trainer), or pass calibration batches")
+            if recipe.model.quantize != "none":  # gradients of float weights: score before quantizing
+                raise ValueError(f"{recipe.method.name} scores the base weights by gradients, which a quantized "
+                                 "base does not have: train it with model.quantize=none")
+            config = config.calibrate(base, calibration(config.calibration_batches))
+        model = dt.inject(base, config, train_modules=train_modules or None)
     task.fit_prompt(model)  # a prompt adapter's virtual tokens take positions and shift the counted labels
     return model
 
@@ -155,7 +167,7 @@ class Trainer:
         )
         self.task = make_task(self.recipe, splits.label_names)
         self.train_set, self.eval_set = self.task.encode(splits.train), self.task.encode(splits.eval)
-        self.model = build_model(self.recipe, self.task).to(self.device)
+        self.model = build_model(self.recipe, self.task, calibration=self._calibration_batches).to(self.device)
         if self.recipe.train.gradient_checkpointing:
             dt.enable_gradient_checkpointing(self.model)
         self.step_module = self._training_forward()
@@ -284,6 +296,13 @@ class Trainer:
                 if not torch.isfinite(t).all():
                     raise ValueError(f"its optimizer state '{name}' of parameter {i} holds NaN or inf")
 
+    def _calibration_batches(self, n: int) -> list[dict[str, Tensor]]:
+        """The first n training batches of epoch 0's seeded order (whole batches, on the CPU): the data a
+        data-chosen selection (FISH) scores its entries on before training."""
+        bs = self.recipe.train.batch_size
+        order = epoch_order(self.recipe.train.seed, 0, len(self.train_set))[: n * bs]
+        return [self.task.collate([self.train_set[i] for i in order[j : j + bs]]) for j in range(0, len(order), bs)]
+
     # --- data ----------------------------------------------------------------------------------
     def _next_batch(self) -> tuple[dict[str, Tensor], float, int]:
         """The next training micro-batch in the seeded order (the position survives a resume): this rank's
@@ -389,6 +408,9 @@ class Trainer:
             if t.save_every and self.step % t.save_every == 0:
                 self.save_checkpoint(time.perf_counter() - start)
         progress.close()
+        for name, adapter in self.model.adapters.items():  # diff pruning projects to its sparsity
+            if hasattr(adapter.config, "finish_training"):
+                adapter.config.finish_training(self.model, name)
         final = self.evaluate()
         self._log({"step": self.step, **_prefixed(final)}, start)
         trainable = self.model.trainable_parameters()  # as trained: saving folds a prompt's reparameterisation
