@@ -23,7 +23,16 @@ from .lowrank.lora import LoRA, LoRAConfig
 from .lowrank.masked_lora import MaskedLoRA, MaskedLoRAConfig  # noqa: F401
 from .multiplicative import boft, ether, ia3, oft, qgoft, ssf  # noqa: F401
 from .prompt import adaption_prompt, cpt, dept, p_tuning, prefix, prompt_tuning  # noqa: F401
-from .selective import bitfit, diff_pruning, fish_mask, ln_tuning, random_sparse, sara, shira, trainable_tokens  # noqa: F401
+from .selective import (  # noqa: F401
+    bitfit,
+    diff_pruning,
+    fish_mask,
+    ln_tuning,
+    random_sparse,
+    sara,
+    shira,
+    trainable_tokens,
+)
 from .selective.full import Full, FullConfig
 from .structured import flora, loha, lokr, loretta, surm  # noqa: F401
 
