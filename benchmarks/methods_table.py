@@ -103,6 +103,10 @@ SPECS: dict[str, tuple[dict, float]] = {
     "prefix_tuning": ({"name": "prefix_tuning", "num_virtual_tokens": 20}, 1e-2),
     # DePT: the prompt at prompt tuning's rate, the embedding pair at the paper's smaller one
     "dept": ({"name": "dept", "num_virtual_tokens": 20, "rank": 8, "pair_lr": 5e-3}, 3e-2),
+    # Subspace methods: one θ_d of d = 1000 for every query/value weight (Fastfood M, unit columns); the head is
+    # trained whole, as for every row (benchmarks/said_curve.py sweeps d)
+    "said": ({"name": "said", "d": 1000, "targets": QV}, 1e-2),
+    "intrinsic": ({"name": "intrinsic", "d": 1000, "projection": "fastfood", "targets": QV}, 1e-2),
 }
 # Claims from the papers that this setting can test: (label, a, b, what "held" means)
 ETHER_RATES = (3e-3, 1e-2, 3e-2)  # ETHER's claim: stable across learning rates (LoRA run at the same rates)

@@ -25,5 +25,6 @@ from .prompt import adaption_prompt, cpt, dept, p_tuning, prefix, prompt_tuning 
 from .selective import bitfit, random_sparse  # noqa: F401
 from .selective.full import Full, FullConfig
 from .structured import flora, loha, lokr, loretta, surm  # noqa: F401
+from .subspace import intrinsic  # noqa: F401
 
 __all__ = ["DoRA", "DoRAConfig", "Full", "FullConfig", "LoRA", "LoRAConfig"]
