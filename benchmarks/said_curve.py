@@ -14,7 +14,8 @@ moves a layer's ΔW by about lr·sqrt(d) (Frobenius); the rate is lr(d) = 1e-2 �
 [3e-3, 0.1] (d = 1000 at the methods-table rate), so every d gets about the same step in weight space.
 
 Each finished (d, seed) is appended to results/said_curve_runs.jsonl and skipped when run again (resumable);
-the summary JSON and PNG are rebuilt from that file at the end of every run.
+the summary JSON and PNG are rebuilt from that file at the end of every run. The d = 1000 point is also taken
+from methods_table.py's `said` runs (the identical configuration), so it is not trained twice.
 
     python benchmarks/said_curve.py                          # the grid, seed 0, then the plot
     python benchmarks/said_curve.py --dims 200 1000 --seeds 1 2
@@ -37,6 +38,7 @@ RESULTS = Path(__file__).parent / "results"
 RUNS = RESULTS / "said_curve_runs.jsonl"
 TABLE_RUNS = RESULTS / "methods_table_runs.jsonl"
 GRID = [10, 50, 200, 1000, 5000, 20000]
+TABLE_D = 1000  # methods_table.py's `said` row: the same recipe, method section and rate as this d here
 FULL_LR = 2e-4  # full fine-tuning's methods-table rate (SPECS["full"])
 HEAD_LR = 1e-2  # head-only point: a linear probe at a rate the small methods use
 TARGETS = ["query", "value"]
@@ -81,8 +83,15 @@ def full_accuracy() -> tuple[float, int]:
     return statistics.mean(acc), len(acc)
 
 
+def table_points() -> dict[str, dict]:
+    """The methods-table `said` runs (d = 1000, lr 1e-2: this script's config at that d) as curve points."""
+    rows = [json.loads(line) for line in TABLE_RUNS.read_text().splitlines() if line.strip()]
+    return {key(TABLE_D, r["seed"]): {**r, "key": key(TABLE_D, r["seed"]), "d": TABLE_D, "source": "methods_table"}
+            for r in rows if r.get("label") == "said" and r.get("lr") == lr_for(TABLE_D) and "accuracy" in r}
+
+
 def summarize() -> dict:
-    runs = done()
+    runs = {**table_points(), **done()}  # a run of this script's own wins
     full, n_full = full_accuracy()
     points = []
     for d in sorted({r["d"] for r in runs.values() if r["d"] is not None}):
@@ -90,6 +99,7 @@ def summarize() -> dict:
         acc = [r["accuracy"] for r in rows]
         points.append({"d": d, "lr": rows[0]["lr"], "trainable": rows[0]["trainable"], "seeds": len(acc),
                        "accuracy": statistics.mean(acc), "std": statistics.pstdev(acc), "runs": acc,
+                       "sources": sorted({r.get("source", "said_curve") for r in rows}),
                        "fraction_of_full": statistics.mean(acc) / full})
     head = [r["accuracy"] for r in runs.values() if r["d"] is None]
     d90 = next((p["d"] for p in points if p["accuracy"] >= 0.9 * full), None)
@@ -138,7 +148,7 @@ def main() -> None:
     args = parser.parse_args()
     RESULTS.mkdir(exist_ok=True)
     if not args.plot_only:
-        finished = done()
+        finished = {**table_points(), **done()}
         jobs = [(None, s) for s in args.seeds if not args.no_head] + [(d, s) for s in args.seeds for d in args.dims]
         for d, seed in jobs:
             if key(d, seed) in finished:

@@ -8,10 +8,11 @@ adapter-wide tensor (`build_shared`); layer i's ΔW_i is the reshape of its bloc
 Each layer draws its own block from a CPU generator seeded by (seed, its position among the adapter's layers),
 so M is never saved: a checkpoint holds θ_d, the λ_i and the seed.
 
-Checked against the authors' code (Aghajanyan's `intrinsic` module, as vendored in r-three/t-few
-`src/models/intrinsic.py` and rabeehk/compacter): it projects each parameter tensor separately, with its own
-Fastfood variables sized to that tensor (`fastfood_vars(DD)`, DD its number of entries), all from the one
-intrinsic vector; so M is block-structured per tensor, not one transform over the concatenated D (no chunking).
+Checked against the authors' code (Aghajanyan's `intrinsic` module as vendored in r-three/t-few
+`src/models/intrinsic.py`, whose commented-out `DD = np.prod(v0.size())` lines are the original; t-few's own
+rank-1 variant is not followed): it projects each parameter tensor separately, with its own Fastfood variables
+sized to that tensor (`fastfood_vars(DD)`), all from the one intrinsic vector; so M is block-structured per
+tensor, not one transform over the concatenated D (no chunking).
 We do the same per targeted layer: it is what the paper trains, needs no cross-layer state in a forward, and
 costs O(D_i log D_i) per layer. Fastfood block (Le et al. 2013), as that code builds it:
 
