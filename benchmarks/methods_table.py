@@ -105,7 +105,7 @@ SPECS: dict[str, tuple[dict, float]] = {
     "dept": ({"name": "dept", "num_virtual_tokens": 20, "rank": 8, "pair_lr": 5e-3}, 3e-2),
     # Subspace methods: one θ_d of d = 1000 for every query/value weight (Fastfood M, unit columns); the head is
     # trained whole, as for every row (benchmarks/said_curve.py sweeps d)
-    "said": ({"name": "said", "d": 1000, "targets": QV}, 1e-2),
+    "said": ({"name": "said", "d": 1000, "targets": QV}, 1e-1),  # seed 0: 0.580 at 1e-2, 0.586 at 1e-1
     "intrinsic": ({"name": "intrinsic", "d": 1000, "projection": "fastfood", "targets": QV}, 1e-2),
 }
 # Claims from the papers that this setting can test: (label, a, b, what "held" means)
