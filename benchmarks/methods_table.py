@@ -129,6 +129,10 @@ SPECS: dict[str, tuple[dict, float]] = {
     "diff_pruning": ({"name": "diff_pruning", "density": 0.0416666, "targets": QVW}, 3e-3),
     # the same total chosen globally by Fisher on the first 8 training batches (256 snippets)
     "fish_mask": ({"name": "fish_mask", "density": 0.0416666, "calibration_batches": 8, "targets": QVW}, 3e-3),
+    # Subspace methods: one θ_d of d = 1000 for every query/value weight (Fastfood M, unit columns); the head is
+    # trained whole, as for every row (benchmarks/said_curve.py sweeps d)
+    "said": ({"name": "said", "d": 1000, "targets": QV}, 1e-1),  # seed 0: 0.580 at 1e-2, 0.586 at 1e-1
+    "intrinsic": ({"name": "intrinsic", "d": 1000, "projection": "fastfood", "targets": QV}, 1e-2),
 }
 # Claims from the papers that this setting can test: (label, a, b, what "held" means)
 ETHER_RATES = (3e-3, 1e-2, 3e-2)  # ETHER's claim: stable across learning rates (LoRA run at the same rates)

@@ -126,6 +126,8 @@ CASES: dict[str, Case] = {
         lambda o, i, c: tt(pow2_modes(i, c.max_mode) + pow2_modes(c.r, c.max_mode), c.tensor_rank)
         + tt(pow2_modes(c.r, c.max_mode) + pow2_modes(o, c.max_mode), c.tensor_rank))),
     "toeplitz": Case({}, each(lambda o, i, c: (o // (n := math.gcd(o, i))) * (i // n) * (2 * n - 1))),
+    "intrinsic": Case({"d": 6}, lambda layers, c: c.d),  # one θ_d for the whole adapter
+    "said": Case({"d": 6}, lambda layers, c: c.d + len(layers)),  # plus one λ per layer
 }
 SKIPPED = {"full"}  # module copies, not deltas (see the module docstring)
 # activation deltas (family "adapters") act on whole sublayers and cannot merge: tests/test_activation_adapters.py walks

@@ -35,5 +35,6 @@ from .selective import (  # noqa: F401
 )
 from .selective.full import Full, FullConfig
 from .structured import flora, loha, lokr, loretta, surm  # noqa: F401
+from .subspace import intrinsic  # noqa: F401
 
 __all__ = ["DoRA", "DoRAConfig", "Full", "FullConfig", "LoRA", "LoRAConfig"]
