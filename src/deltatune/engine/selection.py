@@ -121,6 +121,18 @@ def resolve_parameters(model: nn.Module, targets: Any, exclude: Any = None) -> d
     return chosen
 
 
+def chosen_names(config: SelectionConfig, layer: DeltaLayer) -> list[str]:
+    """The names of the layer's own parameters that the config's targets minus exclude choose."""
+    module = layer.base_layer
+    targets = config.targets if config.targets is not None else config.default_parameter_targets()
+    matchers = [parameter_matcher(s) for s in (targets if isinstance(targets, (list, tuple, set)) else [targets])]
+    excluded = [parameter_matcher(s) for s in (
+        config.exclude if isinstance(config.exclude, (list, tuple, set)) else [config.exclude])
+    ] if config.exclude is not None else []
+    return [n for n, p in module.named_parameters(recurse=False) if any(m(layer.path, n, module, p) for m in matchers)
+            and not any(ex(layer.path, n, module, p) for ex in excluded)]
+
+
 def _base(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, DeltaLayer) else module
 
@@ -140,16 +152,9 @@ class SelectionDelta(Delta):
     def __init__(self, config: SelectionConfig, layer: DeltaLayer, initialize: bool = True,
                  shared: nn.Module | None = None):
         super().__init__(config, layer, shared=shared)
-        module = layer.base_layer
-        targets = config.targets if config.targets is not None else config.default_parameter_targets()
-        matchers = [parameter_matcher(s) for s in (targets if isinstance(targets, (list, tuple, set)) else [targets])]
-        excluded = [parameter_matcher(s) for s in (
-            config.exclude if isinstance(config.exclude, (list, tuple, set)) else [config.exclude])
-        ] if config.exclude is not None else []
-        own = dict(module.named_parameters(recurse=False))
-        self.names = [n for n, p in own.items() if any(m(layer.path, n, module, p) for m in matchers)
-                      and not any(ex(layer.path, n, module, p) for ex in excluded)]
+        self.names = [n for n in chosen_names(config, layer) if self.keeps(layer, n)]
         if not self.names:
+            targets = config.targets if config.targets is not None else config.default_parameter_targets()
             raise ValueError(f"{self.method}: no parameter of '{layer.path}' is selected by targets {targets!r}")
         kind = layer.kind
         self.__dict__["_kind"] = kind  # bias_delta() is asked without the layer; a kind is a constant singleton
@@ -171,6 +176,11 @@ class SelectionDelta(Delta):
                 self.init_values(layer, n, p)
 
     # --- what a method says ------------------------------------------------------------------
+    def keeps(self, layer: DeltaLayer, name: str) -> bool:
+        """Whether this method updates parameter `name` of a targeted module (PaCA: only a linear's weight, so a
+        module target such as 'query' leaves its bias alone)."""
+        return True
+
     def select(self, layer: DeltaLayer, name: str, param: Tensor) -> Tensor | None:
         """Flat indices (in `param`'s own layout) of the entries to update, or None for all of them."""
         return None

@@ -22,7 +22,7 @@ from .lowrank.lora import LoRA, LoRAConfig
 from .lowrank.masked_lora import MaskedLoRA, MaskedLoRAConfig  # noqa: F401
 from .multiplicative import boft, ether, ia3, oft, qgoft, ssf  # noqa: F401
 from .prompt import adaption_prompt, cpt, dept, p_tuning, prefix, prompt_tuning  # noqa: F401
-from .selective import bitfit, random_sparse  # noqa: F401
+from .selective import bitfit, hft, paca, random_sparse, spiel  # noqa: F401
 from .selective.full import Full, FullConfig
 from .structured import flora, loha, lokr, loretta, surm  # noqa: F401
 
