@@ -135,3 +135,40 @@ def test_bad_options_name_the_fix():
         dt.inject(Norm(), dt.make_config("paca", r=2, targets=["norm"]))
     with pytest.raises(ValueError, match="input columns of a linear"):
         dt.inject(nn.Sequential(nn.Conv2d(3, 4, 3)), dt.make_config("paca", r=2, targets=["0"]))
+
+
+def test_gpt2_conv1d_columns_are_input_features_of_its_transposed_weight():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(D_OUT, D_IN))  # weight stored (d_in, d_out)
+    dm = dt.inject(model, dt.make_config("paca", r=R, targets=["0"]))
+    d = delta_of_path(dm, "0")
+    stored = torch.zeros(D_IN * D_OUT, dtype=torch.bool).index_fill(0, d.index("weight"), True).view(D_IN, D_OUT)
+    rows = stored.any(1).nonzero().squeeze(1)
+    assert rows.numel() == R and stored[rows].all()  # whole input features (rows of the stored weight)
+    with torch.no_grad():
+        d.value("weight").normal_()
+        x = torch.randn(3, D_IN)
+        w = model[0].base_layer.weight.clone().view(-1)
+        w[d.index("weight")] += d.value("weight")
+        assert_close(dm(x), x @ w.view(D_IN, D_OUT) + model[0].base_layer.bias)
+
+
+def test_on_an_nf4_base_the_columns_add_to_the_dequantised_weight_and_x_is_not_kept():
+    pytest.importorskip("bitsandbytes")
+    model = dt.quantize(Stack(), "nf4", compute_dtype=torch.float32)
+    dm = dt.inject(model, dt.make_config("paca", r=R, targets=["layer"]))
+    d, layer = delta_of(dm), dict(dm.layers())["layer"]
+    x = torch.randn(N, D_IN)
+    with torch.no_grad():
+        base = dm.model.layer(x)
+        d.value("weight").normal_()
+        cols, V = d.columns(layer)
+        assert_close(dm.model.layer(x), base + x[:, cols] @ V.t())
+    acts = saved_activations(dm, x.requires_grad_(True))
+    assert all(t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr() for t in acts)
+
+
+def delta_of_path(dm, path):
+    return dict(dm.layers())[path].deltas["default"]

@@ -10,6 +10,10 @@ Each chosen parameter keeps k = ceil(density · n) entries (index + values, ΔW 
   where each one moved, since the index stays sorted); the count k never changes.
 
 `fraction` decays linearly to 0 over `decay_steps` when given (the code's initial_reselection_rate · (1 - t/T)).
+Two differences from that code: the first entries are a seeded random draw (it re-chooses all of them by
+gradient after the first window), and regrown entries start with zero moments (it seeds them with the window's
+mean gradient and squared gradient, which its own AdamW variant ages per entry).
+
 The dense gradient is exact and costs only in those steps: the update is run dense there with a zero tensor
 added whose gradient is the whole parameter's (a hook sums it), so ordinary steps stay sparse. The summed
 gradient is not checkpointed: a run resumed inside an accumulation window regrows from fewer steps.
