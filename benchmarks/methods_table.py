@@ -59,6 +59,13 @@ SPECS: dict[str, tuple[dict, float]] = {
     "mos": ({"name": "mos", "targets": QV}, 3e-3),
     "sharelora": ({"name": "sharelora", "r": 8, "targets": QV}, 3e-3),
     "flora": ({"name": "flora", "targets": QV}, 1e-2),
+    # selection methods that move or rest: PaCA's r input columns (its paper's r = 8); SpIEL at random_sparse's
+    # density, re-chosen every 20 of the 63 steps; HFT on every encoder matrix, half per block, 3 rounds of 21
+    "paca": ({"name": "paca", "r": 8, "targets": QV}, 3e-3),
+    "spiel": ({"name": "spiel", "density": 0.005, "update_every": 20, "accumulate": 5, "fraction": 0.2,
+               "targets": ["re:bert\\..*\\.(query|value)\\.weight"]}, 3e-3),
+    "hft": ({"name": "hft", "round_steps": 21,
+             "targets": ["re:bert\\.encoder\\.layer\\.\\d+\\..*(query|key|value|dense)\\.weight"]}, 2e-4),
     "loretta_rep": ({"name": "loretta_rep", "targets": QV}, 1e-2),
     "loretta_adp": ({"name": "loretta_adp", "targets": QV}, 1e-2),
     "lokr": ({"name": "lokr", "targets": QV}, 3e-2),

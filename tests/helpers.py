@@ -61,11 +61,14 @@ def train_losses(dm, batch: dict, steps: int = 5, lr: float = 1e-2, eval_mode: b
     loss + dm.regularization_loss(). dm.train() by default; eval_mode=True turns dropout off (gradients
     still flow). forward_kwargs (e.g. labels=...) go to every forward.
     """
+    from deltatune.training.optimizers import remap_state
+
     opt = torch.optim.AdamW([p for p in dm.parameters() if p.requires_grad], lr=lr)
     dm.train(not eval_mode)
     losses = []
     for step in range(steps):
         dm.on_train_step(step)
+        remap_state(opt, dm.take_stale_state())  # entries a delta moved (SpIEL), as the trainer does
         loss = dm(**batch, **forward_kwargs).loss
         opt.zero_grad()
         (loss + dm.regularization_loss()).backward()

@@ -84,6 +84,17 @@ class Delta(nn.Module):
         `total_steps` is the trainer's step count, for schedules. State it keeps must be buffers, so a
         checkpoint holds it and a resumed run continues exactly."""
 
+    def mark_stale(self, param: Tensor, source: Tensor | None = None) -> None:
+        """Say that `param`'s optimizer state no longer fits it (SpIEL moved entries, HFT resumes a parameter).
+
+        `source` (flat, one entry per element): element i's state is old element source[i]'s, -1 = fresh;
+        None = all of it fresh. The trainer applies it after on_step (training/optimizers.py `remap_state`)."""
+        self.__dict__.setdefault("_stale", []).append((param, source))
+
+    def take_stale(self) -> list[tuple[Tensor, Tensor | None]]:
+        """The (parameter, source) pairs marked since the last call."""
+        return self.__dict__.pop("_stale", [])
+
     def extra_repr(self) -> str:
         options = self.config.model_dump(exclude={"targets", "exclude"}, exclude_defaults=True)
         return ", ".join(f"{k}={v}" for k, v in options.items())

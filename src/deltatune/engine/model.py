@@ -662,6 +662,11 @@ class DeltaModel(nn.Module):
                 type(deltas[0]).after_update(deltas, self.shared[name] if name in self.shared else None,
                                              step, total_steps)
 
+    def take_stale_state(self) -> list[tuple[Tensor, Tensor | None]]:
+        """(parameter, source) for each parameter whose optimizer state a delta said went stale since the last call
+        (Delta.mark_stale); an optimizer applies them with training.optimizers.remap_state."""
+        return [s for _, layer in self.layers() for delta in layer.deltas.values() for s in delta.take_stale()]
+
     def parameter_table(self) -> list[dict[str, Any]]:
         """One row per (layer, adapter): method, base shape, its parameters and how many train."""
         rows = []

@@ -145,12 +145,8 @@ class Ties(nn.Module):
         self.deltas: dict[tuple[str, str], SelectionDelta] = {}
 
 
-def _base(module: nn.Module) -> nn.Module:
-    return module.base_layer if isinstance(module, DeltaLayer) else module
-
-
-def _matched(config: SelectionConfig, layer: DeltaLayer) -> list[str]:
-    """Names of the layer's own parameters that the config's targets (or the method's default) choose."""
+def chosen_names(config: SelectionConfig, layer: DeltaLayer) -> list[str]:
+    """The names of the layer's own parameters that the config's targets minus exclude choose."""
     module = layer.base_layer
     targets = config.targets if config.targets is not None else config.default_parameter_targets()
     matchers = [parameter_matcher(s) for s in (targets if isinstance(targets, (list, tuple, set)) else [targets])]
@@ -159,6 +155,10 @@ def _matched(config: SelectionConfig, layer: DeltaLayer) -> list[str]:
     ] if config.exclude is not None else []
     return [n for n, p in module.named_parameters(recurse=False) if any(m(layer.path, n, module, p) for m in matchers)
             and not any(ex(layer.path, n, module, p) for ex in excluded)]
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, DeltaLayer) else module
 
 
 # --- the delta -----------------------------------------------------------------------------------
@@ -177,7 +177,7 @@ class SelectionDelta(Delta):
                  shared: nn.Module | None = None):
         super().__init__(config, layer, shared=shared)
         ties = shared.first if isinstance(shared, Ties) else {}
-        self.names = _matched(config, layer)
+        self.names = [n for n in chosen_names(config, layer) if self.keeps(layer, n)]
         tied = set(ties) | set(ties.values())  # a first owner holds the values even where no target named it
         self.names += [n for n in dict(layer.base_layer.named_parameters(recurse=False))
                        if (layer.path, n) in tied and n not in self.names]
@@ -216,7 +216,7 @@ class SelectionDelta(Delta):
         owners: dict[int, list[tuple[str, str]]] = defaultdict(list)
         chosen: set[int] = set()
         for layer in layers:
-            mine = _matched(config, layer)
+            mine = chosen_names(config, layer)
             for n, p in layer.base_layer.named_parameters(recurse=False):
                 owners[id(p)].append((layer.path, n))
                 chosen |= {id(p)} if n in mine else set()
@@ -224,6 +224,11 @@ class SelectionDelta(Delta):
         return Ties(first) if first else None
 
     # --- what a method says ------------------------------------------------------------------
+    def keeps(self, layer: DeltaLayer, name: str) -> bool:
+        """Whether this method updates parameter `name` of a targeted module (PaCA: only a linear's weight, so a
+        module target such as 'query' leaves its bias alone)."""
+        return True
+
     def select(self, layer: DeltaLayer, name: str, param: Tensor) -> Tensor | None:
         """Flat indices (in `param`'s own layout) of the entries to update, or None for all of them."""
         return None

@@ -27,10 +27,13 @@ from .selective import (  # noqa: F401
     bitfit,
     diff_pruning,
     fish_mask,
+    hft,
     ln_tuning,
+    paca,
     random_sparse,
     sara,
     shira,
+    spiel,
     trainable_tokens,
 )
 from .selective.full import Full, FullConfig

@@ -31,7 +31,7 @@ from deltatune.engine.atomic import atomic_write_text
 from . import checkpoint, distributed, rundir
 from .data import Splits, load_splits
 from .mezo import MeZO
-from .optimizers import build_optimizer, freeze_lora_a, moment_tensors
+from .optimizers import build_optimizer, freeze_lora_a, moment_tensors, remap_state
 from .param_groups import param_groups
 from .recipe import Recipe
 from .rundir import ADAPTER, CHECKPOINTS, METRICS, RECIPE
@@ -333,6 +333,7 @@ class Trainer:
         accum = self.recipe.train.grad_accum
         loss_sum, samples = 0.0, 0
         self.model.on_train_step(self.step)  # a function of the step, so --resume replays the same draws
+        remap_state(self.optimizer, self.model.take_stale_state())  # entries a delta moved (SpIEL, HFT)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         for i in range(accum):
             batch, weight, n = self._next_batch()

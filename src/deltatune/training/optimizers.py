@@ -105,3 +105,26 @@ def moment_tensors(moments: dict) -> Iterable[tuple[str, torch.Tensor, bool]]:
                     yield f"{name}.{inner}", t, inner in ("state1", "state2")
         elif isinstance(value, torch.Tensor):
             yield name, value, value.dim() > 0 and name not in PROJECTED and not name.endswith(("_row", "_col"))
+
+
+@torch.no_grad()
+def remap_state(optimizer: Optimizer, stale: Iterable[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+    """Fit the optimizer state of parameters whose entries a delta moved (Delta.mark_stale): element i of each
+    parameter-shaped moment takes old element source[i], or 0 where source[i] is -1 (a regrown entry starts
+    fresh, as in SpIEL's code); source None drops the parameter's state, so it starts again at step 0.
+    Blockwise 8-bit state (bitsandbytes) cannot move entries between blocks, so it is dropped whole."""
+    for param, source in stale:
+        state = optimizer.state.get(param)
+        if not state:
+            continue  # no step taken yet: nothing stale
+        tensors = [v for v in state.values() if isinstance(v, torch.Tensor)]
+        elementwise = len(tensors) == len(state) and all(
+            t.dim() == 0 or (t.shape == param.shape and t.is_floating_point()) for t in tensors)
+        if source is None or not elementwise:
+            del optimizer.state[param]
+            continue
+        fresh, take = source < 0, source.clamp(min=0)
+        for t in tensors:
+            if t.dim():  # AdamW's exp_avg / exp_avg_sq; its scalar step count stays
+                flat = t.view(-1)
+                flat.copy_(flat[take].masked_fill_(fresh, 0))
