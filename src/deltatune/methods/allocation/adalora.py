@@ -65,6 +65,20 @@ class AdaLoRAConfig(DeltaConfig):
         return self
 
 
+def orthogonality(A: Tensor, B: Tensor) -> Tensor:
+    """||A Aᵀ - I||_F + ||Bᵀ B - I||_F for Q = A (r x d_in) and P = B (d_out x r)."""
+    eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    return torch.linalg.matrix_norm(A @ A.t() - eye) + torch.linalg.matrix_norm(B.t() @ B - eye)
+
+
+def orthogonality_loss(delta: Any) -> Tensor | None:
+    """A delta's share of PEFT's orthogonality penalty: the weight times its layer's term, over 2 x the layers."""
+    if delta.config.orth_reg_weight == 0:
+        return None
+    n = delta.shared.layer_count if delta.shared is not None else 1
+    return delta.config.orth_reg_weight * delta.orthogonality() / (2 * n)
+
+
 def check_schedule(config: Any, total: int) -> None:
     if config.tinit >= total - config.tfinal:
         raise ValueError(f"{type(config).__name__}: tinit={config.tinit} and tfinal={config.tfinal} leave no "
@@ -133,15 +147,10 @@ class AdaLoRA(Delta):
 
     def orthogonality(self) -> Tensor:
         """||Q Qᵀ - I||_F + ||Pᵀ P - I||_F, unweighted (PEFT's penalty of one layer)."""
-        A, B = self.lora_A, self.lora_B
-        eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-        return torch.linalg.matrix_norm(A @ A.t() - eye) + torch.linalg.matrix_norm(B.t() @ B - eye)
+        return orthogonality(self.lora_A, self.lora_B)
 
     def regularizer(self, layer: DeltaLayer) -> Tensor | None:
-        if self.config.orth_reg_weight == 0:
-            return None
-        n = self.shared.layer_count if self.shared is not None else 1
-        return self.config.orth_reg_weight * self.orthogonality() / (2 * n)
+        return orthogonality_loss(self)
 
     # --- the allocator ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -38,6 +38,7 @@ from ...engine.layer import Delta, DeltaLayer
 from ...engine.registry import DeltaConfig, register
 from ..lowrank._sharing import LayerShared
 from ..lowrank.lora import adapter_dtype, check_rank
+from .adalora import orthogonality, orthogonality_loss
 
 
 class IncreLoRAConfig(DeltaConfig):
@@ -148,15 +149,10 @@ class IncreLoRA(Delta):
         return LowRank(A, B, self.scale, self.dropout_p)
 
     def orthogonality(self) -> Tensor:
-        A, B = self.lora_A[self.active], self.lora_B[:, self.active]
-        eye = torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
-        return torch.linalg.matrix_norm(A @ A.t() - eye) + torch.linalg.matrix_norm(B.t() @ B - eye)
+        return orthogonality(self.lora_A[self.active], self.lora_B[:, self.active])  # the triplets in use
 
     def regularizer(self, layer: DeltaLayer) -> Tensor | None:
-        if self.config.orth_reg_weight == 0:
-            return None
-        n = self.shared.layer_count if self.shared is not None else 1
-        return self.config.orth_reg_weight * self.orthogonality() / (2 * n)
+        return orthogonality_loss(self)
 
     @torch.no_grad()
     def update_score(self) -> None:
