@@ -37,6 +37,9 @@ def main() -> None:
                          "lm_head); auto: bfloat16 (QLoRA's recipe) where this CPU's bf16 matmul is fast, else float32")
     ap.add_argument("--no-checkpointing", action="store_true",
                     help="no gradient checkpointing (default: on for every contender but the plain fp32 reference)")
+    ap.add_argument("--chunked-loss", type=int, default=128, metavar="TOKENS",
+                    help="the quantized contenders' loss over chunks of TOKENS tokens, PEFT's too (train.chunked_loss); "
+                         "0: transformers' loss")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--memory-rounds", type=int, default=2)
@@ -59,7 +62,7 @@ def main() -> None:
     qdtype = args.quantized_dtype if args.quantized_dtype != "auto" else "bfloat16" if slowdown < 3 else "float32"
     cfg = suite.BenchConfig(models=args.models, methods=[], lm_methods=None, inference=False, compile=False,
                             bases=args.bases, quantized_dtype=qdtype, resident_only=resident_only,
-                            checkpointing=not args.no_checkpointing,
+                            checkpointing=not args.no_checkpointing, chunked_loss=args.chunked_loss or None,
                             rounds=args.rounds, warmup=args.warmup, memory_rounds=args.memory_rounds,
                             quality_steps=dict(zip(["smollm2", "qwen_coder"], args.steps)),
                             eval_rows=dict(zip(["smollm2", "qwen_coder"], args.eval_rows)),
@@ -81,7 +84,7 @@ def main() -> None:
                         "threads": results["env"]["threads"], "bf16_matmul_slowdown": slowdown,
                         "load_average_1min": results["load_average_1min"],
                         "config": {k: results["config"][k] for k in ("rounds", "warmup", "memory_rounds", "bases",
-                                   "quantized_dtype", "resident_only", "checkpointing", "quality_steps",
+                                   "quantized_dtype", "resident_only", "checkpointing", "chunked_loss", "quality_steps",
                                    "eval_rows", "lm_length")}}]
     results = _keep_other_models(args.out / "quantized_bases.json", results)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +117,9 @@ def report(results: dict) -> list[str]:
                         else "")
                      + f"; quantized bases and their non-quantized parts in {r['config']['quantized_dtype']}, "
                      + ("gradient checkpointing on all but the fp32 reference" if r['config'].get('checkpointing')
-                        else "no gradient checkpointing") + ")"
+                        else "no gradient checkpointing")
+                     + (f", the loss in chunks of {r['config']['chunked_loss']} tokens on the same contenders"
+                        if r['config'].get('chunked_loss') else "") + ")"
                      for r in results["runs"])
     return ["# Quantized bases: deltatune vs PEFT QLoRA", "",
             "Command: `python benchmarks/quantized_bases.py` (options in the JSON's config)  ",

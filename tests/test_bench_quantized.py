@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from helpers import assert_close
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from deltatune.bench import cases, quantized, suite
@@ -42,6 +43,28 @@ def test_checkpointing_covers_every_contender_but_the_fp32_reference():
         ("deltatune fp32", False), ("deltatune fp32 ckpt", True), ("deltatune bf16", True),
         ("deltatune nf4", True), ("peft nf4", True)]
     assert {c.dtype for c in who if c.base != "fp32"} == {torch.bfloat16}
+    chunked = quantized.contenders(["fp32", "nf4"], torch.bfloat16, True, [], checkpointing=True, chunked_loss=64)
+    assert [(c.label, c.chunked_loss) for c in chunked] == [
+        ("deltatune fp32", None), ("deltatune fp32 ckpt", 64), ("deltatune nf4", 64), ("peft nf4", 64)]
+
+
+def test_the_chunked_loss_gives_peft_s_model_its_own_loss_and_gradients(tmp_path):
+    # the cells give PEFT's QLoRA model the same chunked loss as deltatune's: it must be PEFT's loss there too
+    from deltatune.training.chunked_loss import chunked_causal_lm_loss
+
+    case = _tiny_case(tmp_path)
+    model = quantized.build(case, quantized.Contender("peft", "peft", "nf4", torch.float32)).train()
+    batch = {k: v[:, :12] for k, v in case.batch.items()}
+    runs = []
+    for loss in (lambda: model(**batch).loss, lambda: chunked_causal_lm_loss(model, batch, 8)):
+        model.zero_grad(set_to_none=True)
+        value = loss()
+        value.backward()
+        runs.append((value.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (plain, plain_grads), (chunked, chunked_grads) = runs
+    assert_close(chunked, plain, rtol=1e-5)
+    for a, b in zip(chunked_grads, plain_grads):
+        assert_close(a, b)
 
 
 def test_both_sides_build_checkpointed_and_get_the_same_lora_gradients(tmp_path):
@@ -128,3 +151,5 @@ def test_cli_bases_alone_run_the_quantized_cells(tmp_path, monkeypatch, capsys):
     assert not cfg.checkpointing
     assert main(["bench", "--bases", "nf4", "--checkpointing", "--out", str(tmp_path)]) == 0
     assert seen["cfg"].checkpointing and seen["command"] == f"deltatune bench --checkpointing --out {tmp_path} --bases nf4"
+    assert main(["bench", "--bases", "nf4", "--chunked-loss", "128", "--out", str(tmp_path)]) == 0
+    assert seen["cfg"].chunked_loss == 128 and "--chunked-loss 128" in seen["command"]

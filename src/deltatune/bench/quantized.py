@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 import deltatune as dt
+from deltatune.training.chunked_loss import chunked_causal_lm_loss
 
 from . import cases, measure
 
@@ -53,14 +54,16 @@ class Contender:
     dtype: torch.dtype  # the float dtype of everything not quantized, and the 4-bit compute dtype
     steps: bool = True  # False: built and weighed only (see the module docstring)
     checkpointing: bool = False  # gradient checkpointing of the blocks (both sides alike)
+    chunked_loss: int | None = None  # tokens per chunk of the loss (training/chunked_loss.py; both sides alike)
 
 
 def contenders(bases: list[str], quantized_dtype: torch.dtype, peft: bool, resident_only: list[str],
-               checkpointing: bool = False) -> list[Contender]:
+               checkpointing: bool = False, chunked_loss: int | None = None) -> list[Contender]:
     """deltatune on every base, PEFT beside it on the quantized ones.
 
     With `checkpointing`, every contender but the plain fp32 LoRA (the reference) checkpoints its blocks, and a
-    "deltatune fp32 ckpt" row shows what checkpointing alone buys."""
+    "deltatune fp32 ckpt" row shows what checkpointing alone buys; `chunked_loss` goes to the same contenders (to
+    all but the reference when checkpointing is off)."""
     unknown = [b for b in bases if b not in BASES]
     if unknown:
         raise ValueError(f"unknown base {unknown[0]!r}: choose from {list(BASES)}")
@@ -72,9 +75,9 @@ def contenders(bases: list[str], quantized_dtype: torch.dtype, peft: bool, resid
         if base == "fp32":
             out.append(Contender("deltatune fp32", "deltatune", base, dtype, steps))
             if checkpointing:
-                out.append(Contender("deltatune fp32 ckpt", "deltatune", base, dtype, steps, True))
+                out.append(Contender("deltatune fp32 ckpt", "deltatune", base, dtype, steps, True, chunked_loss))
             continue
-        out += [Contender(f"{side} {base}", side, base, dtype, steps, checkpointing) for side in sides]
+        out += [Contender(f"{side} {base}", side, base, dtype, steps, checkpointing, chunked_loss) for side in sides]
     return out
 
 
@@ -156,7 +159,10 @@ def build_and_weigh(case: cases.Case, who: Contender) -> Built:
     optimizer = torch.optim.AdamW(params, lr=1e-4)
 
     def step() -> None:
-        model(**case.batch).loss.backward()
+        if who.chunked_loss:
+            chunked_causal_lm_loss(model, case.batch, who.chunked_loss).backward()
+        else:
+            model(**case.batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -193,9 +199,9 @@ def _restore(built: Built) -> None:
 
 def quantized_cell(case: cases.Case, bases: list[str], quantized_dtype: torch.dtype, rounds: int, warmup: int,
                    memory_rounds: int, peft: bool, resident_only: list[str], log: Callable[[str], None],
-                   checkpointing: bool = False) -> dict[str, Any]:
+                   checkpointing: bool = False, chunked_loss: int | None = None) -> dict[str, Any]:
     """Build every contender, time and weigh their steps interleaved, then train each alike and score it."""
-    who = contenders(bases, quantized_dtype, peft, resident_only, checkpointing)
+    who = contenders(bases, quantized_dtype, peft, resident_only, checkpointing, chunked_loss)
     built: dict[str, Built] = {}
     for c in who:
         built[c.label] = build_and_weigh(case, c)
@@ -210,7 +216,8 @@ def quantized_cell(case: cases.Case, bases: list[str], quantized_dtype: torch.dt
         "model": case.name, "lora": {**LORA, "targets": case.targets["all_linear"]},
         "quantized_dtype": str(quantized_dtype).removeprefix("torch."),
         "contenders": {c.label: {"side": c.side, "base": c.base, "dtype": str(c.dtype).removeprefix("torch."),
-                                 "stepped": c.steps, "checkpointing": c.checkpointing, "trainable": built[c.label].trainable,
+                                 "stepped": c.steps, "checkpointing": c.checkpointing,
+                                 "chunked_loss": c.chunked_loss, "trainable": built[c.label].trainable,
                                  "build_s": built[c.label].build_s, "build_rss_mib": built[c.label].build_rss_mib,
                                  "tensor_mib": built[c.label].tensor_mib} for c in who},
         "time_s": {k: measure.spread(v) for k, v in times.items()}, "step_peak_mib": peaks, "ratios": {}}
@@ -306,6 +313,11 @@ def markdown(cells: list[dict[str, Any]]) -> list[str]:
             lines += ["", f"Gradient checkpointing of the blocks (deltatune's `enable_gradient_checkpointing`, PEFT's "
                       f"model through `activation_checkpointing_enable`, both non-reentrant): {', '.join(ckpt)}. "
                       "`deltatune fp32` is the plain fp32 LoRA (no checkpointing), the reference of the ratios."]
+        chunked = {k: c["chunked_loss"] for k, c in cell["contenders"].items() if c.get("chunked_loss")}
+        if chunked:
+            lines += ["", f"Chunked loss (`train.chunked_loss`: the lm_head and cross-entropy over chunks of "
+                      f"{max(chunked.values())} tokens, recomputed in backward; PEFT's model through the same "
+                      f"function): {', '.join(chunked)}."]
         if q:
             lines += ["", f"Perplexity on held-out Chatterbot answers after {q['steps']} steps (batch 4, lr {q['lr']})."]
         if "bf16_matmul_slowdown" in cell:

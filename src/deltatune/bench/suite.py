@@ -60,6 +60,7 @@ class BenchConfig:
     quantized_dtype: str = "float32"  # int8/NF4 bases: compute dtype and dtype of what is not quantized
     resident_only: list[str] = field(default_factory=list)  # bases built and weighed, not stepped
     checkpointing: bool = False  # quantized bases: checkpoint every contender's blocks but the fp32 reference
+    chunked_loss: int | None = None  # quantized bases: the same contenders' loss over chunks of this many tokens
     lm_length: dict[str, int] = field(default_factory=dict)  # LM -> sequence length of its batches (default 128)
 
 
@@ -341,7 +342,7 @@ def run(cfg: BenchConfig, log: Any = print, command: str = "deltatune bench") ->
         if cfg.bases and case.metric == "perplexity":
             results.setdefault("quantized", []).append(quantized_cell(
                 case, cfg.bases, getattr(torch, cfg.quantized_dtype), cfg.rounds, cfg.warmup, cfg.memory_rounds,
-                cfg.peft, cfg.resident_only, log, cfg.checkpointing))
+                cfg.peft, cfg.resident_only, log, cfg.checkpointing, cfg.chunked_loss))
             _save(out, results)
         have = lambda kind, name=name: any(c["model"] == name for c in results[kind])  # noqa: E731  (update: fill gaps)
         if cfg.inference and not have("inference"):

@@ -48,6 +48,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg.compile = args.compile if args.compile is not None else not args.quick
     cfg.peft = not args.no_peft
     cfg.checkpointing = args.checkpointing
+    cfg.chunked_loss = args.chunked_loss
     if args.no_quality:
         cfg.quality_steps = {name: 0 for name in cases.CASES}
     cfg.update = args.update
@@ -60,7 +61,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError("the side-by-side needs PEFT: pip install 'deltatune[bench]', or pass --no-peft") from e
     console = Console(stderr=True)
     flags = [("--quick", args.quick), ("--no-peft", args.no_peft), ("--no-quality", args.no_quality),
-             ("--update", args.update), ("--checkpointing", args.checkpointing)]
+             ("--update", args.update), ("--checkpointing", args.checkpointing),
+             (f"--chunked-loss {args.chunked_loss}", bool(args.chunked_loss))]
     if args.compile is not None:
         flags.append(("--compile" if args.compile else "--no-compile", True))
     options = [f"--{k.replace('_', '-')} " + " ".join(shlex.quote(str(x)) for x in (v if isinstance(v, list) else [v]))
@@ -97,6 +99,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpointing", action="store_true",
                    help="quantized bases: gradient checkpointing on every contender (PEFT's too) but the plain fp32 "
                         "LoRA reference, plus an fp32 + checkpointing row")
+    p.add_argument("--chunked-loss", type=int, metavar="TOKENS",
+                   help="quantized bases: the same contenders' loss over chunks of TOKENS tokens (train.chunked_loss; "
+                        "PEFT's model through the same function)")
     p.add_argument("--update", action="store_true",
                    help="rerun only the --methods cells into the results already in --out (after a fix), keep the rest; "
                         "'inference' and 'compile' name those cells")

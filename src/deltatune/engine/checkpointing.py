@@ -48,13 +48,14 @@ def replay_call_state(model: nn.Module) -> Callable[[], tuple[Any, Any]]:
     def context_fn() -> tuple[Any, Any]:
         saved = [(layer, [getattr(layer, a) for a in CALL_STATE])
                  for layer in model.modules() if isinstance(layer, DeltaLayer)]
-        return contextlib.nullcontext(), _restored(saved)
+        return contextlib.nullcontext(), restored_call_state(saved)
 
     return context_fn
 
 
 @contextlib.contextmanager
-def _restored(saved: list[tuple[DeltaLayer, list[Any]]]) -> Iterator[None]:
+def restored_call_state(saved: list[tuple[DeltaLayer, list[Any]]]) -> Iterator[None]:
+    """Each layer of `saved` set to its saved per-call state for the block, then back to what it had."""
     now = [[getattr(layer, a) for a in CALL_STATE] for layer, _ in saved]
     for layer, values in saved:
         for a, v in zip(CALL_STATE, values):

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from deltatune.engine.checkpointing import blocks
 from deltatune.engine.layer import Delta
 from deltatune.engine.model import DeltaModel
+from deltatune.training.chunked_loss import chunked_causal_lm_loss
 
 logger = logging.getLogger(__name__)
 
@@ -154,12 +155,16 @@ class LossStep(nn.Module):
     """One training forward: (task loss, weighted task loss + the methods' own terms). One module call, so
     DDP sees every path to the gradients (regularizers included) inside its forward."""
 
-    def __init__(self, dm: DeltaModel):
+    def __init__(self, dm: DeltaModel, chunked_loss: int | None = None):
         super().__init__()
         self.dm = dm
+        self.chunked_loss = chunked_loss  # train.chunked_loss: tokens per chunk of a causal LM's loss
 
     def forward(self, batch: dict[str, Tensor], weight: float, accum: int) -> tuple[Tensor, Tensor]:
-        loss = self.dm(**batch).loss
+        if self.chunked_loss:
+            loss = chunked_causal_lm_loss(self.dm, batch, self.chunked_loss)
+        else:
+            loss = self.dm(**batch).loss
         # as the single-process loop always wrote it: weight 1 changes no bit
         return loss, loss * weight / accum + self.dm.regularization_loss() / accum
 

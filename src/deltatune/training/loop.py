@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
+from transformers import AutoModelForCausalLM
 
 import deltatune as dt
 from deltatune.engine.atomic import atomic_write_text
@@ -186,7 +187,14 @@ class Trainer:
 
     def _training_forward(self) -> torch.nn.Module:
         """The module each micro-batch runs through: wrapped in DDP, or over an FSDP-sharded base."""
-        step = distributed.LossStep(self.model)
+        chunk = self.recipe.train.chunked_loss
+        if chunk and self.task.auto_class is not AutoModelForCausalLM:
+            raise ValueError(f"train.chunked_loss is a causal LM's loss; model.task={self.recipe.model.task} trains "
+                             f"{self.task.auto_class.__name__}: turn train.chunked_loss off")
+        if chunk and self.group.parallel and self.group.mode == "fsdp":
+            raise ValueError("train.chunked_loss runs the lm_head after the model's forward, where FSDP has "
+                             "resharded it: use train.distributed=ddp or turn train.chunked_loss off")
+        step = distributed.LossStep(self.model, chunk)
         if self.group.parallel and self.group.mode == "ddp":
             return distributed.wrap_ddp(step, self.group)
         if self.group.parallel and self.group.mode == "fsdp":

@@ -187,6 +187,11 @@ class TrainSection(Section):
         False, description="recompute each block's activations in backward instead of keeping them: less memory "
         "(about one block's activations), one more forward's time; gradients unchanged"
     )
+    chunked_loss: int | None = Field(
+        None, ge=1, description="a causal LM's loss over chunks of about this many tokens, each chunk's lm_head "
+        "and cross-entropy recomputed in backward: the (tokens x vocabulary) logits never exist at once (less "
+        "memory with large vocabularies, e.g. 1024); loss and gradients unchanged; null = transformers' loss"
+    )
     distributed: Literal["none", "ddp", "fsdp"] = Field(
         "none", description="under torchrun / accelerate launch: ddp (replicated model) or fsdp (frozen base "
         "sharded over the processes, adapter replicated); none = one process"

@@ -39,7 +39,7 @@ _OWN_INSIDE = {  # what deltatune writes inside its folders
 IGNORED_KEYS = ("train.output_dir",)
 # keys added to recipes later, with the value that runs recorded before them had: such a run resumes unchanged
 ADDED_KEYS = {"model.dtype": "float32", "model.quantize": "none", "optimizer.name": "adamw",
-              "train.gradient_checkpointing": False}
+              "train.gradient_checkpointing": False, "train.chunked_loss": None}
 
 
 class RunLock:
