@@ -112,3 +112,33 @@ def test_the_fraction_decays_to_zero_and_bad_windows_are_rejected():
     assert [d.fraction_at(s) for s in (0, 5, 10, 20)] == pytest.approx([0.4, 0.2, 0.0, 0.0])
     with pytest.raises(ValueError, match="accumulate=5 exceeds update_every=3"):
         dt.make_config("spiel", update_every=3, accumulate=5)
+
+
+def test_the_trainer_hands_the_moved_entries_to_the_optimizer_state(monkeypatch):
+    # SpIEL's regrowth inside Trainer.train_step: the moments of moved entries must follow them (remap_state);
+    # a trainer that forgot the call would keep AdamW moments at the wrong positions with no other symptom
+    from test_training_precision import MINILM_SHORT
+
+    from deltatune.training import loop
+    from deltatune.training.loop import Trainer
+    from deltatune.training.recipe import load_recipe
+
+    handed = []
+
+    def spy(optimizer, stale):
+        stale = list(stale)
+        handed.append([(p, None if s is None else s.clone()) for p, s in stale])
+        remap_state(optimizer, stale)
+
+    monkeypatch.setattr(loop, "remap_state", spy)
+    method = "method={name: spiel, density: 0.01, update_every: 2, accumulate: 1, fraction: 0.5, targets: [query]}"
+    trainer = Trainer(load_recipe(None, [*MINILM_SHORT, "train.steps=4", method]))
+    trainer.setup()
+    for _ in range(4):
+        trainer.train_step()
+        trainer.step += 1
+    moved = [entries for entries in handed if entries]
+    assert moved, "no regrowth reached the optimizer"
+    values = {id(p) for _, layer in trainer.model.layers() for p in layer.parameters() if p.requires_grad}
+    for param, source in moved[0]:
+        assert id(param) in values and source is not None and (source < 0).any()  # regrown entries start fresh
