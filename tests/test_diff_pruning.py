@@ -33,12 +33,13 @@ TARGETS = ["a.weight", "b.weight", "b.bias"]
 
 
 def gated(dm) -> dict[str, torch.Tensor]:
-    """z ⊙ w per full parameter name, z = clamp(sigmoid(log α)(ζ - γ) + γ, 0, 1) with ζ = 1.1, γ = -0.1."""
+    """z ⊙ w per full parameter name, z = clamp(sigmoid(log α)(r - l) + l, 0, 1) with (l, r) = (-1.5, 1.5), the
+    official code's stretch."""
     out = {}
     for path, layer in dm.layers():
         d = layer.deltas["default"]
         for n in d.names:
-            z = (torch.sigmoid(d.log_alpha[n.replace(".", "__")]) * 1.2 - 0.1).clamp(0, 1)
+            z = (torch.sigmoid(d.log_alpha[n.replace(".", "__")]) * 3.0 - 1.5).clamp(0, 1)
             out[f"{path}.{n}"] = (z * d.values[n.replace(".", "__")]).detach()
     return out
 
@@ -68,12 +69,30 @@ def test_eval_output_is_theta0_plus_gate_times_w_and_training_draws_gates():
         assert not torch.equal(dm(X), dm(X))  # a fresh u per forward
 
 
-def test_the_penalty_is_lambda_times_the_expected_number_of_open_gates():
-    dm = dt.inject(Net(), dt.make_config("diff_pruning", l0_lambda=0.01, targets=TARGETS))
+@pytest.mark.parametrize("options,shift", [
+    ({}, 0.0),  # the official code's (l, r) = (-1.5, 1.5), β = 1: P(z > 0) = sigmoid(log α)
+    ({"stretch": (-0.1, 1.1), "temperature": 2 / 3}, (2 / 3) * math.log(0.1 / 1.1)),  # Louizos et al.'s values
+])
+def test_the_penalty_is_lambda_times_the_expected_number_of_open_gates(options, shift):
+    dm = dt.inject(Net(), dt.make_config("diff_pruning", l0_lambda=0.01, targets=TARGETS, **options))
     perturb(dm, std=1.0)
     alphas = [a for _, layer in dm.layers() for a in layer.deltas["default"].log_alpha.values()]
-    expected = 0.01 * sum(torch.sigmoid(a - (2 / 3) * math.log(0.1 / 1.1)).sum() for a in alphas)
+    expected = 0.01 * sum(torch.sigmoid(a - shift).sum() for a in alphas)
     assert_close(dm.regularization_loss(), expected.detach())
+
+
+def test_the_gates_train_at_their_own_rate_and_a_bad_stretch_is_refused():
+    from deltatune.training.param_groups import param_groups
+
+    dm = dt.inject(Net(), dt.make_config("diff_pruning", targets=TARGETS))
+    alphas = {id(a) for _, layer in dm.layers() for a in layer.deltas["default"].log_alpha.values()}
+    rates = {id(p): g["lr"] for g in param_groups(dm, 1e-3) for p in g["params"]}
+    assert {rates[i] for i in alphas} == {0.1}  # the official code's second AdamW
+    assert {r for i, r in rates.items() if i not in alphas} == {1e-3}
+    same = dt.inject(Net(), dt.make_config("diff_pruning", targets=TARGETS, alpha_lr=None))
+    assert {g["lr"] for g in param_groups(same, 1e-3)} == {1e-3}
+    with pytest.raises(ValueError, match=r"l < 0 and r > 1"):
+        dt.make_config("diff_pruning", stretch=(0.0, 1.5))
 
 
 def test_projection_keeps_the_global_top_k_and_saves_only_them(tmp_path):

@@ -3,13 +3,16 @@ an expected-L0 penalty, then a magnitude projection to the target sparsity, afte
 sparse selection that saves only the kept entries.
 
 Training form: a selection of every entry of each targeted parameter (`values` = w) plus `log_alpha` (log α, one
-per entry): the update is z ⊙ w with, in training, z = clamp(sigmoid((log u - log(1 - u) + log α) / β)(ζ - γ) + γ,
-0, 1), u ~ U(0, 1) drawn per entry and forward, and in eval the deterministic z = clamp(sigmoid(log α)(ζ - γ) + γ,
-0, 1) (β = 2/3, γ = -0.1, ζ = 1.1, Louizos' values). It is a SelectionDelta rather than a dense weight delta
+per entry): the update is z ⊙ w with, in training, z = clamp(sigmoid((log u - log(1 - u) + log α) / β)(r - l) + l,
+0, 1), u ~ U(0, 1) drawn per entry and forward, and in eval the deterministic z = clamp(sigmoid(log α)(r - l) + l,
+0, 1). The defaults are the official code's (github.com/dguo98/DiffPruning, run_glue_diffpruning.py): stretch
+(l, r) = (-1.5, 1.5), temperature β = 1, log α starting at 5, λ = 1.25e-7 and the gates at their own learning rate
+0.1 (Louizos et al.'s own values are β = 2/3, (l, r) = (-0.1, 1.1)). Not done: that code's extra gate per
+parameter tensor (its `per_params_alpha`). It is a SelectionDelta rather than a dense weight delta
 because the engine's selection machinery (parameter-level targets, biases and norms, exact merge, sparse saves)
 then serves both stages: only `value()` differs (gated) before the projection.
 
-`regularizer` = λ Σ sigmoid(log α - β log(-γ / ζ)), the expected number of non-zero gates.
+`regularizer` = λ Σ sigmoid(log α - β log(-l / r)), the expected number of non-zero gates.
 `project(dm, adapter, density)` keeps the global top k = ceil(density · n) of |z ⊙ w| (eval gates) over the
 adapter's parameters: the deltas become fixed selections of those entries with their values z ⊙ w, log α is
 dropped, the model's output is that of the projected update. Train further with a new optimizer (the paper
@@ -23,14 +26,12 @@ import math
 from typing import Any
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from ...engine.layer import DeltaLayer
 from ...engine.registry import register
 from ...engine.selection import SelectionConfig, SelectionDelta, _key, global_top_k
-
-BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1
 
 
 class DiffPruningConfig(SelectionConfig):
@@ -38,9 +39,21 @@ class DiffPruningConfig(SelectionConfig):
                                                           "(the paper: 0.5%)")
     l0_lambda: float = Field(1.25e-7, ge=0, description="λ of the expected-L0 penalty on the gates (per entry)")
     log_alpha_init: float = Field(5.0, description="initial log α of every gate (5: z starts near 1)")
+    stretch: tuple[float, float] = Field((-1.5, 1.5), description="(l, r): the interval the concrete sample is "
+                                         "stretched to before clamping to [0, 1]; l < 0 < 1 < r")
+    temperature: float = Field(1.0, gt=0, description="β of the concrete distribution")
+    alpha_lr: float | None = Field(0.1, gt=0, description="the gates' (log α) learning rate; null = the run's")
 
     project_after_training: bool = Field(True, description="`deltatune train` projects to `density` after the last "
                                          "step (evaluated and saved projected)")
+
+    @model_validator(mode="after")
+    def _valid_stretch(self) -> DiffPruningConfig:
+        low, high = self.stretch
+        if not (low < 0 and high > 1):
+            raise ValueError(f"diff_pruning stretch={self.stretch} must have l < 0 and r > 1 (gates must be able to "
+                             "reach exactly 0 and 1): e.g. (-1.5, 1.5), the official code's")
+        return self
 
     def default_parameter_targets(self) -> Any:
         return ["re:.*\\.weight"]
@@ -51,8 +64,9 @@ class DiffPruningConfig(SelectionConfig):
             project(dm, name)
 
 
-def deterministic_gate(log_alpha: Tensor) -> Tensor:
-    return (torch.sigmoid(log_alpha) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+def deterministic_gate(log_alpha: Tensor, stretch: tuple[float, float]) -> Tensor:
+    low, high = stretch
+    return (torch.sigmoid(log_alpha) * (high - low) + low).clamp(0, 1)
 
 
 @register("diff_pruning", config=DiffPruningConfig, family="selective",
@@ -77,11 +91,12 @@ class DiffPruning(SelectionDelta):
 
     def gate(self, name: str) -> Tensor:
         log_alpha = self.log_alpha[_key(name)]
+        low, high = self.config.stretch
         if not self.training:
-            return deterministic_gate(log_alpha)
+            return deterministic_gate(log_alpha, self.config.stretch)
         u = torch.rand_like(log_alpha).clamp(1e-6, 1 - 1e-6)
-        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
-        return (s * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / self.config.temperature)
+        return (s * (high - low) + low).clamp(0, 1)
 
     def value(self, name: str) -> Tensor:
         v = self.values[_key(name)]
@@ -90,13 +105,23 @@ class DiffPruning(SelectionDelta):
     def regularizer(self, layer: DeltaLayer) -> Tensor | None:
         if self.projected or self.config.l0_lambda == 0:
             return None
-        shift = BETA * math.log(-GAMMA / ZETA)
+        low, high = self.config.stretch
+        shift = self.config.temperature * math.log(-low / high)
         return self.config.l0_lambda * sum(torch.sigmoid(a - shift).sum() for a in self.log_alpha.values())
 
     @torch.no_grad()
     def magnitudes(self) -> dict[str, Tensor]:
         """|z ⊙ w| per parameter with the eval gates: what the projection ranks."""
-        return {n: (deterministic_gate(self.log_alpha[_key(n)]) * self.values[_key(n)]).abs() for n in self.names}
+        return {n: (self._eval_gate(n) * self.values[_key(n)]).abs() for n in self.names}
+
+    def _eval_gate(self, name: str) -> Tensor:
+        return deterministic_gate(self.log_alpha[_key(name)], self.config.stretch)
+
+    def lr_groups(self, lr: float) -> list[tuple[list[nn.Parameter], float]]:
+        """The gates at `alpha_lr` (the official code: a second AdamW at 0.1), the values at the run's rate."""
+        if self.projected or self.config.alpha_lr is None:
+            return []
+        return [(list(self.log_alpha.values()), self.config.alpha_lr)]
 
     @torch.no_grad()
     def project(self, keep: dict[str, Tensor]) -> None:
@@ -107,7 +132,7 @@ class DiffPruning(SelectionDelta):
         for n in self.names:
             k = _key(n)
             idx = torch.unique(keep[n].to(torch.long).to(self.values[k].device))
-            kept = (deterministic_gate(self.log_alpha[k]) * self.values[k]).reshape(-1)[idx]
+            kept = (self._eval_gate(n) * self.values[k]).reshape(-1)[idx]
             self.values[k] = nn.Parameter(kept.clone(), requires_grad=self.values[k].requires_grad)
             self.register_buffer(f"index_{k}", idx)
         self.log_alpha = nn.ParameterDict()
