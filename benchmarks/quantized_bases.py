@@ -40,6 +40,9 @@ def main() -> None:
     ap.add_argument("--chunked-loss", type=int, default=128, metavar="TOKENS",
                     help="the quantized contenders' loss over chunks of TOKENS tokens, PEFT's too (train.chunked_loss); "
                          "0: transformers' loss")
+    ap.add_argument("--return-freed-memory", action="store_true",
+                    help="glibc serves blocks of 1 MiB and more from mmap for the whole run, every contender alike "
+                         "(train.return_freed_memory)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--memory-rounds", type=int, default=2)
@@ -57,6 +60,10 @@ def main() -> None:
         atomic_write_text(args.out / "quantized_bases.md", "\n".join(report(results)) + "\n")
         return
 
+    if args.return_freed_memory:
+        from deltatune.training.allocator import return_freed_memory
+
+        args.return_freed_memory = return_freed_memory()
     slowdown = quantized.bf16_matmul_slowdown()
     resident_only = [] if args.step_bf16 or slowdown < 3 else ["bf16"]
     qdtype = args.quantized_dtype if args.quantized_dtype != "auto" else "bfloat16" if slowdown < 3 else "float32"
@@ -81,6 +88,7 @@ def main() -> None:
     results["load_average_1min"] = {"min": min(load), "max": max(load), "samples": len(load)}
     results["wall_s"] = time.time() - started
     results["runs"] = [{"models": args.models, "date": results["env"]["date"], "wall_s": results["wall_s"],
+                        "return_freed_memory": bool(args.return_freed_memory),
                         "threads": results["env"]["threads"], "bf16_matmul_slowdown": slowdown,
                         "load_average_1min": results["load_average_1min"],
                         "config": {k: results["config"][k] for k in ("rounds", "warmup", "memory_rounds", "bases",
@@ -119,7 +127,9 @@ def report(results: dict) -> list[str]:
                      + ("gradient checkpointing on all but the fp32 reference" if r['config'].get('checkpointing')
                         else "no gradient checkpointing")
                      + (f", the loss in chunks of {r['config']['chunked_loss']} tokens on the same contenders"
-                        if r['config'].get('chunked_loss') else "") + ")"
+                        if r['config'].get('chunked_loss') else "")
+                     + (", glibc's mmap threshold fixed at 1 MiB for the whole run (train.return_freed_memory)"
+                        if r.get('return_freed_memory') else ", glibc's default allocator") + ")"
                      for r in results["runs"])
     return ["# Quantized bases: deltatune vs PEFT QLoRA", "",
             "Command: `python benchmarks/quantized_bases.py` (options in the JSON's config)  ",

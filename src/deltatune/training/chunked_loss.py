@@ -126,7 +126,9 @@ def chunked_causal_lm_loss(model: nn.Module, batch: dict[str, Any], chunk_tokens
             y = targets[:, start:start + step]
             if not (y != IGNORE_INDEX).any():
                 continue
-            total = total + checkpoint(_chunk_loss, head, hidden[:, start:start + step], y, use_reentrant=False,
+            # contiguous: a strided (B, t, H) slice sends a bf16 linear down a path ~60x slower on CPU
+            chunk = hidden[:, start:start + step].contiguous()
+            total = total + checkpoint(_chunk_loss, head, chunk, y, use_reentrant=False,
                                        context_fn=replay_call_state(head))
     return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 

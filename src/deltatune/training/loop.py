@@ -30,6 +30,7 @@ import deltatune as dt
 from deltatune.engine.atomic import atomic_write_text
 
 from . import checkpoint, distributed, rundir
+from .allocator import return_freed_memory
 from .data import Splits, load_splits
 from .mezo import MeZO
 from .optimizers import build_optimizer, freeze_lora_a, moment_tensors, remap_state
@@ -168,6 +169,8 @@ class Trainer:
         )
         self.task = make_task(self.recipe, splits.label_names)
         self.train_set, self.eval_set = self.task.encode(splits.train), self.task.encode(splits.eval)
+        if self.recipe.train.return_freed_memory:
+            return_freed_memory()  # before the weights load: the fixed threshold holds for what is allocated after
         self.model = build_model(self.recipe, self.task, calibration=self._calibration_batches).to(self.device)
         if self.recipe.train.gradient_checkpointing:
             dt.enable_gradient_checkpointing(self.model)

@@ -192,6 +192,10 @@ class TrainSection(Section):
         "and cross-entropy recomputed in backward: the (tokens x vocabulary) logits never exist at once (less "
         "memory with large vocabularies, e.g. 1024); loss and gradients unchanged; null = transformers' loss"
     )
+    return_freed_memory: bool = Field(
+        False, description="Linux/glibc: serve allocations of 1 MiB and more from mmap, so freed activations leave "
+        "the process instead of holes in its heap (lower peak RSS on CPU; results unchanged; process-wide)"
+    )
     distributed: Literal["none", "ddp", "fsdp"] = Field(
         "none", description="under torchrun / accelerate launch: ddp (replicated model) or fsdp (frozen base "
         "sharded over the processes, adapter replicated); none = one process"

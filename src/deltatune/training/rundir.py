@@ -36,7 +36,7 @@ _OWN_INSIDE = {  # what deltatune writes inside its folders
     ADAPTER: lambda name: name in ADAPTER_FILES or _leftover(name, ADAPTER_FILES),
 }
 # keys that do not change what a run computes: a copied or moved run folder resumes as it is
-IGNORED_KEYS = ("train.output_dir",)
+IGNORED_KEYS = ("train.output_dir", "train.return_freed_memory")
 # keys added to recipes later, with the value that runs recorded before them had: such a run resumes unchanged
 ADDED_KEYS = {"model.dtype": "float32", "model.quantize": "none", "optimizer.name": "adamw",
               "train.gradient_checkpointing": False, "train.chunked_loss": None}
