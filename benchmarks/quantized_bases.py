@@ -138,7 +138,7 @@ def report(results: dict) -> list[str]:
             "",
             "Step: the LMs' timing batch (4 rows of Chatterbot text, the run's `lm_length` tokens each: 128 unless "
             "the runs say otherwise), forward + backward + AdamW; "
-            "interleaved rounds after the build's own first step (and any warm-up), ratios the median (min-max) of "
+            "interleaved rounds (odd ones in reverse order) after the build's own first step (and any warm-up), ratios the median (min-max) of "
             "per-round ratios. Memory: held = the bytes of the tensors a contender keeps between steps (weights "
             "with bitsandbytes' packed bytes and scales, adapter, AdamW state; in brackets the process's RSS growth "
             "over its build and first step, which also holds one-time set-up and heap pages left by the loading); "

@@ -4,6 +4,7 @@ import json
 
 import peft
 import pytest
+import torch
 from torch import nn
 
 from deltatune.bench import cases, report, suite
@@ -107,3 +108,17 @@ def test_a_tiny_real_run_writes_json_markdown_and_plots(tmp_path):
     assert "| lora | peft | 73,728 |" in md and "## Targets" in md
     assert (tmp_path / "bench_minilm.png").stat().st_size > 10_000
     assert results["train"][0]["method"] == "lora"
+
+
+def test_rounds_alternate_so_neighbours_follow_each_other_alike():
+    # a step's peak depends on what the step before it left in the heap: deltatune and its peer sit side by side
+    from deltatune.bench import measure
+
+    for measured in (lambda fns: measure.peak_samples(fns, 4, torch.device("cpu")),
+                     lambda fns: measure.interleaved_times(fns, 4, 0, torch.device("cpu"))):
+        order: list[str] = []
+        samples = measured({k: (lambda k=k, order=order: order.append(k)) for k in "abc"})
+        assert {k: len(v) for k, v in samples.items()} == {"a": 4, "b": 4, "c": 4}
+        follows = [(order[i - 1], order[i]) for i in range(1, len(order))]
+        for x, y in (("a", "b"), ("b", "c")):
+            assert follows.count((x, y)) == follows.count((y, x)) == 2, order

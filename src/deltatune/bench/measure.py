@@ -83,15 +83,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def _round_order(keys: list[str], i: int) -> list[str]:
+    return keys if i % 2 == 0 else keys[::-1]
+
+
 def interleaved_times(fns: dict[str, Callable[[], object]], rounds: int, warmup: int,
                       device: torch.device) -> dict[str, list[float]]:
-    """Seconds per call of each function, in `rounds` round-robin rounds after `warmup` untimed ones."""
+    """Seconds per call of each function, in `rounds` round-robin rounds after `warmup` untimed ones (odd
+    rounds reversed, as `peak_samples`: neighbours follow each other alike)."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for i in range(warmup + rounds):
-        for key, fn in fns.items():
+        for key in _round_order(list(fns), i):
             _sync(device)
             t0 = time.perf_counter()
-            fn()
+            fns[key]()
             _sync(device)
             if i >= warmup:
                 times[key].append(time.perf_counter() - t0)
@@ -100,15 +105,23 @@ def interleaved_times(fns: dict[str, Callable[[], object]], rounds: int, warmup:
 
 def interleaved_peaks(fns: dict[str, Callable[[], object]], rounds: int, device: torch.device) -> dict[str, float]:
     """Median step-local peak memory (MiB) of each function, round-robin (separate from timing: the sampler
-    thread would slow the timed steps)."""
+    thread would slow the timed steps). Odd rounds run in reverse order, so of two neighbours (deltatune and its
+    peer on one base) each follows the other as often: what a step finds free in the heap depends on the step
+    before it."""
+    return {k: statistics.median(v) / 2**20 for k, v in peak_samples(fns, rounds, device).items()}
+
+
+def peak_samples(fns: dict[str, Callable[[], object]], rounds: int, device: torch.device) -> dict[str, list[int]]:
+    """Each function's step-local peak (bytes) in each of `rounds` round-robin rounds, odd ones reversed."""
     meter = peak_meter(device)
-    peaks: dict[str, list[int]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for key, fn in fns.items():
+    keys = list(fns)
+    peaks: dict[str, list[int]] = {k: [] for k in keys}
+    for i in range(rounds):
+        for key in _round_order(keys, i):
             with meter() as m:
-                fn()
+                fns[key]()
             peaks[key].append(m.excess)
-    return {k: statistics.median(v) / 2**20 for k, v in peaks.items()}
+    return peaks
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:

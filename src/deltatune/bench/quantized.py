@@ -211,7 +211,8 @@ def quantized_cell(case: cases.Case, bases: list[str], quantized_dtype: torch.dt
     stepping = {c.label: built[c.label].step for c in who if c.steps}
     cpu = torch.device("cpu")
     times = measure.interleaved_times(stepping, rounds, warmup, cpu)
-    peaks = measure.interleaved_peaks(stepping, memory_rounds, cpu)
+    peak_rounds = measure.peak_samples(stepping, memory_rounds, cpu)
+    peaks = {k: statistics.median(v) / 2**20 for k, v in peak_rounds.items()}
     cell: dict[str, Any] = {
         "model": case.name, "lora": {**LORA, "targets": case.targets["all_linear"]},
         "quantized_dtype": str(quantized_dtype).removeprefix("torch."),
@@ -220,7 +221,8 @@ def quantized_cell(case: cases.Case, bases: list[str], quantized_dtype: torch.dt
                                  "chunked_loss": c.chunked_loss, "trainable": built[c.label].trainable,
                                  "build_s": built[c.label].build_s, "build_rss_mib": built[c.label].build_rss_mib,
                                  "tensor_mib": built[c.label].tensor_mib} for c in who},
-        "time_s": {k: measure.spread(v) for k, v in times.items()}, "step_peak_mib": peaks, "ratios": {}}
+        "time_s": {k: measure.spread(v) for k, v in times.items()}, "step_peak_mib": peaks,
+        "step_peak_rounds_mib": {k: [round(b / 2**20, 1) for b in v] for k, v in peak_rounds.items()}, "ratios": {}}
     if resident_only:
         cell["bf16_matmul_slowdown"] = bf16_matmul_slowdown()
     ref = "deltatune fp32"
